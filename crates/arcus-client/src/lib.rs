@@ -1,0 +1,1 @@
+//! ARCUS client (placeholder until the client issue lands).

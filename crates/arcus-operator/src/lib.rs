@@ -1,0 +1,1 @@
+//! ARCUS operator library.

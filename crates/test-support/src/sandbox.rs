@@ -1,0 +1,1 @@
+//! The sandbox cluster for e2e tests (see scripts/sandbox).

@@ -1,1 +1,169 @@
-//! The sandbox cluster for e2e tests (see scripts/sandbox).
+//! The sandbox cluster (scripts/sandbox) as e2e tests see it: one shared cluster per machine,
+//! brought up once (or reused), and one fresh namespace per test.
+
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// The sandbox's ZooKeeper, reachable from tests and from pods.
+pub const ZOOKEEPER: &str = "127.0.0.1:2181";
+
+pub struct Sandbox {
+    pub client: Client,
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub repo: PathBuf,
+}
+
+static SHARED: OnceCell<Sandbox> = OnceCell::const_new();
+
+impl Sandbox {
+    /// The running sandbox, started with `scripts/sandbox up` when it is not answering.
+    /// Several test binaries may call this at once: `up` runs under a file lock.
+    pub async fn shared() -> anyhow::Result<&'static Sandbox> {
+        SHARED.get_or_try_init(Self::connect_or_start).await
+    }
+
+    async fn connect_or_start() -> anyhow::Result<Sandbox> {
+        let repo = repo_dir();
+        let dir = PathBuf::from(std::env::var("ARCUS_SANDBOX_DIR").unwrap_or_else(|_| "/var/tmp/arcus-sandbox".into()));
+        let kubeconfig = dir.join("kubeconfig");
+        if !ready(&repo) {
+            let lock = dir.with_extension("up.lock");
+            let script = repo.join("scripts/sandbox");
+            let status = tokio::task::spawn_blocking(move || {
+                Command::new("flock").arg(&lock).arg(&script).arg("up").status()
+            })
+            .await??;
+            anyhow::ensure!(status.success(), "scripts/sandbox up failed ({status}); see its output above and {}/logs", dir.display());
+        }
+        let client = client_from(&kubeconfig).await?;
+        Ok(Sandbox { client, dir, kubeconfig, repo })
+    }
+
+    /// A new namespace `<prefix>-<random>`; delete it with [`TestNamespace::cleanup`].
+    pub async fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
+        let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"arcus-e2e": "true"}}
+        }))?;
+        Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await?;
+        Ok(TestNamespace { name, client: self.client.clone(), dir: self.dir.clone() })
+    }
+
+    /// Runs kubectl against the sandbox; returns stdout, fails with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("kubectl").env("KUBECONFIG", &self.kubeconfig).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Where the workspace's binaries are (what the node agent runs for our images).
+    pub fn bin_dir(&self) -> PathBuf {
+        std::env::var("ARCUS_BIN_DIR").map(PathBuf::from).unwrap_or_else(|_| self.repo.join("target/debug"))
+    }
+}
+
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+    dir: PathBuf,
+}
+
+impl TestNamespace {
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Prints pods, events and the tails of the agent's and this namespace's pod logs: call it
+    /// when a test fails, so CI output says why.
+    pub async fn dump(&self) {
+        eprintln!("===== dump of namespace {} =====", self.name);
+        if let Ok(pods) = self.api::<Pod>().list(&ListParams::default()).await {
+            for p in pods {
+                let st = p.status.unwrap_or_default();
+                let cs: Vec<String> = st
+                    .container_statuses
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| format!("{} ready={} restarts={} state={:?}", c.name, c.ready, c.restart_count, c.state))
+                    .collect();
+                eprintln!("pod {} phase={:?} ip={:?} {:?}", p.metadata.name.unwrap_or_default(), st.phase, st.pod_ip, cs);
+            }
+        }
+        if let Ok(events) = self.api::<Event>().list(&ListParams::default()).await {
+            for e in events {
+                eprintln!(
+                    "event {} {}: {} {}",
+                    e.involved_object.name.unwrap_or_default(),
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.message.unwrap_or_default()
+                );
+            }
+        }
+        tail(&self.dir.join("logs/node-agent.log"), 30);
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("logs/pods")) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&format!("{}_", self.name)) {
+                    tail(&e.path(), 15);
+                }
+            }
+        }
+    }
+
+    /// Deletes the namespace (the agent then stops its pods) and waits, bounded, until it is gone.
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        let api = Api::<Namespace>::all(self.client.clone());
+        let _ = api.delete(&self.name, &DeleteParams::default()).await;
+        let name = self.name.clone();
+        crate::wait_until(Duration::from_secs(120), &format!("namespace {name} to be deleted"), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+        })
+        .await
+    }
+}
+
+fn tail(path: &Path, lines: usize) {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let all: Vec<&str> = text.lines().collect();
+        eprintln!("----- last {lines} lines of {} -----", path.display());
+        for l in &all[all.len().saturating_sub(lines)..] {
+            eprintln!("{l}");
+        }
+    }
+}
+
+fn ready(repo: &Path) -> bool {
+    Command::new(repo.join("scripts/sandbox"))
+        .arg("status")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A kube client for the given kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(cfg)?)
+}
+
+/// The workspace root (this crate lives in crates/test-support).
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}

@@ -1,0 +1,333 @@
+//! The agent's shared context and the pod dispatcher: routes watch events to the scheduler and
+//! to one worker task per pod bound to this node.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Preconditions};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::images::ImageTable;
+use crate::ipam::IpAllocator;
+use crate::scheduler::{self, Decision};
+use crate::serviceaccount::ServerTls;
+
+pub struct Agent {
+    pub client: Client,
+    pub node_name: String,
+    pub node_labels: BTreeMap<String, String>,
+    pub sandbox_dir: PathBuf,
+    pub images_path: PathBuf,
+    pub bin_dir: String,
+    pub repo_dir: String,
+    pub api_server: String,
+    pub tls: ServerTls,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long a pod start waits for its ServiceAccount's token Secret.
+    pub token_wait: Duration,
+    pub ips: Mutex<IpAllocator>,
+    pub shutdown: CancellationToken,
+    images: Mutex<(Option<SystemTime>, Arc<ImageTable>)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Agent {
+    pub fn new(
+        client: Client,
+        node_name: String,
+        sandbox_dir: PathBuf,
+        images: ImageTable,
+        bin_dir: String,
+        repo_dir: String,
+        api_server: String,
+        tls: ServerTls,
+        backoff_base: Duration,
+        backoff_max: Duration,
+    ) -> Self {
+        let mtime = std::fs::metadata(&images.path)
+            .and_then(|m| m.modified())
+            .ok();
+        Self {
+            client,
+            node_labels: crate::node::labels(&node_name),
+            node_name,
+            sandbox_dir,
+            images_path: images.path.clone(),
+            bin_dir,
+            repo_dir,
+            api_server,
+            tls,
+            backoff_base,
+            backoff_max,
+            token_wait: Duration::from_secs(30),
+            ips: Mutex::new(IpAllocator::default()),
+            shutdown: CancellationToken::new(),
+            images: Mutex::new((mtime, Arc::new(images))),
+        }
+    }
+
+    pub fn pods_dir(&self) -> PathBuf {
+        self.sandbox_dir.join("pods")
+    }
+
+    pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> PathBuf {
+        self.sandbox_dir
+            .join("logs")
+            .join("pods")
+            .join(format!("{ns}_{pod}_{container}.log"))
+    }
+
+    /// The image table, re-read when the file changed (the last good table is kept on errors).
+    pub fn images(&self) -> Arc<ImageTable> {
+        let mut guard = self.images.lock().expect("images lock");
+        let mtime = std::fs::metadata(&self.images_path)
+            .and_then(|m| m.modified())
+            .ok();
+        if mtime.is_some() && mtime != guard.0 {
+            match ImageTable::load(&self.images_path) {
+                Ok(t) => {
+                    tracing::info!(path = %self.images_path.display(), "image table reloaded");
+                    *guard = (mtime, Arc::new(t));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "image table changed but is invalid; keeping the previous one");
+                    guard.0 = mtime;
+                }
+            }
+        }
+        guard.1.clone()
+    }
+
+    /// Restart back-off: base · 2^n, capped at max.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = 2u32.saturating_pow(n.min(20));
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum PodEvent {
+    Update(Arc<Pod>),
+    Gone,
+}
+
+struct Worker {
+    tx: watch::Sender<PodEvent>,
+    handle: Option<JoinHandle<()>>,
+}
+
+pub struct Manager {
+    pub agent: Arc<Agent>,
+    workers: Mutex<HashMap<String, Worker>>,
+    /// UIDs whose worker has finished (stale watch events for them are ignored).
+    finished: Mutex<VecDeque<String>>,
+    binding: Mutex<HashSet<String>>,
+}
+
+fn uid_of(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn key_of(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+impl Manager {
+    pub fn new(agent: Arc<Agent>) -> Arc<Self> {
+        Arc::new(Self {
+            agent,
+            workers: Mutex::new(HashMap::new()),
+            finished: Mutex::new(VecDeque::new()),
+            binding: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// A pod was added or changed.
+    pub fn apply(self: &Arc<Self>, pod: Pod) {
+        let uid = uid_of(&pod);
+        match scheduler::decide(&pod, &self.agent.node_labels) {
+            Decision::Skip => {}
+            Decision::Bind => self.bind(pod.clone()),
+            Decision::Unschedulable(msg) => {
+                let client = self.agent.client.clone();
+                let p = pod.clone();
+                tokio::spawn(async move {
+                    tracing::warn!(pod = %key_of(&p), %msg, "pod cannot be scheduled on this node");
+                    if let Err(e) = scheduler::mark_unschedulable(&client, &p, &msg).await {
+                        tracing::warn!(pod = %key_of(&p), error = %e, "reporting Unschedulable");
+                    }
+                });
+            }
+        }
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+            != Some(self.agent.node_name.as_str())
+        {
+            return;
+        }
+        let mut workers = self.workers.lock().expect("workers lock");
+        if let Some(w) = workers.get(&uid) {
+            let _ = w.tx.send(PodEvent::Update(Arc::new(pod)));
+            return;
+        }
+        if self.finished.lock().expect("finished lock").contains(&uid) {
+            return;
+        }
+        let terminal = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if terminal {
+            // Not run again (as kubelet): only its deletion is completed.
+            if pod.metadata.deletion_timestamp.is_some() {
+                let client = self.agent.client.clone();
+                tokio::spawn(async move { finish_deletion(&client, &pod).await });
+            }
+            return;
+        }
+        let pod = Arc::new(pod);
+        let (tx, rx) = watch::channel(PodEvent::Update(pod.clone()));
+        let me = self.clone();
+        let done_uid = uid.clone();
+        let handle = tokio::spawn(async move {
+            crate::pod::run(me.agent.clone(), pod, rx).await;
+            me.worker_done(&done_uid);
+        });
+        workers.insert(
+            uid,
+            Worker {
+                tx,
+                handle: Some(handle),
+            },
+        );
+    }
+
+    fn bind(self: &Arc<Self>, pod: Pod) {
+        let uid = uid_of(&pod);
+        if !self
+            .binding
+            .lock()
+            .expect("binding lock")
+            .insert(uid.clone())
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let key = key_of(&pod);
+            for attempt in 0..5 {
+                match scheduler::bind(&me.agent.client, &pod, &me.agent.node_name).await {
+                    Ok(()) => {
+                        tracing::info!(pod = %key, node = %me.agent.node_name, "bound pod to node");
+                        break;
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                        tracing::debug!(pod = %key, reason = %e.message, "binding not needed");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %key, attempt, error = %e, "binding failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            me.binding.lock().expect("binding lock").remove(&uid);
+        });
+    }
+
+    /// A pod's object was deleted.
+    pub fn delete(&self, pod: &Pod) {
+        if let Some(w) = self.workers.lock().expect("workers lock").get(&uid_of(pod)) {
+            let _ = w.tx.send(PodEvent::Gone);
+        }
+    }
+
+    /// After a (re)list: workers whose pods are no longer listed are told they are gone; on the
+    /// first list, pod dirs of pods that are not running here are removed.
+    pub fn resync(&self, listed: &HashSet<String>, remove_stale_dirs: bool) {
+        let workers = self.workers.lock().expect("workers lock");
+        for (uid, w) in workers.iter() {
+            if !listed.contains(uid) {
+                let _ = w.tx.send(PodEvent::Gone);
+            }
+        }
+        if remove_stale_dirs {
+            if let Ok(entries) = std::fs::read_dir(self.agent.pods_dir()) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let uid = name.rsplit('_').next().unwrap_or_default().to_string();
+                    if !workers.contains_key(&uid) {
+                        tracing::info!(dir = %e.path().display(), "removing the dir of a pod that no longer runs here");
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+    }
+
+    fn worker_done(&self, uid: &str) {
+        self.workers.lock().expect("workers lock").remove(uid);
+        let mut finished = self.finished.lock().expect("finished lock");
+        finished.push_back(uid.to_string());
+        while finished.len() > 10_000 {
+            finished.pop_front();
+        }
+    }
+
+    /// Waits for every worker (after `agent.shutdown` was cancelled).
+    pub async fn wait_all(&self) {
+        let handles: Vec<JoinHandle<()>> = self
+            .workers
+            .lock()
+            .expect("workers lock")
+            .values_mut()
+            .filter_map(|w| w.handle.take())
+            .collect();
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Completes a graceful deletion as kubelet does: delete with grace period 0 (only this UID).
+pub async fn finish_deletion(client: &Client, pod: &Pod) {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete(&name, &dp)
+        .await
+    {
+        Ok(_) => tracing::info!(pod = %format!("{ns}/{name}"), "pod object deleted"),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "deleting pod object"),
+    }
+}
+
+pub fn pod_dir(pods_dir: &Path, pod: &Pod) -> PathBuf {
+    pods_dir.join(format!(
+        "{}_{}_{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    ))
+}

@@ -1,0 +1,934 @@
+//! One worker per pod bound to this node: IP and pod dir, ServiceAccount kubeconfig and volumes,
+//! init containers then containers (each supervised: probes, restarts with back-off), status
+//! reports, and graceful termination on deletion or agent shutdown.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodStatus, Probe, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::Api;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::agent::{finish_deletion, pod_dir, Agent, PodEvent};
+use crate::env::{self, ObjectData, PodFacts};
+use crate::images::{ImageError, Mode, Templates};
+use crate::probe::{self, Settings, Tracker};
+use crate::runtime::{self, PidRecord, SpawnSpec};
+use crate::serviceaccount;
+use crate::status::{self, ContainerRt, PodRt, RunState, Termination, HOST_IP};
+
+/// Variables of the agent's own environment that container processes inherit.
+const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "JAVA_HOME",
+    "RUST_BACKTRACE",
+];
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// kubelet's minimum grace period when killing a pod.
+const MIN_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Init,
+    Main,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+struct PodCtx {
+    agent: Arc<Agent>,
+    key: String,
+    ns: String,
+    name: String,
+    uid: String,
+    dir: PathBuf,
+    ip: Ipv4Addr,
+    pod: Mutex<Arc<Pod>>,
+    rt: Mutex<PodRt>,
+    changed: Notify,
+    procs: Mutex<BTreeMap<String, PidRecord>>,
+    volumes: Mutex<BTreeMap<String, PathBuf>>,
+    /// Grace period for the stop in progress (set before `stop` is cancelled).
+    stop_grace: Mutex<Duration>,
+}
+
+impl PodCtx {
+    fn pod(&self) -> Arc<Pod> {
+        self.pod.lock().expect("pod lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PodRt)) {
+        let mut rt = self.rt.lock().expect("rt lock");
+        let before = rt.clone();
+        f(&mut rt);
+        if *rt != before {
+            self.changed.notify_one();
+        }
+    }
+
+    fn update_container(&self, kind: Kind, idx: usize, f: impl FnOnce(&mut ContainerRt)) {
+        self.update(|rt| {
+            let list = if kind == Kind::Init {
+                &mut rt.init
+            } else {
+                &mut rt.containers
+            };
+            if let Some(c) = list.get_mut(idx) {
+                f(c);
+            }
+        });
+    }
+
+    fn container_state(&self, kind: Kind, idx: usize) -> Option<ContainerRt> {
+        let rt = self.rt.lock().expect("rt lock");
+        let list = if kind == Kind::Init {
+            &rt.init
+        } else {
+            &rt.containers
+        };
+        list.get(idx).cloned()
+    }
+
+    fn record_pids(&self) {
+        let recs: Vec<PidRecord> = self
+            .procs
+            .lock()
+            .expect("procs lock")
+            .values()
+            .cloned()
+            .collect();
+        if let Err(e) = runtime::write_pid_records(&self.dir, &recs) {
+            warn!(pod = %self.key, error = %e, "writing pid records");
+        }
+    }
+
+    fn restart_policy(&self) -> String {
+        self.pod()
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into())
+    }
+
+    fn termination_grace(&self) -> Duration {
+        let secs = self
+            .pod()
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        Duration::from_secs(secs.max(0) as u64).max(MIN_GRACE)
+    }
+}
+
+fn containers_of(pod: &Pod, kind: Kind) -> Vec<Container> {
+    let spec = pod.spec.as_ref();
+    match kind {
+        Kind::Init => spec
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default(),
+        Kind::Main => spec.map(|s| s.containers.clone()).unwrap_or_default(),
+    }
+}
+
+/// Container runtime state at pod start; restart counts continue from the reported status
+/// (the agent restarted) so they never go backwards.
+fn initial_rt(pod: &Pod, ip: Ipv4Addr) -> PodRt {
+    let status = pod.status.as_ref();
+    let counts = |statuses: Option<&Vec<k8s_openapi::api::core::v1::ContainerStatus>>| -> BTreeMap<String, i32> {
+        statuses.into_iter().flatten().map(|s| (s.name.clone(), s.restart_count)).collect()
+    };
+    let main_counts = counts(status.and_then(|s| s.container_statuses.as_ref()));
+    let init_counts = counts(status.and_then(|s| s.init_container_statuses.as_ref()));
+    let make = |cs: Vec<Container>, counts: &BTreeMap<String, i32>| -> Vec<ContainerRt> {
+        cs.iter()
+            .map(|c| {
+                let mut rt = ContainerRt::new(&c.name, c.image.as_deref().unwrap_or_default());
+                rt.restart_count = counts.get(&c.name).copied().unwrap_or(0);
+                rt
+            })
+            .collect()
+    };
+    let init = make(containers_of(pod, Kind::Init), &init_counts);
+    PodRt {
+        initialized: init.is_empty(),
+        init,
+        containers: make(containers_of(pod, Kind::Main), &main_counts),
+        restart_policy: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into()),
+        pod_ip: Some(ip.to_string()),
+        start_time: Some(
+            status
+                .and_then(|s| s.start_time.as_ref())
+                .map(|t| t.0)
+                .unwrap_or_else(Timestamp::now),
+        ),
+    }
+}
+
+enum End {
+    Deleting(Duration),
+    Gone(Duration),
+    Shutdown,
+}
+
+/// Runs one pod from acceptance to removal.
+pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<PodEvent>) {
+    let ns = first.metadata.namespace.clone().unwrap_or_default();
+    let name = first.metadata.name.clone().unwrap_or_default();
+    let uid = first.metadata.uid.clone().unwrap_or_default();
+    let key = format!("{ns}/{name}");
+    let dir = pod_dir(&agent.pods_dir(), &first);
+    if first.metadata.deletion_timestamp.is_some() {
+        // Deleted before it ever ran here.
+        finish_deletion(&agent.client, &first).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let wanted = std::fs::read_to_string(dir.join("ip"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .or_else(|| {
+            first
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|ip| ip.parse().ok())
+        });
+    let Some(ip) = agent.ips.lock().expect("ips lock").allocate(wanted) else {
+        warn!(pod = %key, "no free pod IP in 127.1.0.0/16; the pod stays Pending");
+        return;
+    };
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("ip"), ip.to_string()))
+    {
+        warn!(pod = %key, error = %e, "creating pod dir {}", dir.display());
+    }
+    info!(pod = %key, %uid, %ip, dir = %dir.display(), "pod accepted");
+    let ctx = Arc::new(PodCtx {
+        rt: Mutex::new(initial_rt(&first, ip)),
+        agent: agent.clone(),
+        key: key.clone(),
+        ns,
+        name,
+        uid,
+        dir: dir.clone(),
+        ip,
+        pod: Mutex::new(first.clone()),
+        changed: Notify::new(),
+        procs: Mutex::new(BTreeMap::new()),
+        volumes: Mutex::new(BTreeMap::new()),
+        stop_grace: Mutex::new(MIN_GRACE),
+    });
+    let stop = CancellationToken::new();
+    let status_stop = CancellationToken::new();
+    let status_task = tokio::spawn(status_loop(
+        ctx.clone(),
+        first.status.clone(),
+        status_stop.clone(),
+    ));
+    let life = tokio::spawn(lifecycle(ctx.clone(), stop.clone()));
+
+    let end = loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    break End::Gone(MIN_GRACE);
+                }
+                let event = rx.borrow_and_update().clone();
+                match event {
+                    PodEvent::Gone => {
+                        let g = ctx.pod().metadata.deletion_grace_period_seconds.unwrap_or(0);
+                        break End::Gone(Duration::from_secs(g.max(0) as u64).max(MIN_GRACE));
+                    }
+                    PodEvent::Update(p) => {
+                        let deleting = p.metadata.deletion_timestamp.is_some();
+                        let grace = p.metadata.deletion_grace_period_seconds;
+                        *ctx.pod.lock().expect("pod lock") = p;
+                        if deleting {
+                            let g = grace.map(|g| Duration::from_secs(g.max(0) as u64)).unwrap_or_else(|| ctx.termination_grace());
+                            break End::Deleting(g.max(MIN_GRACE));
+                        }
+                    }
+                }
+            }
+            _ = agent.shutdown.cancelled() => break End::Shutdown,
+        }
+    };
+    let grace = match &end {
+        End::Deleting(g) | End::Gone(g) => *g,
+        End::Shutdown => ctx.termination_grace(),
+    };
+    info!(pod = %key, grace_secs = grace.as_secs(), reason = match end { End::Deleting(_) => "pod deleted", End::Gone(_) => "pod object gone", End::Shutdown => "agent shutting down" }, "stopping pod");
+    *ctx.stop_grace.lock().expect("grace lock") = grace;
+    stop.cancel();
+    // Supervisors escalate to SIGKILL at the grace period; the margin only guards against a bug.
+    if tokio::time::timeout(grace + Duration::from_secs(15), life)
+        .await
+        .is_err()
+    {
+        warn!(pod = %key, "containers did not stop in time; killing their process groups");
+        for r in ctx.procs.lock().expect("procs lock").values() {
+            runtime::signal_group(r.pid, libc::SIGKILL);
+        }
+    }
+    status_stop.cancel();
+    let _ = status_task.await;
+    ctx.record_pids();
+    match end {
+        End::Shutdown => info!(pod = %key, "pod processes stopped for agent shutdown"),
+        End::Deleting(_) | End::Gone(_) => {
+            if matches!(end, End::Deleting(_)) {
+                finish_deletion(&agent.client, &ctx.pod()).await;
+            }
+            agent.ips.lock().expect("ips lock").release(ip);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(pod = %key, error = %e, "removing pod dir");
+            }
+            info!(pod = %key, %ip, "pod removed");
+        }
+    }
+}
+
+/// Reports the pod's status whenever the runtime state changes (and re-checks every 10 s), only
+/// when the computed status differs from the last one written.
+async fn status_loop(ctx: Arc<PodCtx>, initial: Option<PodStatus>, stop: CancellationToken) {
+    let api = Api::<Pod>::namespaced(ctx.agent.client.clone(), &ctx.ns);
+    let mut prev = initial;
+    let mut last: Option<serde_json::Value> = None;
+    loop {
+        let rt = ctx.rt.lock().expect("rt lock").clone();
+        let status = status::compute(&rt, prev.as_ref(), Timestamp::now());
+        let mut patch = status::status_patch(&status);
+        patch["metadata"] = serde_json::json!({ "uid": ctx.uid });
+        if last.as_ref() != Some(&patch) {
+            match api
+                .patch_status(&ctx.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    let old_phase = prev.as_ref().and_then(|p| p.phase.clone());
+                    if old_phase != status.phase {
+                        info!(pod = %ctx.key, phase = status.phase.as_deref().unwrap_or_default(), "pod phase");
+                    }
+                    let ready = |s: Option<&PodStatus>| {
+                        s.and_then(|s| s.conditions.as_ref())
+                            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                            .map(|c| c.status == "True")
+                    };
+                    if ready(prev.as_ref()) != ready(Some(&status)) {
+                        info!(pod = %ctx.key, ready = ready(Some(&status)).unwrap_or(false), "pod readiness");
+                    }
+                    last = Some(patch);
+                    prev = Some(status);
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => return,
+                Err(e) => {
+                    warn!(pod = %ctx.key, error = %e, "patching pod status; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = ctx.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
+        // Coalesce a burst of changes into one write.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn set_all_waiting(ctx: &PodCtx, reason: &str, message: &str) {
+    ctx.update(|rt| {
+        for c in rt.init.iter_mut().chain(rt.containers.iter_mut()) {
+            if matches!(c.state, RunState::Waiting { .. }) && c.last.is_none() {
+                c.state = RunState::waiting(reason, Some(message.to_string()));
+            }
+        }
+    });
+}
+
+/// Writes the ServiceAccount kubeconfig and materialises volumes.
+async fn setup(ctx: &PodCtx) -> Result<(), String> {
+    let pod = ctx.pod();
+    let sa = serviceaccount::service_account_name(&pod);
+    let token =
+        serviceaccount::find_token(&ctx.agent.client, &ctx.ns, &sa, ctx.agent.token_wait).await?;
+    let doc = serviceaccount::kubeconfig_json(
+        &ctx.agent.api_server,
+        &ctx.agent.tls,
+        &ctx.ns,
+        &sa,
+        &token,
+    );
+    serviceaccount::write_kubeconfig(&ctx.dir.join("kubeconfig"), &doc)
+        .map_err(|e| format!("writing kubeconfig: {e}"))?;
+    let ip = ctx.ip.to_string();
+    let facts = PodFacts {
+        pod: &pod,
+        pod_ip: &ip,
+        host_ip: HOST_IP,
+        node_name: &ctx.agent.node_name,
+    };
+    let volumes = crate::volumes::prepare(
+        &ctx.agent.client,
+        &pod,
+        &ctx.dir,
+        &ctx.agent.sandbox_dir,
+        &facts,
+    )
+    .await?;
+    *ctx.volumes.lock().expect("volumes lock") = volumes;
+    Ok(())
+}
+
+async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
+    let mut attempt = 0;
+    loop {
+        let result = tokio::select! {
+            r = setup(&ctx) => r,
+            _ = stop.cancelled() => return,
+        };
+        match result {
+            Ok(()) => break,
+            Err(msg) => {
+                warn!(pod = %ctx.key, error = %msg, "pod setup failed; retrying");
+                set_all_waiting(&ctx, "ContainerCreating", &msg);
+                let delay = ctx.agent.backoff(attempt);
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+    let pod = ctx.pod();
+    for idx in 0..containers_of(&pod, Kind::Init).len() {
+        if supervise(ctx.clone(), Kind::Init, idx, stop.clone()).await != Outcome::Succeeded {
+            return;
+        }
+    }
+    ctx.update(|rt| rt.initialized = true);
+    let tasks: Vec<_> = (0..containers_of(&pod, Kind::Main).len())
+        .map(|idx| tokio::spawn(supervise(ctx.clone(), Kind::Main, idx, stop.clone())))
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+struct Prepared {
+    spawn: SpawnSpec,
+    image_id: String,
+    target: probe::Target,
+}
+
+struct PrepError {
+    reason: &'static str,
+    message: String,
+    retry: Duration,
+}
+
+async fn fetch_objects(ctx: &PodCtx, c: &Container) -> Result<ObjectData, String> {
+    let (cms, secrets) = env::referenced_objects(c);
+    let mut data = ObjectData::default();
+    let cm_api = Api::<ConfigMap>::namespaced(ctx.agent.client.clone(), &ctx.ns);
+    for name in cms {
+        let cm = cm_api
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("getting configmap {name}: {e}"))?;
+        data.config_maps
+            .insert(name, cm.map(|cm| cm.data.unwrap_or_default()));
+    }
+    let secret_api = Api::<Secret>::namespaced(ctx.agent.client.clone(), &ctx.ns);
+    for name in secrets {
+        let s = secret_api
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("getting secret {name}: {e}"))?;
+        data.secrets.insert(
+            name,
+            s.map(|s| {
+                s.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).to_string()))
+                    .collect()
+            }),
+        );
+    }
+    Ok(data)
+}
+
+fn program_exists(program: &str) -> bool {
+    if program.contains('/') {
+        return std::path::Path::new(program).is_file();
+    }
+    true // looked up in PATH at exec; a failure shows as RunContainerError
+}
+
+async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
+    let pod = ctx.pod();
+    let image = c.image.clone().unwrap_or_default();
+    let table = ctx.agent.images();
+    let entry = table.lookup(&image).map_err(|e| PrepError {
+        reason: "ErrImagePull",
+        message: e.to_string(),
+        retry: Duration::from_secs(10),
+    })?;
+    let config_err = |message: String| PrepError {
+        reason: "CreateContainerConfigError",
+        message,
+        retry: ctx.agent.backoff(2),
+    };
+    let data = fetch_objects(ctx, c).await.map_err(config_err)?;
+    let ip = ctx.ip.to_string();
+    let facts = PodFacts {
+        pod: &pod,
+        pod_ip: &ip,
+        host_ip: HOST_IP,
+        node_name: &ctx.agent.node_name,
+    };
+    let container_env =
+        env::resolve_env(c, &facts, &data).map_err(|e| config_err(e.to_string()))?;
+    let command = env::expand_all(c.command.as_deref().unwrap_or_default(), &container_env);
+    let args = env::expand_all(c.args.as_deref().unwrap_or_default(), &container_env);
+    let dir = ctx.dir.to_string_lossy().to_string();
+    let agent_env = |n: &str| std::env::var(n).ok();
+    let templates = Templates {
+        bin_dir: &ctx.agent.bin_dir,
+        repo: &ctx.agent.repo_dir,
+        pod_ip: &ip,
+        pod_dir: &dir,
+        agent_env: &agent_env,
+    };
+    let launch = table
+        .resolve(&image, &command, &args, &templates)
+        .map_err(|e| PrepError {
+            reason: if matches!(e, ImageError::Unknown { .. }) {
+                "ErrImagePull"
+            } else {
+                "CreateContainerConfigError"
+            },
+            message: e.to_string(),
+            retry: Duration::from_secs(10),
+        })?;
+    if entry.mode == Mode::ReplaceCommand && !program_exists(&launch.program) {
+        return Err(PrepError {
+            reason: "ErrImagePull",
+            message: format!(
+                "image {image:?}: program {} does not exist (build the workspace, or set {} on the agent)",
+                launch.program,
+                entry.override_env.as_deref().unwrap_or("the entry's override_env")
+            ),
+            retry: Duration::from_secs(10),
+        });
+    }
+    // Environment: inherited basics < container env < agent-provided < image table entry.
+    let mut env: BTreeMap<String, String> = INHERITED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
+    env.extend(container_env.clone());
+    let hostname = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| ctx.name.clone());
+    env.entry("HOSTNAME".into()).or_insert(hostname);
+    if !container_env.contains_key("KUBECONFIG") {
+        env.insert(
+            "KUBECONFIG".into(),
+            ctx.dir.join("kubeconfig").to_string_lossy().to_string(),
+        );
+    }
+    env.extend(launch.env.iter().cloned());
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let volumes = ctx.volumes.lock().expect("volumes lock").clone();
+    let mounts = crate::volumes::mounts_for(c, &volumes).map_err(config_err)?;
+    let working_dir = c
+        .working_dir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ctx.dir.clone());
+    if !mounts.iter().any(|m| working_dir.starts_with(&m.target)) {
+        let _ = std::fs::create_dir_all(&working_dir);
+    }
+    let target = probe::Target {
+        pod_ip: ip.clone(),
+        env: env.clone(),
+        ports: c.ports.clone().unwrap_or_default(),
+        working_dir: working_dir.to_string_lossy().to_string(),
+        pid: None,
+    };
+    Ok(Prepared {
+        image_id: format!("sandbox://{}", launch.program),
+        spawn: SpawnSpec {
+            program: launch.program,
+            args: launch.args,
+            env,
+            working_dir,
+            mounts,
+            log_file: ctx.agent.pod_log(&ctx.ns, &ctx.name, &c.name),
+        },
+        target,
+    })
+}
+
+fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(_) => 255,
+    }
+}
+
+/// SIGTERM to the group (after the preStop hook, if any), then SIGKILL once `grace` has passed.
+async fn kill_container(
+    ctx: &PodCtx,
+    c: &Container,
+    child: &mut tokio::process::Child,
+    pid: u32,
+    target: &probe::Target,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    let deadline = tokio::time::Instant::now() + grace;
+    if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) {
+        info!(pod = %ctx.key, container = %c.name, "running preStop hook");
+        tokio::select! {
+            r = probe::run_handler(hook, target, grace) => {
+                if let Err(e) = r {
+                    warn!(pod = %ctx.key, container = %c.name, error = %e, "preStop hook failed");
+                }
+            }
+            st = child.wait() => return st,
+        }
+    }
+    runtime::signal_group(pid, libc::SIGTERM);
+    tokio::select! {
+        st = child.wait() => return st,
+        _ = tokio::time::sleep_until(deadline) => {}
+    }
+    info!(pod = %ctx.key, container = %c.name, pid, grace_secs = grace.as_secs(), "grace period over; sending SIGKILL");
+    runtime::signal_group(pid, libc::SIGKILL);
+    child.wait().await
+}
+
+/// Runs one container until it completes for good or the pod stops; restarts it per the pod's
+/// restartPolicy with exponential back-off (CrashLoopBackOff).
+async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationToken) -> Outcome {
+    let mut crashes: u32 = 0;
+    loop {
+        if stop.is_cancelled() {
+            return Outcome::Stopped;
+        }
+        let pod = ctx.pod();
+        let Some(c) = containers_of(&pod, kind).get(idx).cloned() else {
+            return Outcome::Stopped;
+        };
+        let prepared = match prepare(&ctx, &c).await {
+            Ok(p) => p,
+            Err(e) => {
+                let changed = match ctx.container_state(kind, idx).map(|s| s.state) {
+                    Some(RunState::Waiting { reason, message }) => {
+                        reason != e.reason || message.as_deref() != Some(e.message.as_str())
+                    }
+                    _ => true,
+                };
+                if changed {
+                    warn!(pod = %ctx.key, container = %c.name, reason = e.reason, message = %e.message, "container cannot start");
+                }
+                ctx.update_container(kind, idx, |s| {
+                    s.state = RunState::waiting(e.reason, Some(e.message.clone()))
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(e.retry) => continue,
+                    _ = stop.cancelled() => return Outcome::Stopped,
+                }
+            }
+        };
+        if stop.is_cancelled() {
+            return Outcome::Stopped;
+        }
+        let log_offset = std::fs::metadata(&prepared.spawn.log_file)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut child = match runtime::spawn(&prepared.spawn) {
+            Ok(child) => child,
+            Err(e) => {
+                let message = format!("{e:#}");
+                warn!(pod = %ctx.key, container = %c.name, error = %message, "starting container failed");
+                ctx.update_container(kind, idx, |s| {
+                    s.state = RunState::waiting("RunContainerError", Some(message.clone()))
+                });
+                let delay = ctx.agent.backoff(crashes);
+                crashes += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = stop.cancelled() => return Outcome::Stopped,
+                }
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let started_at = Timestamp::now();
+        let started_instant = Instant::now();
+        ctx.procs.lock().expect("procs lock").insert(
+            c.name.clone(),
+            PidRecord {
+                container: c.name.clone(),
+                pid,
+                start_time: runtime::start_time(pid).unwrap_or(0),
+            },
+        );
+        ctx.record_pids();
+        let has_startup = kind == Kind::Main && c.startup_probe.is_some();
+        let has_readiness = kind == Kind::Main && c.readiness_probe.is_some();
+        ctx.update_container(kind, idx, |s| {
+            s.state = RunState::Running { started_at, pid };
+            s.image_id = prepared.image_id.clone();
+            s.started = !has_startup;
+            s.ready = !has_startup && !has_readiness;
+        });
+        info!(pod = %ctx.key, container = %c.name, pid, program = %prepared.spawn.program,
+            args = ?prepared.spawn.args, restarts = ctx.container_state(kind, idx).map(|s| s.restart_count).unwrap_or(0),
+            "container started");
+        let mut target = prepared.target.clone();
+        target.pid = Some(pid);
+        let probes_stop = stop.child_token();
+        let (kill_tx, mut kill_rx) = mpsc::channel::<String>(1);
+        if kind == Kind::Main {
+            tokio::spawn(probe_loop(
+                ctx.clone(),
+                idx,
+                c.clone(),
+                target.clone(),
+                probes_stop.clone(),
+                kill_tx,
+            ));
+        } else {
+            drop(kill_tx);
+        }
+        let mut kill_message = None;
+        let status = tokio::select! {
+            st = child.wait() => st,
+            Some(reason) = kill_rx.recv() => {
+                info!(pod = %ctx.key, container = %c.name, pid, %reason, "killing container");
+                kill_message = Some(reason);
+                kill_container(&ctx, &c, &mut child, pid, &target, ctx.termination_grace()).await
+            }
+            _ = stop.cancelled() => {
+                let grace = *ctx.stop_grace.lock().expect("grace lock");
+                kill_container(&ctx, &c, &mut child, pid, &target, grace).await
+            }
+        };
+        probes_stop.cancel();
+        // Whatever else is left in the container's process group goes with it.
+        runtime::signal_group(pid, libc::SIGKILL);
+        ctx.procs.lock().expect("procs lock").remove(&c.name);
+        ctx.record_pids();
+        let code = exit_code(status);
+        let mut term = Termination::new(code, None, Some(started_at), Timestamp::now());
+        term.pid = Some(pid);
+        term.message = kill_message.or_else(|| {
+            let fallback = c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
+            (code != 0 && fallback)
+                .then(|| runtime::log_tail(&prepared.spawn.log_file, log_offset, 80, 2048))
+                .flatten()
+        });
+        info!(pod = %ctx.key, container = %c.name, pid, exit_code = code,
+            ran_secs = started_instant.elapsed().as_secs(), "container exited");
+        let policy = ctx.restart_policy();
+        let restart = match kind {
+            Kind::Init => code != 0 && policy != "Never",
+            Kind::Main => policy == "Always" || (policy == "OnFailure" && code != 0),
+        };
+        if stop.is_cancelled() || !restart {
+            ctx.update_container(kind, idx, |s| {
+                s.state = RunState::Terminated(term.clone());
+                s.ready = false;
+                s.started = false;
+            });
+            return if stop.is_cancelled() {
+                Outcome::Stopped
+            } else if code == 0 {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            };
+        }
+        if started_instant.elapsed() >= ctx.agent.backoff_max * 2 {
+            crashes = 0;
+        }
+        let delay = ctx.agent.backoff(crashes);
+        crashes += 1;
+        let message = format!(
+            "back-off {}s restarting failed container={} pod={}_{}({})",
+            delay.as_secs_f64().ceil(),
+            c.name,
+            ctx.name,
+            ctx.ns,
+            ctx.uid
+        );
+        ctx.update_container(kind, idx, |s| {
+            s.last = Some(term.clone());
+            s.restart_count += 1;
+            s.ready = false;
+            s.started = false;
+            s.state = RunState::waiting("CrashLoopBackOff", Some(message));
+        });
+        info!(pod = %ctx.key, container = %c.name, exit_code = code, delay_ms = delay.as_millis() as u64, "container will restart after back-off");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return Outcome::Stopped,
+        }
+    }
+}
+
+/// Startup, then liveness and readiness probes of one container run; a failed startup or
+/// liveness probe asks the supervisor (through `kill`) to kill and restart the container.
+async fn probe_loop(
+    ctx: Arc<PodCtx>,
+    idx: usize,
+    c: Container,
+    target: probe::Target,
+    stop: CancellationToken,
+    kill: mpsc::Sender<String>,
+) {
+    let name = c.name.clone();
+    if let Some(p) = c.startup_probe.clone() {
+        match run_probe(&ctx, &name, "Startup", &p, &target, &stop, None).await {
+            Some(true) => ctx.update_container(Kind::Main, idx, |s| {
+                s.started = true;
+                if c.readiness_probe.is_none() {
+                    s.ready = true;
+                }
+            }),
+            Some(false) => {
+                let _ = kill.send("startup probe failed".into()).await;
+                return;
+            }
+            None => return,
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(p) = c.liveness_probe.clone() {
+        let (ctx, name, target, stop, kill) = (
+            ctx.clone(),
+            name.clone(),
+            target.clone(),
+            stop.clone(),
+            kill.clone(),
+        );
+        tasks.spawn(async move {
+            if run_probe(&ctx, &name, "Liveness", &p, &target, &stop, None).await == Some(false) {
+                let _ = kill
+                    .send(format!(
+                        "liveness probe failed: container {name} will be restarted"
+                    ))
+                    .await;
+            }
+        });
+    }
+    if let Some(p) = c.readiness_probe.clone() {
+        let (ctx, name, target, stop) = (ctx.clone(), name.clone(), target.clone(), stop.clone());
+        tasks.spawn(async move {
+            run_probe(&ctx, &name, "Readiness", &p, &target, &stop, Some(idx)).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Probes periodically. Startup/liveness return at their first failure verdict (`Some(false)`)
+/// or startup success (`Some(true)`); readiness (`ready_idx`) runs until stopped, updating
+/// the container's readiness. `None` when stopped.
+async fn run_probe(
+    ctx: &PodCtx,
+    container: &str,
+    kind: &str,
+    p: &Probe,
+    target: &probe::Target,
+    stop: &CancellationToken,
+    ready_idx: Option<usize>,
+) -> Option<bool> {
+    let settings = Settings::of(p);
+    let mut tracker = match kind {
+        "Liveness" => Tracker::new(
+            Settings {
+                success_threshold: 1,
+                ..settings
+            },
+            Some(true),
+        ),
+        "Startup" => Tracker::new(
+            Settings {
+                success_threshold: 1,
+                ..settings
+            },
+            None,
+        ),
+        _ => Tracker::new(settings, None),
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(settings.initial_delay) => {}
+        _ = stop.cancelled() => return None,
+    }
+    let mut last_error: Option<String> = None;
+    loop {
+        let result = tokio::select! {
+            r = probe::run_once(p, target) => r,
+            _ = stop.cancelled() => return None,
+        };
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            if last_error.as_deref() != Some(e.as_str()) {
+                info!(pod = %ctx.key, container, probe = kind, error = %e, "probe failed");
+            }
+        }
+        last_error = result.err();
+        if let Some(verdict) = tracker.record(ok) {
+            info!(pod = %ctx.key, container, probe = kind, success = verdict, "probe result changed");
+            match (kind, ready_idx) {
+                (_, Some(idx)) => {
+                    ctx.update_container(Kind::Main, idx, |s| s.ready = verdict && s.started)
+                }
+                ("Startup", _) if verdict => return Some(true),
+                (_, _) if !verdict => return Some(false),
+                _ => {}
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.period) => {}
+            _ = stop.cancelled() => return None,
+        }
+    }
+}

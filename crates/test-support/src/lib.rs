@@ -3,6 +3,7 @@
 //! Nothing here is part of the product.
 
 pub mod memcached;
+pub mod operator;
 pub mod process;
 pub mod sandbox;
 pub mod wait;

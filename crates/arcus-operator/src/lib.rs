@@ -1,1 +1,5 @@
 //! ARCUS operator library.
+
+pub mod crd;
+pub mod validate;
+pub mod build;

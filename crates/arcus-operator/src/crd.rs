@@ -1,0 +1,868 @@
+//! The `ArcusMemcached` custom resource (`memcacheds.jam2in.com/v1`): its Rust types, the
+//! OpenAPI schema the API server validates with, and the CRD manifest (`deploy/crd.yaml`).
+//!
+//! Owns the user interface of the seed's `arcus_memcached.yaml`: its field names, printer columns
+//! and group/kind/plural/short name are kept exactly. Must not hold logic: rules the schema cannot
+//! express live in `validate`, objects derived from the spec in `build`.
+//!
+//! Compatibility: the CRD is `apiextensions.k8s.io/v1` with a structural schema and uses nothing
+//! newer than Kubernetes 1.20 (no CEL rules, no `selectableFields`). Embedded Kubernetes types
+//! (resources, affinity, tolerations) get hand-written schemas because k8s-openapi is built
+//! without its `schemars` feature; that also keeps newer-than-1.20 fields out of them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+/// Bounds shared by the schema (as literals in attributes) and by `validate` (as constants).
+pub mod limits {
+    pub const REPLICAS_MAX: i32 = 1000;
+    pub const SERVICE_CODE_MAX_LEN: usize = 128;
+    pub const ZOOKEEPER_SERVERS_MAX: usize = 9;
+    /// `host:port` with a 253-char DNS name, or a bracketed IPv6 address, and a 5-digit port.
+    pub const ZOOKEEPER_SERVER_MAX_LEN: usize = 261;
+    pub const MEMLIMIT_MB_MIN: i32 = 8;
+    pub const MEMLIMIT_MB_MAX: i32 = 1_048_576;
+    pub const CONNECTIONS_MIN: i32 = 10;
+    pub const CONNECTIONS_MAX: i32 = 65_536;
+    pub const THREADS_MIN: i32 = 1;
+    /// arcus-memcached warns above 64 worker threads ("other problems when you get above 64").
+    pub const THREADS_MAX: i32 = 64;
+    pub const PORT_MIN: i32 = 1;
+    pub const PORT_MAX: i32 = 65_535;
+    /// arcus-memcached's accepted `-o` range; it silently falls back to 30 outside it.
+    pub const ZK_SESSION_TIMEOUT_MIN: i32 = 10;
+    pub const ZK_SESSION_TIMEOUT_MAX: i32 = 2000;
+    pub const TERMINATION_GRACE_MAX: i64 = 3600;
+}
+
+/// The pattern of `spec.serviceCode`: a znode name (no `/`) that ARCUS's mapping parser keeps
+/// whole (no `^`), starting with a letter or digit.
+pub const SERVICE_CODE_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]*$";
+/// The pattern of one `spec.zookeeperServers` item: `host:port`, host a DNS name, an IPv4
+/// address or a bracketed IPv6 address. Port range and name lengths are checked by `validate`.
+pub const ZOOKEEPER_SERVER_PATTERN: &str =
+    r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):[0-9]{1,5}$";
+
+/// Specification of an ARCUS cache cluster: a set of arcus-memcached nodes that register
+/// themselves in ZooKeeper under one service code.
+// Several printer columns repeat `type_ = "string"`, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "jam2in.com",
+    version = "v1",
+    kind = "ArcusMemcached",
+    plural = "memcacheds",
+    singular = "memcached",
+    shortname = "mc",
+    namespaced,
+    status = "ArcusMemcachedStatus",
+    derive = "PartialEq",
+    doc = "An ARCUS cache cluster: arcus-memcached nodes run by a StatefulSet and registered in ZooKeeper under one service code.",
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "The number memcached nodes ready",
+        json_path = ".status.ready"
+    ),
+    printcolumn(
+        name = "Container",
+        type_ = "string",
+        description = "The memcached container",
+        json_path = ".status.container"
+    ),
+    printcolumn(
+        name = "Image",
+        type_ = "string",
+        description = "The memcached image",
+        json_path = ".status.image"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        description = "The memcached error message",
+        json_path = ".status.message"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ArcusMemcachedSpec {
+    /// Number of cache nodes (pods `<name>-arcus-mc-0..N-1`). Scaling out registers the new
+    /// nodes in ZooKeeper before their pods start; scaling in removes the surplus nodes'
+    /// registrations after their pods are gone. 0 keeps the service registered with no node.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// The ARCUS service code clients use to find this cluster in ZooKeeper
+    /// (`/arcus/cache_list/<serviceCode>`). Letters, digits, `_`, `.` and `-`, starting with a
+    /// letter or digit, at most 128 characters. Immutable: the operator refuses a change, and
+    /// refuses a service code that another resource or a manual setup already uses.
+    #[schemars(length(min = 1, max = 128), regex(pattern = SERVICE_CODE_PATTERN))]
+    pub service_code: String,
+
+    /// The ZooKeeper ensemble that holds the ARCUS cluster metadata, as `host:port` items
+    /// (e.g. `zk-0.zk:2181`). The operator writes the service's znodes there and every cache
+    /// node registers there (`-z`). At most 9 servers, no duplicates.
+    #[schemars(
+        length(min = 1, max = 9),
+        inner(length(min = 3, max = 261), regex(pattern = ZOOKEEPER_SERVER_PATTERN))
+    )]
+    pub zookeeper_servers: Vec<String>,
+
+    /// Start-up options of each arcus-memcached process.
+    #[serde(default)]
+    pub configuration: Configuration,
+
+    /// The arcus-memcached container image.
+    pub image: Image,
+
+    /// TCP port every cache node listens on (`-p`); clients reach nodes at `<pod IP>:<port>`.
+    /// Part of each node's ZooKeeper mapping (`<pod hostname>:<port>`).
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// ZooKeeper session timeout of each cache node in seconds (`-o`, 10 to 2000). A node whose
+    /// session expires leaves the cluster and restarts. Unset: arcus-memcached's default (30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 2000))]
+    pub zk_session_timeout_seconds: Option<i32>,
+
+    /// CPU and memory requests and limits of the arcus-memcached container. Keep the memory
+    /// limit comfortably above `configuration.memlimit`: arcus-memcached also uses memory for
+    /// connections and its hash table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "resources_schema")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels a node must have to run a cache pod (pod `nodeSelector`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Scheduling constraints of the cache pods (pod `affinity`, the Kubernetes Affinity type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "affinity_schema")]
+    pub affinity: Option<Affinity>,
+
+    /// Taints the cache pods tolerate (pod `tolerations`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "tolerations_schema")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Extra annotations on the cache pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+
+    /// Extra labels on the cache pods. The operator's own labels (`app.kubernetes.io/name`,
+    /// `app.kubernetes.io/instance`, `app.kubernetes.io/managed-by`, `jam2in.com/service-code`)
+    /// cannot be overridden.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+
+    /// Seconds a cache pod gets to stop. On SIGTERM arcus-memcached closes its ZooKeeper
+    /// session first (clients stop routing to it at once) and exits in about a second.
+    #[serde(default = "default_termination_grace")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+
+    /// Prometheus metrics: when set, each cache pod runs a memcached exporter sidecar, the
+    /// headless Service exposes its `metrics` port, and a ServiceMonitor is created where the
+    /// Prometheus Operator is installed. Unset: no exporter, no ServiceMonitor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_exporter: Option<MetricsExporter>,
+}
+
+/// Start-up options of each arcus-memcached process. Changing them restarts the nodes one by one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Configuration {
+    /// Item memory of each node in megabytes (`-m`, 8 to 1048576). Also what the node
+    /// publishes in its ZooKeeper znode (`<memlimit>MB`).
+    #[serde(default = "default_memlimit")]
+    #[schemars(range(min = 8, max = 1048576))]
+    pub memlimit: i32,
+
+    /// Maximum simultaneous client connections per node (`-c`, 10 to 65536).
+    #[serde(default = "default_connections")]
+    #[schemars(range(min = 10, max = 65536))]
+    pub connections: i32,
+
+    /// Worker threads per node (`-t`, 1 to 64; arcus-memcached advises against more than 64).
+    #[serde(default = "default_threads")]
+    #[schemars(range(min = 1, max = 64))]
+    pub threads: i32,
+}
+
+impl Default for Configuration {
+    fn default() -> Self {
+        Self {
+            memlimit: default_memlimit(),
+            connections: default_connections(),
+            threads: default_threads(),
+        }
+    }
+}
+
+/// The arcus-memcached container image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Image {
+    /// Image reference, e.g. `jam2in/arcus-memcached:1.11.7`.
+    #[schemars(length(min = 1, max = 1024))]
+    pub name: String,
+
+    /// When the kubelet pulls the image: `Always`, `IfNotPresent` (default) or `Never`.
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+}
+
+/// Image pull policy of the cache containers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// The value of a container's `imagePullPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// A Prometheus memcached exporter run next to each cache node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsExporter {
+    /// Exporter image; it must accept `--memcached.address=<host:port>` and
+    /// `--web.listen-address=:<port>` like prom/memcached-exporter.
+    #[serde(default = "default_exporter_image")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: String,
+
+    /// Port the exporter serves `/metrics` on (the `metrics` port of pods and Service).
+    #[serde(default = "default_exporter_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Prometheus scrape interval of the ServiceMonitor, e.g. `30s`.
+    #[serde(default = "default_scrape_interval")]
+    #[schemars(regex(pattern = "^[0-9]+(ms|s|m|h)$"))]
+    pub interval: String,
+}
+
+/// Observed state, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArcusMemcachedStatus {
+    /// `<ready>/<desired>`: nodes whose pod is Ready AND whose ephemeral znode exists under
+    /// `cache_list/<serviceCode>` (i.e. nodes clients route to), over `spec.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+
+    /// `<running>/<desired>`: cache pods whose arcus-memcached container is running (ready or
+    /// not), over `spec.replicas`. Next to `ready` it tells "not started" from "not registered".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+
+    /// The image the cache nodes run (`spec.image.name` once applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// The latest error in one line (invalid spec, conflict, failing node); empty when healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Available, Progressing and Degraded conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// Number of nodes counted in `ready`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+
+    /// The cache nodes registered in ZooKeeper (`<ip>:<port>-<hostname>` znode names), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registered_nodes: Vec<String>,
+
+    /// The service code this resource owns in ZooKeeper, recorded when first registered.
+    /// `spec.serviceCode` must keep this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_code: Option<String>,
+
+    /// The scale or delete operation in flight, persisted so a new leader can finish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationStatus>,
+}
+
+/// A status condition, shaped like Kubernetes' `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Available, Progressing or Degraded.
+    #[serde(rename = "type")]
+    pub type_: ConditionType,
+    /// True, False or Unknown.
+    pub status: ConditionStatus,
+    /// One CamelCase word for the cause, e.g. `ScalingOut` or `ServiceCodeConflict`.
+    pub reason: String,
+    /// What happened, in a sentence.
+    pub message: String,
+    /// When `status` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "time_schema")]
+    pub last_transition_time: Option<Time>,
+    /// The `metadata.generation` the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The kinds of [`Condition`].
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
+pub enum ConditionType {
+    Available,
+    Progressing,
+    Degraded,
+}
+
+/// A [`Condition`]'s truth value.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+/// An operation that takes several reconciles (ZooKeeper and StatefulSet changes in order).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationStatus {
+    /// ScaleOut, ScaleIn or Delete.
+    pub kind: OperationKind,
+    /// The step reached, named by the controller (e.g. `MappingsCreated`).
+    pub phase: String,
+    /// Replicas before the operation.
+    pub from_replicas: i32,
+    /// Replicas the operation moves to.
+    pub to_replicas: i32,
+    /// When the operation started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "time_schema")]
+    pub started_at: Option<Time>,
+}
+
+/// The kinds of [`OperationStatus`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum OperationKind {
+    ScaleOut,
+    ScaleIn,
+    Delete,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_port() -> i32 {
+    11211
+}
+fn default_memlimit() -> i32 {
+    100
+}
+fn default_connections() -> i32 {
+    1000
+}
+fn default_threads() -> i32 {
+    4
+}
+fn default_termination_grace() -> i64 {
+    30
+}
+fn default_exporter_image() -> String {
+    "prom/memcached-exporter:v0.15.3".to_string()
+}
+fn default_exporter_port() -> i32 {
+    9150
+}
+fn default_scrape_interval() -> String {
+    "30s".to_string()
+}
+
+/// Kubernetes `resource.Quantity`: an integer or a string such as `500m` or `1Gi`. (No `anyOf`
+/// of the two types: kube's structural rewriter would strip their `type`s anyway.)
+fn quantity_schema() -> serde_json::Value {
+    serde_json::json!({
+        "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        "x-kubernetes-int-or-string": true
+    })
+}
+
+fn resources_schema(_: &mut SchemaGenerator) -> Schema {
+    let quantities = serde_json::json!({
+        "type": "object",
+        "additionalProperties": quantity_schema(),
+    });
+    json_schema!({
+        "type": "object",
+        "properties": {
+            "limits": {
+                "description": "Maximum amount of compute resources allowed (e.g. cpu: 500m, memory: 256Mi).",
+                "type": "object",
+                "additionalProperties": quantities["additionalProperties"],
+            },
+            "requests": {
+                "description": "Minimum amount of compute resources required (e.g. cpu: 100m, memory: 128Mi).",
+                "type": "object",
+                "additionalProperties": quantities["additionalProperties"],
+            },
+        },
+    })
+}
+
+fn affinity_schema(_: &mut SchemaGenerator) -> Schema {
+    // The full Affinity schema is large and version-dependent; the API server validates the
+    // pod template when the StatefulSet is applied, and that error reaches the status.
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+fn tolerations_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "key": {"description": "Taint key the toleration applies to; empty matches all keys (with operator Exists).", "type": "string"},
+                "operator": {"description": "Exists or Equal (default).", "type": "string", "enum": ["Exists", "Equal"]},
+                "value": {"description": "Taint value the toleration matches (operator Equal).", "type": "string"},
+                "effect": {"description": "Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.", "type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+                "tolerationSeconds": {"description": "For NoExecute: seconds the pod stays bound after the taint appears.", "type": "integer", "format": "int64"},
+            },
+        },
+    })
+}
+
+fn time_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "string",
+        "format": "date-time",
+    })
+}
+
+/// The CustomResourceDefinition `memcacheds.jam2in.com` (apiextensions.k8s.io/v1).
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = ArcusMemcached::crd();
+    // The seed names it; the derive leaves it to the API server's default.
+    crd.spec.names.list_kind = Some("ArcusMemcachedList".into());
+    crd
+}
+
+/// [`crd`] as YAML: what `arcus-operator crd` prints and `deploy/crd.yaml` holds. Deterministic
+/// (schema properties are sorted maps).
+pub fn crd_yaml() -> String {
+    serde_saphyr::to_string(&crd()).expect("a CustomResourceDefinition always serializes to YAML")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// The seed's `arcus_memcached.yaml`, verbatim (comments included).
+    pub(crate) const SEED_CR_YAML: &str = r#"apiVersion: jam2in.com/v1
+kind: ArcusMemcached
+metadata:
+  name: test
+spec:
+  # 생성할 캐시 노드의 컨테이너 대수
+  replicas: 3
+  # 서비스 코드
+  serviceCode: test
+  # 캐시 클러스터 관리를 위한 ZooKeeper 서버 주소
+  zookeeperServers:
+    - 1.2.3.4:2181
+  # 캐시 프로세스의 구동 옵션
+  configuration:
+    memlimit: 100
+    connections: 1000
+    threads: 10
+  # ARCUS Memcached의 Docker 이미지 정보
+  image:
+    name: jam2in/arcus-memcached:1.11.7
+    pullPolicy: Always
+"#;
+
+    /// The seed's CR as the API server would return it: namespace `default`, a uid, generation 1.
+    pub(crate) fn seed_cr() -> ArcusMemcached {
+        let mut cr: ArcusMemcached = serde_saphyr::from_str(SEED_CR_YAML).unwrap();
+        cr.metadata.namespace = Some("default".into());
+        cr.metadata.uid = Some("6f1c2b1e-0000-4000-8000-000000000001".into());
+        cr.metadata.generation = Some(1);
+        cr
+    }
+
+    fn schema() -> Value {
+        let crd = serde_json::to_value(crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    fn spec_prop(path: &[&str]) -> Value {
+        let mut v = schema()["properties"]["spec"].clone();
+        for p in path {
+            v = if *p == "items" {
+                v["items"].clone()
+            } else {
+                v["properties"][*p].clone()
+            };
+        }
+        v
+    }
+
+    #[test]
+    fn deploy_crd_yaml_is_the_generated_crd() {
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some_and(|v| v == "1") {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/crd.yaml");
+            std::fs::write(path, crd_yaml()).unwrap();
+            return;
+        }
+        let file = include_str!("../../../deploy/crd.yaml");
+        assert!(
+            file == crd_yaml(),
+            "deploy/crd.yaml is stale: regenerate it with `UPDATE_SNAPSHOTS=1 cargo test -p arcus-operator --lib crd` \
+             (or `arcus-operator crd > deploy/crd.yaml`)"
+        );
+    }
+
+    #[test]
+    fn crd_yaml_is_deterministic_and_parses_back() {
+        assert_eq!(crd_yaml(), crd_yaml());
+        let back: CustomResourceDefinition = serde_saphyr::from_str(&crd_yaml()).unwrap();
+        assert_eq!(back, crd());
+    }
+
+    #[test]
+    fn names_and_columns_match_the_seed() {
+        let crd = crd();
+        assert_eq!(crd.metadata.name.as_deref(), Some("memcacheds.jam2in.com"));
+        assert_eq!(crd.spec.group, "jam2in.com");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let n = &crd.spec.names;
+        assert_eq!(n.kind, "ArcusMemcached");
+        assert_eq!(n.list_kind.as_deref(), Some("ArcusMemcachedList"));
+        assert_eq!(n.plural, "memcacheds");
+        assert_eq!(n.singular.as_deref(), Some("memcached"));
+        assert_eq!(n.short_names.as_deref(), Some(&["mc".to_string()][..]));
+        let v = &crd.spec.versions[0];
+        assert_eq!((v.name.as_str(), v.served, v.storage), ("v1", true, true));
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.type_.as_str(),
+                    c.json_path.as_str(),
+                    c.description.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                ("Age", "date", ".metadata.creationTimestamp", None),
+                (
+                    "Ready",
+                    "string",
+                    ".status.ready",
+                    Some("The number memcached nodes ready")
+                ),
+                (
+                    "Container",
+                    "string",
+                    ".status.container",
+                    Some("The memcached container")
+                ),
+                (
+                    "Image",
+                    "string",
+                    ".status.image",
+                    Some("The memcached image")
+                ),
+                (
+                    "Message",
+                    "string",
+                    ".status.message",
+                    Some("The memcached error message")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn schema_has_the_validation_constraints() {
+        let s = schema();
+        let mut required: Vec<_> = s["properties"]["spec"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        required.sort();
+        assert_eq!(required, ["image", "serviceCode", "zookeeperServers"]);
+        assert_eq!(
+            spec_prop(&["image"])["required"],
+            serde_json::json!(["name"])
+        );
+
+        let range = |p: &Value| (p["minimum"].as_f64(), p["maximum"].as_f64());
+        let replicas = spec_prop(&["replicas"]);
+        assert_eq!(range(&replicas), (Some(0.0), Some(1000.0)));
+        assert_eq!(replicas["default"], 1);
+
+        let svc = spec_prop(&["serviceCode"]);
+        assert_eq!(svc["pattern"], SERVICE_CODE_PATTERN);
+        assert_eq!(
+            (svc["minLength"].clone(), svc["maxLength"].clone()),
+            (1.into(), 128.into())
+        );
+
+        let zk = spec_prop(&["zookeeperServers"]);
+        assert_eq!(
+            (zk["minItems"].clone(), zk["maxItems"].clone()),
+            (1.into(), 9.into())
+        );
+        assert_eq!(zk["items"]["pattern"], ZOOKEEPER_SERVER_PATTERN);
+        assert_eq!(zk["items"]["maxLength"], 261);
+
+        for (field, min, max, default) in [
+            ("memlimit", 8, 1_048_576, 100),
+            ("connections", 10, 65_536, 1000),
+            ("threads", 1, 64, 4),
+        ] {
+            let p = spec_prop(&["configuration", field]);
+            assert_eq!(range(&p), (Some(min as f64), Some(max as f64)), "{field}");
+            assert_eq!(p["default"], default, "{field}");
+        }
+        let port = spec_prop(&["port"]);
+        assert_eq!(range(&port), (Some(1.0), Some(65535.0)));
+        assert_eq!(port["default"], 11211);
+        assert_eq!(
+            range(&spec_prop(&["zkSessionTimeoutSeconds"])),
+            (Some(10.0), Some(2000.0))
+        );
+        let grace = spec_prop(&["terminationGracePeriodSeconds"]);
+        assert_eq!(range(&grace), (Some(0.0), Some(3600.0)));
+        assert_eq!(grace["default"], 30);
+        let quantity = spec_prop(&["resources", "limits"])["additionalProperties"].clone();
+        assert_eq!(quantity["x-kubernetes-int-or-string"], true);
+        assert!(quantity["pattern"].is_string());
+
+        let pull = spec_prop(&["image", "pullPolicy"]);
+        assert_eq!(
+            pull["enum"],
+            serde_json::json!(["Always", "IfNotPresent", "Never"])
+        );
+        assert_eq!(pull["default"], "IfNotPresent");
+        assert_eq!(spec_prop(&["image", "name"])["minLength"], 1);
+    }
+
+    #[test]
+    fn schema_is_structural() {
+        // The structural rules that matter here: every node has a type (or is int-or-string /
+        // preserve-unknown-fields), and no type/properties/items hide inside anyOf/oneOf/allOf.
+        fn walk(path: &str, v: &Value) {
+            let o = v
+                .as_object()
+                .unwrap_or_else(|| panic!("{path}: schema is not an object"));
+            assert!(!o.contains_key("$ref"), "{path}: $ref");
+            assert!(!o.contains_key("oneOf"), "{path}: oneOf");
+            assert!(!o.contains_key("allOf"), "{path}: allOf");
+            let int_or_string = o.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
+            let preserve =
+                o.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+            assert!(
+                o.contains_key("type") || int_or_string || preserve,
+                "{path}: no type"
+            );
+            assert!(!o.contains_key("anyOf"), "{path}: anyOf");
+            // Kubernetes 1.20 rejects an empty-string default ("in body must be of type string: null").
+            assert_ne!(
+                o.get("default"),
+                Some(&Value::String(String::new())),
+                "{path}: default \"\""
+            );
+            if o.get("type") == Some(&Value::String("object".into())) {
+                assert!(
+                    !(o.contains_key("properties") && o.contains_key("additionalProperties")),
+                    "{path}: both properties and additionalProperties"
+                );
+            }
+            for (k, sub) in o
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                walk(&format!("{path}.{k}"), sub);
+            }
+            if let Some(items) = o.get("items") {
+                walk(&format!("{path}[]"), items);
+            }
+            if let Some(ap) = o.get("additionalProperties").filter(|v| v.is_object()) {
+                walk(&format!("{path}{{}}"), ap);
+            }
+        }
+        walk("", &schema());
+    }
+
+    #[test]
+    fn every_spec_and_status_field_has_a_description() {
+        fn walk(path: &str, v: &Value) {
+            for (k, sub) in v
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let p = format!("{path}.{k}");
+                let desc = sub.get("description").and_then(Value::as_str).unwrap_or("");
+                assert!(
+                    !desc.trim().is_empty(),
+                    "{p} has no description (kubectl explain)"
+                );
+                walk(&p, sub);
+                if let Some(items) = sub.get("items") {
+                    walk(&format!("{p}[]"), items);
+                }
+            }
+        }
+        let s = schema();
+        walk("spec", &s["properties"]["spec"]);
+        walk("status", &s["properties"]["status"]);
+    }
+
+    #[test]
+    fn seed_cr_deserializes_unchanged() {
+        let cr: ArcusMemcached = serde_saphyr::from_str(SEED_CR_YAML).unwrap();
+        assert_eq!(cr.metadata.name.as_deref(), Some("test"));
+        let s = &cr.spec;
+        assert_eq!(s.replicas, 3);
+        assert_eq!(s.service_code, "test");
+        assert_eq!(s.zookeeper_servers, ["1.2.3.4:2181"]);
+        assert_eq!(
+            s.configuration,
+            Configuration {
+                memlimit: 100,
+                connections: 1000,
+                threads: 10
+            }
+        );
+        assert_eq!(
+            s.image,
+            Image {
+                name: "jam2in/arcus-memcached:1.11.7".into(),
+                pull_policy: PullPolicy::Always
+            }
+        );
+        // Extras take their defaults.
+        assert_eq!(s.port, 11211);
+        assert_eq!(s.termination_grace_period_seconds, 30);
+        assert_eq!(s.zk_session_timeout_seconds, None);
+        assert!(s.resources.is_none() && s.affinity.is_none() && s.metrics_exporter.is_none());
+        assert!(s.tolerations.is_empty() && s.node_selector.is_empty());
+        assert!(s.pod_labels.is_empty() && s.pod_annotations.is_empty());
+        assert!(cr.status.is_none());
+    }
+
+    #[test]
+    fn minimal_cr_takes_defaults() {
+        let cr: ArcusMemcached = serde_json::from_value(serde_json::json!({
+            "apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached", "metadata": {"name": "m"},
+            "spec": {"serviceCode": "svc", "zookeeperServers": ["zk:2181"], "image": {"name": "arcus"}}
+        }))
+        .unwrap();
+        assert_eq!(cr.spec.replicas, 1);
+        assert_eq!(cr.spec.configuration, Configuration::default());
+        assert_eq!(
+            cr.spec.configuration,
+            Configuration {
+                memlimit: 100,
+                connections: 1000,
+                threads: 4
+            }
+        );
+        assert_eq!(cr.spec.image.pull_policy, PullPolicy::IfNotPresent);
+    }
+
+    #[test]
+    fn deploy_sample_deserializes() {
+        let cr: ArcusMemcached =
+            serde_saphyr::from_str(include_str!("../../../deploy/samples/arcus_memcached.yaml"))
+                .unwrap();
+        assert_eq!(cr.metadata.name.as_deref(), Some("test"));
+        assert_eq!(cr.spec.zookeeper_servers, ["127.0.0.1:2181"]);
+        assert_eq!(cr.spec.replicas, 3);
+    }
+
+    #[test]
+    fn empty_status_serializes_to_nothing() {
+        assert_eq!(
+            serde_json::to_value(ArcusMemcachedStatus::default()).unwrap(),
+            serde_json::json!({})
+        );
+        let status = ArcusMemcachedStatus {
+            ready: Some("3/3".into()),
+            conditions: vec![Condition {
+                type_: ConditionType::Available,
+                status: ConditionStatus::True,
+                reason: "AllNodesReady".into(),
+                message: "3 of 3 nodes ready".into(),
+                last_transition_time: None,
+                observed_generation: Some(1),
+            }],
+            operation: Some(OperationStatus {
+                kind: OperationKind::ScaleOut,
+                phase: "MappingsCreated".into(),
+                from_replicas: 3,
+                to_replicas: 5,
+                started_at: None,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&status).unwrap(),
+            serde_json::json!({
+                "ready": "3/3",
+                "conditions": [{"type": "Available", "status": "True", "reason": "AllNodesReady", "message": "3 of 3 nodes ready", "observedGeneration": 1}],
+                "operation": {"kind": "ScaleOut", "phase": "MappingsCreated", "fromReplicas": 3, "toReplicas": 5}
+            })
+        );
+    }
+}

@@ -1,0 +1,480 @@
+//! Admin commands against one cache node, by address, without ZooKeeper: the one place in the
+//! workspace that speaks ARCUS's (and stock memcached's) admin ascii commands. The operator
+//! uses it for readiness, memory limits, ensemble moves and key listing.
+//!
+//! Each call is bounded by the helper's timeout. One connection is kept and reused; it is
+//! dropped after any error or timeout and reopened on the next call.
+
+use crate::connection::{ConnError, ConnResult, Connection};
+use crate::error::{Error, Result};
+use crate::protocol::{self, ItemType, MetadumpEntry, ScannedKey};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Answer to `ready`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// `READY`: joined the cluster (or not using ZooKeeper).
+    Ready,
+    /// `NOT_READY`: an ARCUS node that is not (or no longer) registered in ZooKeeper.
+    NotReady,
+    /// The server does not know `ready` (stock memcached answers `ERROR`).
+    Unsupported,
+}
+
+impl Readiness {
+    pub fn is_ready(self) -> bool {
+        self == Readiness::Ready
+    }
+}
+
+/// Options of `scan key`.
+#[derive(Clone, Debug, Default)]
+pub struct ScanOptions {
+    /// 1..=2000; the server's default (20) when `None`.
+    pub count: Option<u32>,
+    /// Glob pattern (`*`, `?`, `\`).
+    pub pattern: Option<String>,
+    pub item_type: Option<ItemType>,
+}
+
+/// One page of `scan key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    pub keys: Vec<ScannedKey>,
+    /// Cursor for the next call; `"0"` when the scan is complete.
+    pub next_cursor: String,
+}
+
+impl ScanPage {
+    pub fn is_last(&self) -> bool {
+        self.next_cursor == "0"
+    }
+}
+
+/// Admin helper for one node.
+pub struct AdminClient {
+    addr: String,
+    timeout: Duration,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("addr", &self.addr)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Default bound of one admin command.
+pub const DEFAULT_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One command-line word: non-empty, no spaces or control bytes (they would split or end the
+/// command line).
+fn check_word(what: &str, word: &str) -> Result<()> {
+    if word.is_empty() || word.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {word:?} must be non-empty, without spaces or control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl AdminClient {
+    /// An admin helper for the node at `addr` (`ip:port`); nothing is connected yet.
+    pub fn new(addr: impl Into<String>) -> AdminClient {
+        AdminClient::with_timeout(addr, DEFAULT_ADMIN_TIMEOUT)
+    }
+
+    pub fn with_timeout(addr: impl Into<String>, timeout: Duration) -> AdminClient {
+        AdminClient {
+            addr: addr.into(),
+            timeout,
+            conn: Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Runs `f` on the kept connection (opened if needed) within the timeout.
+    async fn run<T>(
+        &self,
+        op: &'static str,
+        f: impl AsyncFnOnce(&mut Connection) -> ConnResult<T>,
+    ) -> Result<T> {
+        let mut slot = self.conn.lock().await;
+        let work = async {
+            let mut conn = match slot.take() {
+                Some(c) => c,
+                None => Connection::connect(&self.addr, self.timeout).await?,
+            };
+            let value = f(&mut conn).await.map_err(|e| self.error(op, e))?;
+            *slot = Some(conn);
+            Ok(value)
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                node: self.addr.clone(),
+                op,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Like [`AdminClient::run`] on a fresh connection that is closed afterwards (for commands
+    /// that must be alone on their connection or leave odd trailing bytes).
+    async fn run_alone<T>(
+        &self,
+        op: &'static str,
+        f: impl AsyncFnOnce(&mut Connection) -> ConnResult<T>,
+    ) -> Result<T> {
+        let work = async {
+            let mut conn = Connection::connect(&self.addr, self.timeout).await?;
+            f(&mut conn).await.map_err(|e| self.error(op, e))
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                node: self.addr.clone(),
+                op,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    fn error(&self, op: &'static str, e: ConnError) -> Error {
+        match e {
+            ConnError::Server(answer) if protocol::is_unknown_command(answer.as_bytes()) => {
+                Error::Unsupported {
+                    node: self.addr.clone(),
+                    command: op.to_string(),
+                    answer,
+                }
+            }
+            e => e.at(&self.addr, op),
+        }
+    }
+
+    /// Sends `words` and expects exactly the line `expect`.
+    async fn expect_line(
+        &self,
+        op: &'static str,
+        words: &[&str],
+        expect: &'static [u8],
+    ) -> Result<()> {
+        self.run(op, async |c| {
+            c.send_line(words).await?;
+            let line = c.read_reply().await?;
+            if line == expect {
+                Ok(())
+            } else {
+                Err(ConnError::Protocol(
+                    String::from_utf8_lossy(line).into_owned(),
+                ))
+            }
+        })
+        .await
+    }
+
+    /// `stats [section]`: every `STAT <name> <value>` line up to `END`.
+    /// Sections: `None` (general), `settings`, `zookeeper` (ARCUS), `scrub` (ARCUS), `slabs`, ...
+    pub async fn stats(&self, section: Option<&str>) -> Result<BTreeMap<String, String>> {
+        let mut words = vec!["stats"];
+        words.extend(section);
+        self.run("stats", async |c| {
+            c.send_line(&words).await?;
+            let mut map = BTreeMap::new();
+            loop {
+                let line = c.read_reply().await?;
+                if line == b"END" {
+                    return Ok(map);
+                }
+                match protocol::parse_stat_line(line) {
+                    Some((k, v)) => {
+                        map.insert(k, v);
+                    }
+                    None => {
+                        return Err(ConnError::Protocol(
+                            String::from_utf8_lossy(line).into_owned(),
+                        ))
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// `ready`: ARCUS's readiness probe. Stock memcached does not know it: `Unsupported`.
+    pub async fn ready(&self) -> Result<Readiness> {
+        self.run("ready", async |c| {
+            c.send_line(&["ready"]).await?;
+            let line = c.read_line().await?;
+            let r = match line {
+                b"READY" => Readiness::Ready,
+                b"NOT_READY" => Readiness::NotReady,
+                l if protocol::is_unknown_command(l) => Readiness::Unsupported,
+                l => return Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+            };
+            Ok(r)
+        })
+        .await
+    }
+
+    /// `config <name>`: reads an ARCUS run-time setting (`memlimit`, `maxconns`, `zkfailstop`,
+    /// `hbtimeout`, `hbfailstop`, `verbosity`, ...). The server answers `<name> <value>` + `END`.
+    pub async fn config(&self, name: &str) -> Result<String> {
+        check_word("config name", name)?;
+        self.run("config", async |c| {
+            c.send_line(&["config", name]).await?;
+            let line = c.read_reply().await?;
+            let text = String::from_utf8_lossy(line).into_owned();
+            let value = match text.split_once(' ') {
+                Some((n, v)) if n == name => v.to_string(),
+                _ => return Err(ConnError::Protocol(text)),
+            };
+            match c.read_reply().await? {
+                b"END" => Ok(value),
+                l => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+            }
+        })
+        .await
+    }
+
+    /// `config <name> <value>`: changes an ARCUS run-time setting (answer `END`).
+    pub async fn set_config(&self, name: &str, value: &str) -> Result<()> {
+        check_word("config name", name)?;
+        check_word("config value", value)?;
+        self.expect_line("config", &["config", name, value], b"END")
+            .await
+    }
+
+    /// `config memlimit`: the memory limit in MB.
+    pub async fn memlimit(&self) -> Result<u64> {
+        let v = self.config("memlimit").await?;
+        v.parse().map_err(|_| Error::Protocol {
+            node: self.addr.clone(),
+            op: "config",
+            response: v,
+        })
+    }
+
+    /// `config memlimit <MB>` (ARCUS). Stock memcached: [`AdminClient::cache_memlimit`].
+    pub async fn set_memlimit(&self, mb: u64) -> Result<()> {
+        self.set_config("memlimit", &mb.to_string()).await
+    }
+
+    /// `config maxconns`.
+    pub async fn maxconns(&self) -> Result<u64> {
+        let v = self.config("maxconns").await?;
+        v.parse().map_err(|_| Error::Protocol {
+            node: self.addr.clone(),
+            op: "config",
+            response: v,
+        })
+    }
+
+    /// `config maxconns <n>` (ARCUS).
+    pub async fn set_maxconns(&self, n: u64) -> Result<()> {
+        self.set_config("maxconns", &n.to_string()).await
+    }
+
+    /// `cache_memlimit <MB>`: stock memcached's run-time memory limit (answer `OK`).
+    pub async fn cache_memlimit(&self, mb: u64) -> Result<()> {
+        self.expect_line(
+            "cache_memlimit",
+            &["cache_memlimit", &mb.to_string()],
+            b"OK",
+        )
+        .await
+    }
+
+    /// `zkensemble get`: the ensemble the node uses (`host:port,...`).
+    pub async fn zkensemble_get(&self) -> Result<String> {
+        // The server follows the address with "\r\n\n\r\n"; a fresh connection that is closed
+        // afterwards keeps those extra bytes from confusing the next command.
+        self.run_alone("zkensemble get", async |c| {
+            c.send_line(&["zkensemble", "get"]).await?;
+            let line = c.read_reply().await?;
+            Ok(String::from_utf8_lossy(line).into_owned())
+        })
+        .await
+    }
+
+    /// `zkensemble set <host:port,...>`: moves the node to another ensemble (answer `OK`).
+    pub async fn zkensemble_set(&self, ensemble: &str) -> Result<()> {
+        check_word("ensemble", ensemble)?;
+        self.expect_line("zkensemble set", &["zkensemble", "set", ensemble], b"OK")
+            .await
+    }
+
+    /// `zkensemble rejoin`: re-registers a node that left the cluster.
+    pub async fn zkensemble_rejoin(&self) -> Result<()> {
+        self.expect_line(
+            "zkensemble rejoin",
+            &["zkensemble", "rejoin"],
+            b"Successfully rejoined",
+        )
+        .await
+    }
+
+    /// `scan key <cursor> [count <n>] [match <glob>] [type <T>]`: one page of keys (ARCUS).
+    /// Start with cursor `"0"`; the scan is done when [`ScanPage::is_last`].
+    pub async fn scan_keys(&self, cursor: &str, opts: &ScanOptions) -> Result<ScanPage> {
+        if let Some(n) = opts.count {
+            if !(1..=2000).contains(&n) {
+                return Err(Error::InvalidArgument(format!(
+                    "scan count {n} is not in 1..=2000"
+                )));
+            }
+        }
+        check_word("scan cursor", cursor)?;
+        if let Some(p) = &opts.pattern {
+            check_word("scan pattern", p)?;
+        }
+        let count = opts.count.map(|n| n.to_string());
+        let type_letter = opts.item_type.map(|t| t.letter().to_string());
+        let mut words = vec!["scan", "key", cursor];
+        if let Some(n) = &count {
+            words.extend(["count", n]);
+        }
+        if let Some(p) = &opts.pattern {
+            words.extend(["match", p]);
+        }
+        if let Some(t) = &type_letter {
+            words.extend(["type", t]);
+        }
+        self.run("scan key", async |c| {
+            c.send_line(&words).await?;
+            let line = c.read_reply().await?;
+            let Some((n, next_cursor)) = protocol::parse_scan_header(line) else {
+                return Err(ConnError::Protocol(
+                    String::from_utf8_lossy(line).into_owned(),
+                ));
+            };
+            let mut keys = Vec::with_capacity(n);
+            for _ in 0..n {
+                let line = c.read_reply().await?;
+                match protocol::parse_scan_item(line) {
+                    Some(k) => keys.push(k),
+                    None => {
+                        return Err(ConnError::Protocol(
+                            String::from_utf8_lossy(line).into_owned(),
+                        ))
+                    }
+                }
+            }
+            match c.read_reply().await? {
+                b"END" => Ok(ScanPage { keys, next_cursor }),
+                l => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+            }
+        })
+        .await
+    }
+
+    /// Every key via repeated `scan key` (ARCUS), `count` per page.
+    pub async fn scan_all_keys(&self, opts: &ScanOptions) -> Result<Vec<ScannedKey>> {
+        let mut cursor = "0".to_string();
+        let mut all = Vec::new();
+        loop {
+            let page = self.scan_keys(&cursor, opts).await?;
+            all.extend(page.keys);
+            if page.next_cursor == "0" {
+                return Ok(all);
+            }
+            cursor = page.next_cursor;
+        }
+    }
+
+    /// `lru_crawler metadump all`: stock memcached's key listing. It must be alone on its
+    /// connection, so it runs on a fresh one. A crawler already busy answers `BUSY ...`, reported
+    /// as [`Error::Server`]; retry later.
+    pub async fn metadump_all(&self) -> Result<Vec<MetadumpEntry>> {
+        self.run_alone("lru_crawler metadump", async |c| {
+            c.send_line(&["lru_crawler", "metadump", "all"]).await?;
+            let mut entries = Vec::new();
+            loop {
+                let line = c.read_reply().await?;
+                if line == b"END" {
+                    return Ok(entries);
+                }
+                if line.starts_with(b"BUSY") {
+                    return Err(ConnError::Server(
+                        String::from_utf8_lossy(line).into_owned(),
+                    ));
+                }
+                match protocol::parse_metadump_line(line) {
+                    Some(e) => entries.push(e),
+                    None => {
+                        return Err(ConnError::Protocol(
+                            String::from_utf8_lossy(line).into_owned(),
+                        ))
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// `shutdown [secs]`: ARCUS drains clients for up to `secs` (0..=600) and exits.
+    /// Stock memcached answers an error unless started with `-A`.
+    pub async fn shutdown(&self, secs: Option<u32>) -> Result<()> {
+        let secs = secs.map(|s| s.to_string());
+        let mut words = vec!["shutdown"];
+        words.extend(secs.as_deref());
+        // Stock memcached closes the connection without a reply; ARCUS answers OK.
+        self.run_alone("shutdown", async |c| {
+            c.send_line(&words).await?;
+            match c.read_line().await {
+                Ok(b"OK") => Ok(()),
+                Ok(l) if protocol::is_error_reply(l) || l == b"DENIED" => {
+                    Err(ConnError::Server(String::from_utf8_lossy(l).into_owned()))
+                }
+                Ok(l) => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+                Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// `flush_all`: invalidates every item.
+    pub async fn flush_all(&self) -> Result<()> {
+        self.expect_line("flush_all", &["flush_all"], b"OK").await
+    }
+
+    /// `flush_prefix <prefix>` (ARCUS): invalidates the items of one key prefix; `false` when
+    /// the prefix has no items.
+    pub async fn flush_prefix(&self, prefix: &str) -> Result<bool> {
+        check_word("prefix", prefix)?;
+        self.run("flush_prefix", async |c| {
+            c.send_line(&["flush_prefix", prefix]).await?;
+            match c.read_reply().await? {
+                b"OK" => Ok(true),
+                b"NOT_FOUND" => Ok(false),
+                l => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+            }
+        })
+        .await
+    }
+
+    /// `version`.
+    pub async fn version(&self) -> Result<String> {
+        self.run("version", async |c| {
+            c.send_line(&["version"]).await?;
+            let line = c.read_reply().await?;
+            match line.strip_prefix(b"VERSION ") {
+                Some(v) => Ok(String::from_utf8_lossy(v).into_owned()),
+                None => Err(ConnError::Protocol(
+                    String::from_utf8_lossy(line).into_owned(),
+                )),
+            }
+        })
+        .await
+    }
+}

@@ -1,0 +1,606 @@
+//! [`ArcusClient`]: key-value operations routed over the ring of a service code.
+
+use crate::admin::AdminClient;
+use crate::connection::{with_connection, NodePool, PoolLimits};
+use crate::discovery::{self, DiscoveryState, RingSink};
+use crate::error::{Error, Result};
+use crate::protocol::{self, Item, StoreCommand, StoreStatus};
+use crate::ring::{self, Ring};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::info;
+use zookeeper_client as zk;
+
+/// Client settings. `ClientOptions::default()` gives the values documented per field.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Bound of one operation on one node: waiting for a pooled connection, connecting,
+    /// sending and reading the reply. Default 1 s.
+    pub op_timeout: Duration,
+    /// Bound of a TCP connect to a cache node (also bounded by `op_timeout`). Default 1 s.
+    pub connect_timeout: Duration,
+    /// Connections per node at most (operations beyond wait for a free one). Default 32.
+    pub max_connections_per_node: usize,
+    /// Longest key in bytes. Default 4000 as arcus-java-client (`KeyValidator.MAX_KEY_LENGTH`);
+    /// stock memcached accepts only 250 ([`protocol::MEMCACHED_MAX_KEY_LEN`]).
+    pub max_key_len: usize,
+    /// Largest value in bytes. Default [`protocol::DEFAULT_MAX_VALUE_LEN`] (1 MiB less overhead).
+    pub max_value_len: usize,
+    /// Keys per `get` command line in multi-key gets (larger batches are split). Default 100.
+    pub max_keys_per_get: usize,
+    /// ZooKeeper session timeout to negotiate. Default 15 s (the Java client's).
+    pub zk_session_timeout: Duration,
+    /// Bound of opening a ZooKeeper session and the first read of the node list. Default 10 s.
+    pub zk_connect_timeout: Duration,
+    /// Hash only the `{...}` part of a key when present (ARCUS shard keys). Default off, as in
+    /// the Java client.
+    pub shard_key: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            op_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            max_connections_per_node: 32,
+            max_key_len: protocol::MAX_KEY_LEN,
+            max_value_len: protocol::DEFAULT_MAX_VALUE_LEN,
+            max_keys_per_get: 100,
+            zk_session_timeout: Duration::from_secs(15),
+            zk_connect_timeout: Duration::from_secs(10),
+            shard_key: false,
+        }
+    }
+}
+
+/// The ring and one pool per node on it (same order as `ring.nodes()`).
+struct Topology {
+    ring: Arc<Ring>,
+    pools: Vec<Arc<NodePool>>,
+}
+
+impl Topology {
+    fn pool(&self, addr: &str) -> Option<&Arc<NodePool>> {
+        let i = self
+            .ring
+            .nodes()
+            .binary_search_by(|n| n.as_str().cmp(addr))
+            .ok()?;
+        Some(&self.pools[i])
+    }
+}
+
+enum Session {
+    Static,
+    Reconnecting,
+    Watching(zk::Client),
+}
+
+/// State shared by the client handles and the discovery task.
+struct Shared {
+    service_code: String,
+    limits: PoolLimits,
+    topology: RwLock<Arc<Topology>>,
+    ring_tx: watch::Sender<Arc<Ring>>,
+    session: Mutex<Session>,
+}
+
+impl Shared {
+    fn new(service_code: String, opts: &ClientOptions, session: Session) -> Shared {
+        let ring = Arc::new(Ring::default());
+        let limits = PoolLimits {
+            max_connections: opts.max_connections_per_node,
+            connect_timeout: opts.connect_timeout,
+        };
+        Shared {
+            service_code,
+            limits,
+            topology: RwLock::new(Arc::new(Topology {
+                ring: ring.clone(),
+                pools: Vec::new(),
+            })),
+            ring_tx: watch::Sender::new(ring),
+            session: Mutex::new(session),
+        }
+    }
+
+    fn topology(&self) -> Arc<Topology> {
+        self.topology
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs `ring`, keeping the pools (and their open connections) of nodes that stay.
+    fn install(&self, ring: Ring) {
+        let mut slot = self.topology.write().unwrap_or_else(|p| p.into_inner());
+        if *slot.ring == ring {
+            return;
+        }
+        let pools = ring
+            .nodes()
+            .iter()
+            .map(|addr| match slot.pool(addr) {
+                Some(p) => p.clone(),
+                None => Arc::new(NodePool::new(addr.clone(), self.limits.clone())),
+            })
+            .collect();
+        let added: Vec<&String> = ring
+            .nodes()
+            .iter()
+            .filter(|n| !slot.ring.contains(n))
+            .collect();
+        let removed: Vec<&String> = slot
+            .ring
+            .nodes()
+            .iter()
+            .filter(|n| !ring.contains(n))
+            .collect();
+        info!(service_code = %self.service_code, nodes = ring.len(), ?added, ?removed, "ring changed");
+        let ring = Arc::new(ring);
+        *slot = Arc::new(Topology {
+            ring: ring.clone(),
+            pools,
+        });
+        drop(slot);
+        self.ring_tx.send_replace(ring);
+    }
+}
+
+impl RingSink for Shared {
+    fn apply_children(&self, children: Vec<String>) {
+        self.install(Ring::from_cache_list(&children));
+    }
+
+    fn watching(&self, session: &zk::Client) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) =
+            Session::Watching(session.clone());
+    }
+
+    fn reconnecting(&self) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Session::Reconnecting;
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    opts: ClientOptions,
+    discovery: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.discovery.take() {
+            task.abort();
+        }
+    }
+}
+
+/// An ARCUS client for one service code. Cheap to clone; clones share the ring and the
+/// connection pools. Dropping the last clone stops the ZooKeeper watch.
+#[derive(Clone)]
+pub struct ArcusClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ArcusClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArcusClient")
+            .field("service_code", &self.inner.shared.service_code)
+            .field("nodes", &self.ring().nodes())
+            .finish()
+    }
+}
+
+impl ArcusClient {
+    /// Connects to the ZooKeeper ensemble `zk_addrs` (`host:port,host:port,...`), reads the node
+    /// list of `service_code` under `/arcus/cache_list/` and keeps watching it.
+    ///
+    /// Fails with [`Error::ZkUnreachable`] when no session opens within
+    /// `options.zk_connect_timeout`, and [`Error::UnknownServiceCode`] when
+    /// `/arcus/cache_list/<service_code>` does not exist. An existing service code with no node
+    /// yet is fine: operations fail with [`Error::NoNodes`] until nodes register.
+    pub async fn connect(
+        zk_addrs: &str,
+        service_code: &str,
+        options: ClientOptions,
+    ) -> Result<ArcusClient> {
+        discovery::check_service_code(service_code)?;
+        let path = discovery::cache_list_path(service_code);
+        let client = discovery::connect(zk_addrs, &options).await?;
+        let first = tokio::time::timeout(
+            options.zk_connect_timeout,
+            discovery::list_and_watch(&client, &path),
+        )
+        .await;
+        let (children, watcher) = match first {
+            Ok(Ok(v)) => v,
+            Ok(Err(zk::Error::NoNode)) => {
+                return Err(Error::UnknownServiceCode {
+                    service_code: service_code.to_string(),
+                    zk: zk_addrs.to_string(),
+                    path,
+                })
+            }
+            Ok(Err(source)) => {
+                return Err(Error::Zk {
+                    zk: zk_addrs.to_string(),
+                    op: "list",
+                    path,
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(Error::ZkUnreachable {
+                    zk: zk_addrs.to_string(),
+                    reason: format!(
+                        "listing {path} took longer than {:?}",
+                        options.zk_connect_timeout
+                    ),
+                })
+            }
+        };
+        let shared = Arc::new(Shared::new(
+            service_code.to_string(),
+            &options,
+            Session::Watching(client.clone()),
+        ));
+        shared.apply_children(children);
+        let task = tokio::spawn(discovery::watch_loop(
+            shared.clone(),
+            zk_addrs.to_string(),
+            path,
+            options.clone(),
+            client,
+            watcher,
+        ));
+        Ok(ArcusClient {
+            inner: Arc::new(Inner {
+                shared,
+                opts: options,
+                discovery: Some(task),
+            }),
+        })
+    }
+
+    /// A client over a fixed list of node addresses (`ip:port`), without ZooKeeper: for tests,
+    /// benchmarks and single-node use.
+    pub fn with_nodes<I, S>(nodes: I, options: ClientOptions) -> ArcusClient
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let shared = Arc::new(Shared::new(
+            "(static)".to_string(),
+            &options,
+            Session::Static,
+        ));
+        shared.install(Ring::new(nodes));
+        ArcusClient {
+            inner: Arc::new(Inner {
+                shared,
+                opts: options,
+                discovery: None,
+            }),
+        }
+    }
+
+    pub fn service_code(&self) -> &str {
+        &self.inner.shared.service_code
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.opts
+    }
+
+    /// The current ring.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.inner.shared.topology().ring.clone()
+    }
+
+    /// Current node addresses (`ip:port`), sorted.
+    pub fn nodes(&self) -> Vec<String> {
+        self.ring().nodes().to_vec()
+    }
+
+    /// A receiver that sees every new ring (for waiting on membership changes).
+    pub fn watch_ring(&self) -> watch::Receiver<Arc<Ring>> {
+        self.inner.shared.ring_tx.subscribe()
+    }
+
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.inner
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the node list is being watched right now.
+    pub fn discovery_state(&self) -> DiscoveryState {
+        match &*self.session() {
+            Session::Static => DiscoveryState::Static,
+            Session::Reconnecting => DiscoveryState::Reconnecting,
+            Session::Watching(c) => match c.state() {
+                zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                    DiscoveryState::Watching
+                }
+                zk::SessionState::Disconnected => DiscoveryState::Disconnected,
+                _ => DiscoveryState::Reconnecting,
+            },
+        }
+    }
+
+    /// The id of the ZooKeeper session the node list is watched on (`None` between sessions
+    /// and for a static client). A new id after an outage means the old session expired.
+    pub fn zk_session_id(&self) -> Option<i64> {
+        match &*self.session() {
+            Session::Watching(c) => Some(c.session_id().0),
+            _ => None,
+        }
+    }
+
+    /// The node that owns `key` on the current ring.
+    pub fn node_for_key(&self, key: &str) -> Result<String> {
+        self.check_key(key)?;
+        let ring = self.ring();
+        ring.node_for_key(self.hash_key(key))
+            .map(str::to_string)
+            .ok_or_else(|| self.no_nodes())
+    }
+
+    /// An admin helper for one node of this client (bounded by the client's `op_timeout`).
+    pub fn admin(&self, node: &str) -> AdminClient {
+        AdminClient::with_timeout(node, self.inner.opts.op_timeout)
+    }
+
+    fn no_nodes(&self) -> Error {
+        Error::NoNodes {
+            service_code: self.inner.shared.service_code.clone(),
+        }
+    }
+
+    fn hash_key<'k>(&self, key: &'k str) -> &'k str {
+        if self.inner.opts.shard_key {
+            ring::shard_key(key)
+        } else {
+            key
+        }
+    }
+
+    fn check_key(&self, key: &str) -> Result<()> {
+        protocol::validate_key(key.as_bytes(), self.inner.opts.max_key_len).map_err(|reason| {
+            let mut shown: String = key.chars().take(64).collect();
+            if shown.len() < key.len() {
+                shown.push_str("...");
+            }
+            Error::InvalidKey { key: shown, reason }
+        })
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        let max = self.inner.opts.max_value_len;
+        if value.len() > max {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates `key` and finds its node's pool.
+    fn route(&self, key: &str) -> Result<Arc<NodePool>> {
+        self.check_key(key)?;
+        let topo = self.inner.shared.topology();
+        let node = topo
+            .ring
+            .node_for_key(self.hash_key(key))
+            .ok_or_else(|| self.no_nodes())?;
+        Ok(topo.pool(node).expect("every ring node has a pool").clone())
+    }
+
+    async fn retrieve_one(&self, key: &str, with_cas: bool) -> Result<Option<Item>> {
+        let pool = self.route(key)?;
+        let op = if with_cas { "gets" } else { "get" };
+        with_connection(&pool, op, self.inner.opts.op_timeout, async |c| {
+            let mut out = None;
+            c.retrieve(&[key], with_cas, |_, item| out = Some(item))
+                .await?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// `get`: the item, or `None` when absent.
+    pub async fn get(&self, key: &str) -> Result<Option<Item>> {
+        self.retrieve_one(key, false).await
+    }
+
+    /// `gets`: the item with its CAS unique, or `None` when absent.
+    pub async fn gets(&self, key: &str) -> Result<Option<Item>> {
+        self.retrieve_one(key, true).await
+    }
+
+    /// `get` of many keys: split per node, sent to the nodes concurrently, merged. Absent keys
+    /// are missing from the map. Any node failing fails the call, naming the node.
+    pub async fn get_multi(&self, keys: &[&str]) -> Result<HashMap<String, Item>> {
+        self.retrieve_multi(keys, false).await
+    }
+
+    /// `gets` of many keys (items carry their CAS unique).
+    pub async fn gets_multi(&self, keys: &[&str]) -> Result<HashMap<String, Item>> {
+        self.retrieve_multi(keys, true).await
+    }
+
+    async fn retrieve_multi(&self, keys: &[&str], with_cas: bool) -> Result<HashMap<String, Item>> {
+        for k in keys {
+            self.check_key(k)?;
+        }
+        let topo = self.inner.shared.topology();
+        let mut per_node: HashMap<&str, Vec<&str>> = HashMap::new();
+        for &k in keys {
+            let node = topo
+                .ring
+                .node_for_key(self.hash_key(k))
+                .ok_or_else(|| self.no_nodes())?;
+            let batch = per_node.entry(node).or_default();
+            if !batch.contains(&k) {
+                batch.push(k);
+            }
+        }
+        let op = if with_cas { "gets" } else { "get" };
+        let timeout = self.inner.opts.op_timeout;
+        let chunk = self.inner.opts.max_keys_per_get.max(1);
+        let requests = per_node.into_iter().flat_map(|(node, ks)| {
+            let pool = topo.pool(node).expect("every ring node has a pool").clone();
+            ks.chunks(chunk)
+                .map(|c| (pool.clone(), c.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        let replies = futures::future::try_join_all(requests.map(|(pool, batch)| async move {
+            with_connection(&pool, op, timeout, async |c| {
+                let mut found = Vec::with_capacity(batch.len());
+                c.retrieve(&batch, with_cas, |k, item| {
+                    found.push((k.to_string(), item))
+                })
+                .await?;
+                Ok(found)
+            })
+            .await
+        }))
+        .await?;
+        Ok(replies.into_iter().flatten().collect())
+    }
+
+    async fn store(
+        &self,
+        cmd: StoreCommand,
+        key: &str,
+        value: &[u8],
+        flags: u32,
+        exptime: i64,
+    ) -> Result<StoreStatus> {
+        let pool = self.route(key)?;
+        self.check_value(value)?;
+        with_connection(&pool, cmd.name(), self.inner.opts.op_timeout, async |c| {
+            c.store(cmd, key, flags, exptime, value).await
+        })
+        .await
+    }
+
+    /// `set`: store unconditionally. `exptime` in seconds (0 = never; over 30 days = unix time).
+    pub async fn set(
+        &self,
+        key: &str,
+        value: impl AsRef<[u8]>,
+        flags: u32,
+        exptime: i64,
+    ) -> Result<StoreStatus> {
+        self.store(StoreCommand::Set, key, value.as_ref(), flags, exptime)
+            .await
+    }
+
+    /// `add`: store only if absent (`NotStored` otherwise).
+    pub async fn add(
+        &self,
+        key: &str,
+        value: impl AsRef<[u8]>,
+        flags: u32,
+        exptime: i64,
+    ) -> Result<StoreStatus> {
+        self.store(StoreCommand::Add, key, value.as_ref(), flags, exptime)
+            .await
+    }
+
+    /// `replace`: store only if present (`NotStored` otherwise).
+    pub async fn replace(
+        &self,
+        key: &str,
+        value: impl AsRef<[u8]>,
+        flags: u32,
+        exptime: i64,
+    ) -> Result<StoreStatus> {
+        self.store(StoreCommand::Replace, key, value.as_ref(), flags, exptime)
+            .await
+    }
+
+    /// `append`: add bytes after an existing value (`NotStored` when absent); the item keeps
+    /// its flags and exptime.
+    pub async fn append(&self, key: &str, value: impl AsRef<[u8]>) -> Result<StoreStatus> {
+        self.store(StoreCommand::Append, key, value.as_ref(), 0, 0)
+            .await
+    }
+
+    /// `prepend`: add bytes before an existing value (`NotStored` when absent).
+    pub async fn prepend(&self, key: &str, value: impl AsRef<[u8]>) -> Result<StoreStatus> {
+        self.store(StoreCommand::Prepend, key, value.as_ref(), 0, 0)
+            .await
+    }
+
+    /// `cas`: store if the item's CAS unique is still `cas` (`Exists` if changed since,
+    /// `NotFound` if gone).
+    pub async fn cas(
+        &self,
+        key: &str,
+        value: impl AsRef<[u8]>,
+        flags: u32,
+        exptime: i64,
+        cas: u64,
+    ) -> Result<StoreStatus> {
+        self.store(StoreCommand::Cas(cas), key, value.as_ref(), flags, exptime)
+            .await
+    }
+
+    /// `delete`: `true` if the item existed.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let pool = self.route(key)?;
+        with_connection(&pool, "delete", self.inner.opts.op_timeout, async |c| {
+            c.yes_no(&["delete", key], b"DELETED", b"NOT_FOUND").await
+        })
+        .await
+    }
+
+    /// `touch`: sets a new exptime; `true` if the item existed.
+    pub async fn touch(&self, key: &str, exptime: i64) -> Result<bool> {
+        let pool = self.route(key)?;
+        let exptime = exptime.to_string();
+        with_connection(&pool, "touch", self.inner.opts.op_timeout, async |c| {
+            c.yes_no(&["touch", key, &exptime], b"TOUCHED", b"NOT_FOUND")
+                .await
+        })
+        .await
+    }
+
+    /// `incr`: the new value, or `None` when the key is absent. The value must be a decimal
+    /// number (else the server's `CLIENT_ERROR` comes back as [`Error::Server`]); it wraps at 2^64.
+    pub async fn incr(&self, key: &str, delta: u64) -> Result<Option<u64>> {
+        self.arith("incr", key, delta).await
+    }
+
+    /// `decr`: the new value (never below 0), or `None` when the key is absent.
+    pub async fn decr(&self, key: &str, delta: u64) -> Result<Option<u64>> {
+        self.arith("decr", key, delta).await
+    }
+
+    async fn arith(&self, op: &'static str, key: &str, delta: u64) -> Result<Option<u64>> {
+        let pool = self.route(key)?;
+        let delta = delta.to_string();
+        with_connection(&pool, op, self.inner.opts.op_timeout, async |c| {
+            c.arith(&[op, key, &delta]).await
+        })
+        .await
+    }
+
+    /// Idle pooled connections to `node` (diagnostics).
+    pub fn idle_connections(&self, node: &str) -> usize {
+        self.inner
+            .shared
+            .topology()
+            .pool(node)
+            .map(|p| p.idle_count())
+            .unwrap_or(0)
+    }
+}

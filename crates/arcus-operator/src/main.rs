@@ -1,1 +1,267 @@
-fn main() {}
+//! `arcus-operator run` (the controller) and `arcus-operator crd` (prints the CRD).
+
+use arcus_operator::controller::{self, Capabilities, Context};
+use arcus_operator::crd::ArcusMemcached;
+use arcus_operator::metrics::Metrics;
+use arcus_operator::zk::ZkPool;
+use arcus_operator::{build, leader};
+use clap::{Parser, Subcommand};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "arcus-operator",
+    version,
+    about = "Kubernetes operator for ARCUS cache clusters (ArcusMemcached, jam2in.com/v1)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller. Uses $KUBECONFIG or the in-cluster config. With several replicas, one
+    /// leader (elected on a Lease) reconciles and the others stand by.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinition (apiextensions.k8s.io/v1) as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespaces to watch: empty for all, or a comma-separated list.
+    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
+    watch_namespace: String,
+    /// This replica's identity in the leader Lease (the Deployment sets it from metadata.name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Names the Lease (`<name>-leader`) and the Event reporter.
+    #[arg(long, env = "OPERATOR_NAME", default_value = "arcus-operator")]
+    operator_name: String,
+    /// Namespace of the leader Lease; defaults to the client's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Disable leader election (a single replica that always reconciles).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "METRICS_BIND", default_value = "0.0.0.0:8080")]
+    metrics_bind: String,
+    /// ZooKeeper session timeout of the operator's own sessions.
+    #[arg(long, default_value = "15")]
+    zk_session_timeout_seconds: u64,
+    /// How many resources are reconciled at once.
+    #[arg(long, default_value = "16")]
+    concurrency: u16,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", arcus_operator::crd::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("no Kubernetes configuration (set KUBECONFIG or run in a pod): {e}")
+    })?;
+    let identity = args
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics_task = tokio::spawn(arcus_operator::metrics::serve(
+        args.metrics_bind.clone(),
+        metrics.clone(),
+        ready.clone(),
+    ));
+    let capabilities = discover(&client).await;
+    tracing::info!(?capabilities, "API capabilities");
+    ready.store(true, Ordering::Release);
+
+    let (gate, lost) = if args.no_leader_election {
+        (
+            leader::LeaderGate::new(true),
+            futures::future::pending::<String>().boxed(),
+        )
+    } else {
+        let ns = args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let lease = format!("{}-leader", args.operator_name);
+        let acquire = leader::acquire(client.clone(), &ns, &lease, &identity);
+        let (gate, lost) = tokio::select! {
+            r = acquire => r?,
+            _ = shutdown_signal() => { tracing::info!("stopping while stand-by"); return Ok(()); }
+        };
+        (gate, lost.boxed())
+    };
+    metrics.leader.set(1);
+
+    let (zk_tx, mut zk_rx) = tokio::sync::mpsc::unbounded_channel();
+    let zk = Arc::new(ZkPool::new(
+        Duration::from_secs(args.zk_session_timeout_seconds),
+        zk_tx,
+    ));
+    let reporter = Reporter {
+        controller: args.operator_name.clone(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        zk,
+        leader: gate.clone(),
+        metrics: metrics.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        capabilities,
+        by_service: Default::default(),
+    });
+
+    // cache_list changes → the owning CR, fanned out to every namespace's controller.
+    let (trigger_tx, _) = tokio::sync::broadcast::channel::<ObjectRef<ArcusMemcached>>(4096);
+    {
+        let ctx = ctx.clone();
+        let trigger_tx = trigger_tx.clone();
+        tokio::spawn(async move {
+            while let Some(change) = zk_rx.recv().await {
+                let target = ctx
+                    .by_service
+                    .lock()
+                    .expect("index")
+                    .get(&(change.ensemble, change.service_code))
+                    .cloned();
+                if let Some(r) = target {
+                    let _ = trigger_tx.send(r);
+                }
+            }
+        });
+    }
+
+    let namespaces: Vec<Option<String>> = if args.watch_namespace.trim().is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespace
+            .split(',')
+            .map(|s| Some(s.trim().to_string()))
+            .filter(|s| s.as_deref() != Some(""))
+            .collect()
+    };
+    tracing::info!(?namespaces, %identity, "leader: starting controllers");
+    let controllers = namespaces.into_iter().map(|ns| {
+        let (crs, stss, pods): (Api<ArcusMemcached>, Api<StatefulSet>, Api<Pod>) = match &ns {
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+        };
+        let rx = trigger_tx.subscribe();
+        let wanted = ns.clone();
+        let triggers = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(r) => return Some((r, rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .filter(move |r| futures::future::ready(wanted.is_none() || r.namespace == wanted));
+        Controller::new(crs, watcher::Config::default())
+            .with_config(ControllerConfig::default().concurrency(args.concurrency))
+            .owns(
+                stss,
+                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
+            )
+            .watches(
+                pods,
+                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
+                |pod: Pod| {
+                    let instance = pod.labels().get(build::INSTANCE_LABEL)?.clone();
+                    Some(ObjectRef::new(&instance).within(&pod.namespace()?))
+                },
+            )
+            .reconcile_on(triggers)
+            .graceful_shutdown_on(shutdown_signal())
+            .run(controller::reconcile, controller::error_policy, ctx.clone())
+            .for_each(|_| futures::future::ready(()))
+    });
+    let all = futures::future::join_all(controllers);
+    tokio::select! {
+        _ = all => tracing::info!("controllers stopped (shutdown)"),
+        reason = lost => {
+            tracing::error!(%reason, "lost leadership; exiting so this replica restarts as a stand-by");
+            std::process::exit(1);
+        }
+        r = metrics_task => tracing::error!(?r, "metrics server stopped"),
+    }
+    Ok(())
+}
+
+async fn discover(client: &Client) -> Capabilities {
+    let served = |group_version: &'static str, plural: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .list_api_group_resources(group_version)
+                .await
+                .map(|l| l.resources.iter().any(|r| r.name == plural))
+                .unwrap_or(false)
+        }
+    };
+    let pdb = if served("policy/v1", "poddisruptionbudgets").await {
+        build::PdbApi::V1
+    } else {
+        build::PdbApi::V1Beta1
+    };
+    let service_monitor = served("monitoring.coreos.com/v1", "servicemonitors").await;
+    Capabilities {
+        pdb,
+        service_monitor,
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "arcus-operator".into())
+}

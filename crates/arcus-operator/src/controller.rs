@@ -1,0 +1,677 @@
+//! The reconcile pipeline for one ArcusMemcached, read top to bottom:
+//! read the world → validate → plan ZooKeeper and build objects (pure) → apply (ZooKeeper first,
+//! then the Kubernetes objects) → status. Deletion runs the same plan with `deleting` set and
+//! removes our finalizer once ZooKeeper holds nothing of ours.
+
+use crate::build;
+use crate::crd::{ArcusMemcached, OperationKind, OperationStatus};
+use crate::leader::LeaderGate;
+use crate::metrics::Metrics;
+use crate::status::{self, NodeView, StatusInput};
+use crate::validate::{self, ValidSpec};
+use crate::zk::{self, ObserveRequest, ServiceClaim, ZkError, ZkPool};
+use crate::zk_plan::{self, PlanInput, ZkPlan};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const FIELD_MANAGER: &str = "arcus-operator";
+pub const FINALIZER: &str = "jam2in.com/zookeeper-cleanup";
+/// Annotation holding a hash of what we last applied, so an unchanged object is not re-sent.
+pub const APPLIED_HASH: &str = "jam2in.com/applied-hash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ZooKeeper: {0}")]
+    ZooKeeper(#[from] ZkError),
+    #[error("Kubernetes API: {action} {object}: {source}")]
+    Kube {
+        action: &'static str,
+        object: String,
+        source: kube::Error,
+    },
+    #[error("not the leader: write skipped")]
+    NotLeader,
+}
+
+impl Error {
+    /// The error's category, used as the Event reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::ZooKeeper(ZkError::Connect { .. }) => "ZooKeeperUnreachable",
+            Error::ZooKeeper(ZkError::NotLeader(_)) | Error::NotLeader => "NotLeader",
+            Error::ZooKeeper(_) => "ZooKeeperError",
+            Error::Kube { .. } => "KubernetesApiError",
+        }
+    }
+}
+
+fn kube_err(action: &'static str, object: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let object = object.into();
+    move |source| Error::Kube {
+        action,
+        object,
+        source,
+    }
+}
+
+/// Which PodDisruptionBudget API the server serves (policy/v1 from 1.21, v1beta1 before).
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub pdb: build::PdbApi,
+    pub service_monitor: bool,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub zk: Arc<ZkPool>,
+    pub leader: LeaderGate,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub capabilities: Capabilities,
+    /// (ensemble, service code) → the CR owning it, to route `cache_list` changes.
+    pub by_service: std::sync::Mutex<
+        HashMap<(String, String), kube::runtime::reflector::ObjectRef<ArcusMemcached>>,
+    >,
+}
+
+/// Requeue while something is in flight; a settled cluster is re-checked every 5 minutes.
+const REQUEUE_BUSY: Duration = Duration::from_secs(2);
+const REQUEUE_SETTLED: Duration = Duration::from_secs(300);
+
+pub async fn reconcile(cr: Arc<ArcusMemcached>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&cr, &ctx).await;
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: label.into(),
+        })
+        .inc();
+    result
+}
+
+pub fn error_policy(cr: Arc<ArcusMemcached>, err: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(cr = %name_of(&cr), error = %err, "reconcile failed");
+    if ctx.leader.is_leader() {
+        let recorder = ctx.recorder.clone();
+        let reference = cr.object_ref(&());
+        let (reason, note) = (err.reason().to_string(), err.to_string());
+        tokio::spawn(async move {
+            let _ = recorder
+                .publish(
+                    &KubeEvent {
+                        type_: EventType::Warning,
+                        reason,
+                        note: Some(note),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    },
+                    &reference,
+                )
+                .await;
+        });
+    }
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, Error> {
+    if !ctx.leader.is_leader() {
+        return Err(Error::NotLeader);
+    }
+    let ns = cr.namespace().unwrap_or_default();
+    let api: Api<ArcusMemcached> = Api::namespaced(ctx.client.clone(), &ns);
+    let deleting = cr.metadata.deletion_timestamp.is_some();
+    let has_finalizer = cr.finalizers().iter().any(|f| f == FINALIZER);
+    if deleting && !has_finalizer {
+        return Ok(Action::await_change());
+    }
+
+    // Validate. An invalid spec waits for a change; a deleted invalid CR that never claimed
+    // anything in ZooKeeper just lets go.
+    let valid = match validate::validate(cr) {
+        Ok(v) => v,
+        Err(invalid)
+            if deleting
+                && cr
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.service_code.as_ref())
+                    .is_none() =>
+        {
+            tracing::info!(cr = %name_of(cr), %invalid, "deleting an invalid resource that owns nothing");
+            remove_finalizer(&api, cr, ctx).await?;
+            return Ok(Action::await_change());
+        }
+        Err(invalid) => {
+            let message = format!("invalid spec: {invalid}");
+            publish(ctx, cr, EventType::Warning, "InvalidSpec", &message).await;
+            write_status(
+                &api,
+                cr,
+                ctx,
+                &StatusInput {
+                    desired: cr.spec.replicas.max(0) as u32,
+                    nodes: &[],
+                    registered: &BTreeSet::new(),
+                    registered_nodes: vec![],
+                    blocking_error: Some(("InvalidSpec", message)),
+                    progress: None,
+                    service_code: None,
+                    operation: None,
+                },
+            )
+            .await?;
+            return Ok(Action::await_change());
+        }
+    };
+    if !deleting && !has_finalizer {
+        add_finalizer(&api, cr, ctx).await?;
+    }
+
+    // Read the world.
+    let sts_name = valid.statefulset_name();
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let sts = sts_api
+        .get_opt(&sts_name)
+        .await
+        .map_err(kube_err("read", format!("StatefulSet {ns}/{sts_name}")))?;
+    let sts_replicas = sts
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .map(|r| r.max(0) as u32);
+    let pods = cache_pods(ctx, cr, &sts_name).await?;
+    let pod_ordinals: BTreeSet<u32> = pods.iter().map(|(o, _)| *o).collect();
+
+    let svc = valid.service_code.as_str();
+    let ensemble = ZkPool::ensemble(&cr.spec.zookeeper_servers);
+    ctx.by_service.lock().expect("service index lock").insert(
+        (ensemble.clone(), svc.to_string()),
+        kube::runtime::reflector::ObjectRef::from_obj(cr),
+    );
+    let desired = if deleting {
+        0
+    } else {
+        cr.spec.replicas.max(0) as u32
+    };
+    let mapping_key = |o: u32| valid.mapping_key(o);
+    let uid = cr.uid().unwrap_or_default();
+    let zk_client = ctx.zk.session(&ensemble).await?;
+    let recorded = cr
+        .status
+        .as_ref()
+        .and_then(|s| s.operation.as_ref())
+        .map(|o| o.from_replicas.max(o.to_replicas).max(0) as u32);
+    let observed = zk::observe(
+        &zk_client,
+        &ObserveRequest {
+            ensemble: &ensemble,
+            service_code: svc,
+            our_uid: &uid,
+            mapping_key: &mapping_key,
+            read_upto: zk_plan::ordinals_to_read(desired, sts_replicas, recorded.unwrap_or(0)),
+        },
+    )
+    .await?;
+
+    // Plan (pure).
+    let claim = ServiceClaim {
+        managed_by: ServiceClaim::MANAGER.into(),
+        namespace: ns.clone(),
+        name: cr.name_any(),
+        uid,
+    };
+    let claim_data = claim.to_data();
+    let plan = zk_plan::plan(
+        &PlanInput {
+            service_code: svc,
+            claim_data: &claim_data,
+            desired_replicas: desired,
+            statefulset_replicas: sts_replicas,
+            pod_ordinals: &pod_ordinals,
+            deleting,
+            mapping_key: &mapping_key,
+        },
+        &observed,
+    );
+
+    let registered: BTreeSet<String> = zk::registered_hostnames(&observed).into_iter().collect();
+    let nodes: Vec<NodeView> = pods
+        .iter()
+        .map(|(o, p)| status::node_view(p, *o, valid.pod_hostname(*o)))
+        .collect();
+    let mut registered_nodes = observed.cache_list_children.clone();
+    registered_nodes.sort();
+
+    if let Some(conflict) = &plan.conflict {
+        publish(ctx, cr, EventType::Warning, "ServiceCodeConflict", conflict).await;
+        write_status(
+            &api,
+            cr,
+            ctx,
+            &StatusInput {
+                desired,
+                nodes: &nodes,
+                registered: &BTreeSet::new(),
+                registered_nodes: vec![],
+                blocking_error: Some(("ServiceCodeConflict", conflict.clone())),
+                progress: None,
+                service_code: None,
+                operation: None,
+            },
+        )
+        .await?;
+        if deleting {
+            // Nothing in ZooKeeper is ours: let the resource go.
+            remove_finalizer(&api, cr, ctx).await?;
+            return Ok(Action::await_change());
+        }
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+
+    // Apply: ZooKeeper first (mappings exist before any pod that needs them), then objects.
+    if !plan.ops.is_empty() {
+        let writes = zk::apply(&zk_client, &ensemble, &plan.ops, &ctx.leader, &ctx.metrics).await?;
+        let summary: Vec<String> = plan.ops.iter().map(|o| o.describe()).collect();
+        publish(
+            ctx,
+            cr,
+            EventType::Normal,
+            "ZooKeeperUpdated",
+            &format!("{} ({writes} znode writes)", summary.join(", ")),
+        )
+        .await;
+    }
+    if let Some(replicas) = plan.statefulset_replicas {
+        if deleting {
+            if sts.is_some() && sts_replicas != Some(0) {
+                scale_statefulset(&sts_api, &sts_name, ctx).await?;
+            }
+        } else {
+            apply_objects(&valid, ctx, replicas as i32, sts.as_ref()).await?;
+            if sts_replicas != Some(replicas) {
+                let verb = if sts_replicas.unwrap_or(0) < replicas {
+                    "ScaledOut"
+                } else {
+                    "ScaledIn"
+                };
+                publish(
+                    ctx,
+                    cr,
+                    EventType::Normal,
+                    verb,
+                    &format!(
+                        "StatefulSet {sts_name} replicas {} → {replicas}",
+                        sts_replicas.unwrap_or(0)
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+
+    if deleting {
+        if plan.cleanup_done {
+            publish(
+                ctx,
+                cr,
+                EventType::Normal,
+                "ZooKeeperCleanedUp",
+                &format!("service code {svc} removed from ZooKeeper"),
+            )
+            .await;
+            remove_finalizer(&api, cr, ctx).await?;
+            return Ok(Action::await_change());
+        }
+        return Ok(Action::requeue(REQUEUE_BUSY));
+    }
+
+    // Status.
+    let operation = operation_status(cr, &plan, sts_replicas, desired);
+    let progress = plan
+        .waiting_for
+        .clone()
+        .map(|w| ("Scaling", format!("waiting for {w}")));
+    let changed = write_status(
+        &api,
+        cr,
+        ctx,
+        &StatusInput {
+            desired,
+            nodes: &nodes,
+            registered: &registered,
+            registered_nodes,
+            blocking_error: None,
+            progress,
+            service_code: Some(svc.to_string()),
+            operation,
+        },
+    )
+    .await?;
+    let ready = nodes
+        .iter()
+        .filter(|n| n.ordinal < desired && n.pod_ready && registered.contains(&n.hostname))
+        .count() as u32;
+    let busy = !plan.ops.is_empty() || plan.waiting_for.is_some() || ready != desired || changed;
+    Ok(Action::requeue(if busy {
+        REQUEUE_BUSY
+    } else {
+        REQUEUE_SETTLED
+    }))
+}
+
+/// The in-flight scale, persisted in status so a new leader (and `kubectl get`) sees it.
+fn operation_status(
+    cr: &ArcusMemcached,
+    plan: &ZkPlan,
+    sts: Option<u32>,
+    desired: u32,
+) -> Option<OperationStatus> {
+    let from = sts.unwrap_or(0);
+    let in_flight = !plan.ops.is_empty() || plan.waiting_for.is_some();
+    if !in_flight || sts.is_none() {
+        return None;
+    }
+    let previous = cr.status.as_ref().and_then(|s| s.operation.clone());
+    let (kind, phase) = if desired > from
+        || plan
+            .ops
+            .iter()
+            .any(|o| matches!(o, zk_plan::ZkOp::CreateMapping { .. }))
+    {
+        (OperationKind::ScaleOut, "CreatingMappings")
+    } else if plan.waiting_for.is_some() {
+        (OperationKind::ScaleIn, "WaitingForPods")
+    } else {
+        (OperationKind::ScaleIn, "RemovingMappings")
+    };
+    Some(OperationStatus {
+        kind,
+        phase: phase.into(),
+        from_replicas: previous
+            .as_ref()
+            .map(|p| p.from_replicas)
+            .unwrap_or(from as i32),
+        to_replicas: desired as i32,
+        started_at: previous.and_then(|p| p.started_at),
+    })
+}
+
+async fn cache_pods(
+    ctx: &Context,
+    cr: &ArcusMemcached,
+    sts_name: &str,
+) -> Result<Vec<(u32, Pod)>, Error> {
+    let ns = cr.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = build::selector_labels(cr)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("list", format!("pods {ns}/{selector}")))?;
+    let prefix = format!("{sts_name}-");
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let ordinal = p.name_any().strip_prefix(&prefix)?.parse().ok()?;
+            Some((ordinal, p))
+        })
+        .collect())
+}
+
+/// Server-side apply of the StatefulSet, Service, PDB (and ServiceMonitor where served), each
+/// skipped when the live object carries the hash of exactly what we would send.
+async fn apply_objects(
+    valid: &ValidSpec,
+    ctx: &Context,
+    replicas: i32,
+    live_sts: Option<&StatefulSet>,
+) -> Result<(), Error> {
+    let ns = valid.namespace.clone();
+    let client = &ctx.client;
+    let sts = build::statefulset(valid, replicas);
+    let live_replicas = live_sts
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
+    apply_if_changed(
+        ctx,
+        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
+        sts,
+        live_hash,
+        live_replicas == Some(replicas),
+    )
+    .await?;
+
+    let svc = build::headless_service(valid);
+    let svc_api = Api::<Service>::namespaced(client.clone(), &ns);
+    let live = svc_api
+        .get_opt(&svc.name_any())
+        .await
+        .map_err(kube_err("read", "Service"))?;
+    apply_if_changed(
+        ctx,
+        &svc_api,
+        svc,
+        live.and_then(|s| s.annotations().get(APPLIED_HASH).cloned()),
+        true,
+    )
+    .await?;
+
+    let pdb = build::pdb(valid, ctx.capabilities.pdb);
+    let pdb_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
+    let live = pdb_api
+        .get_opt(&pdb.name_any())
+        .await
+        .map_err(kube_err("read", "PodDisruptionBudget"))?;
+    apply_if_changed(
+        ctx,
+        &pdb_api,
+        pdb,
+        live.and_then(|s| s.annotations().get(APPLIED_HASH).cloned()),
+        true,
+    )
+    .await?;
+
+    if let (true, Some(sm)) = (
+        ctx.capabilities.service_monitor,
+        build::service_monitor(valid),
+    ) {
+        let sm_api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
+        let live = sm_api
+            .get_opt(&sm.name_any())
+            .await
+            .map_err(kube_err("read", "ServiceMonitor"))?;
+        apply_if_changed(
+            ctx,
+            &sm_api,
+            sm,
+            live.and_then(|s| s.annotations().get(APPLIED_HASH).cloned()),
+            true,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn apply_if_changed<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    mut obj: K,
+    live_hash: Option<String>,
+    live_matches: bool,
+) -> Result<(), Error>
+where
+    K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let hash = content_hash(&obj);
+    if live_matches && live_hash.as_deref() == Some(hash.as_str()) {
+        return Ok(());
+    }
+    if !ctx.leader.is_leader() {
+        return Err(Error::NotLeader);
+    }
+    obj.annotations_mut().insert(APPLIED_HASH.into(), hash);
+    let name = obj.name_any();
+    let kind = std::any::type_name::<K>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("object")
+        .to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .map_err(kube_err("apply", format!("{kind} {name}")))?;
+    ctx.metrics.api_write(&kind);
+    Ok(())
+}
+
+/// A stable hash (FNV-1a over the JSON) of what we send.
+pub fn content_hash<T: Serialize>(obj: &T) -> String {
+    let bytes = serde_json::to_vec(obj).expect("object serializes");
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+async fn scale_statefulset(api: &Api<StatefulSet>, name: &str, ctx: &Context) -> Result<(), Error> {
+    if !ctx.leader.is_leader() {
+        return Err(Error::NotLeader);
+    }
+    let patch = serde_json::json!({"spec": {"replicas": 0}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(kube_err("scale to 0", format!("StatefulSet {name}")))?;
+    ctx.metrics.api_write("StatefulSet");
+    Ok(())
+}
+
+/// Writes status (server-side apply on the subresource) only when it differs from the stored one.
+/// Returns whether it wrote.
+async fn write_status(
+    api: &Api<ArcusMemcached>,
+    cr: &ArcusMemcached,
+    ctx: &Context,
+    input: &StatusInput<'_>,
+) -> Result<bool, Error> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = status::compute(cr, input, now);
+    if cr.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    if !ctx.leader.is_leader() {
+        return Err(Error::NotLeader);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "jam2in.com/v1",
+        "kind": "ArcusMemcached",
+        "status": status,
+    });
+    api.patch_status(
+        &cr.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(kube_err("update status of", name_of(cr)))?;
+    ctx.metrics.api_write("ArcusMemcachedStatus");
+    Ok(true)
+}
+
+async fn add_finalizer(
+    api: &Api<ArcusMemcached>,
+    cr: &ArcusMemcached,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let mut finalizers = cr.finalizers().to_vec();
+    finalizers.push(FINALIZER.into());
+    patch_finalizers(api, cr, ctx, finalizers).await
+}
+
+async fn remove_finalizer(
+    api: &Api<ArcusMemcached>,
+    cr: &ArcusMemcached,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let finalizers: Vec<String> = cr
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    patch_finalizers(api, cr, ctx, finalizers).await
+}
+
+async fn patch_finalizers(
+    api: &Api<ArcusMemcached>,
+    cr: &ArcusMemcached,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    if !ctx.leader.is_leader() {
+        return Err(Error::NotLeader);
+    }
+    // resourceVersion makes this a compare-and-swap: we never drop someone else's finalizer.
+    let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": cr.resource_version()}});
+    match api
+        .patch(
+            &cr.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(kube_err("update finalizers of", name_of(cr))(e)),
+    }
+    ctx.metrics.api_write("ArcusMemcached");
+    Ok(())
+}
+
+async fn publish(ctx: &Context, cr: &ArcusMemcached, type_: EventType, reason: &str, note: &str) {
+    if !ctx.leader.is_leader() {
+        return;
+    }
+    tracing::info!(cr = %name_of(cr), %reason, %note, "event");
+    let ev = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+        tracing::warn!(cr = %name_of(cr), error = %e, "cannot publish event");
+    }
+}
+
+fn name_of(cr: &ArcusMemcached) -> String {
+    format!("{}/{}", cr.namespace().unwrap_or_default(), cr.name_any())
+}

@@ -1,0 +1,349 @@
+//! The operator end to end on the sandbox: the seed's walkthrough, leader failover during a
+//! scale, service-code conflicts, and invalid resources. Each test deploys the operator into its
+//! own namespace from deploy/*.yaml, watching only that namespace.
+
+use arcus_operator::crd::ArcusMemcached;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use test_support::operator::{container_pid, deploy_operator, leader_pod, undeploy_operator};
+use test_support::sandbox::{Sandbox, TestNamespace, ZOOKEEPER};
+use test_support::wait_until;
+use zookeeper_client as zk;
+
+const MAPPINGS: &str = "/arcus/cache_server_mapping";
+
+fn cr(name: &str, svc: &str, replicas: i32) -> ArcusMemcached {
+    serde_json::from_value(json!({
+        "apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas, "serviceCode": svc, "zookeeperServers": [ZOOKEEPER],
+            "configuration": {"memlimit": 64, "connections": 1000, "threads": 2},
+            "image": {"name": "jam2in/arcus-memcached:1.11.7", "pullPolicy": "Always"}
+        }
+    }))
+    .expect("valid CR")
+}
+
+/// A unique service code per test run, so tests sharing the sandbox's ZooKeeper never collide.
+fn service_code(ns: &TestNamespace) -> String {
+    ns.name.replace('-', "_")
+}
+
+async fn zk_client() -> anyhow::Result<zk::Client> {
+    Ok(zk::Client::connector().with_session_timeout(Duration::from_secs(10)).connect(ZOOKEEPER).await?)
+}
+
+async fn children(zk: &zk::Client, path: &str) -> Vec<String> {
+    let mut c = zk.list_children(path).await.unwrap_or_default();
+    c.sort();
+    c
+}
+
+/// Mapping keys (`<host>:<port>`) that map `svc`.
+async fn mappings_of(zk: &zk::Client, svc: &str, ns: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for key in children(zk, MAPPINGS).await {
+        if key.contains(ns) && children(zk, &format!("{MAPPINGS}/{key}")).await == vec![svc.to_string()] {
+            out.insert(key);
+        }
+    }
+    out
+}
+
+async fn wait_ready(api: &Api<ArcusMemcached>, name: &str, want: &str, secs: u64) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(secs), &format!("{name} status.ready == {want}"), || async {
+        let cr = api.get(name).await.ok()?;
+        (cr.status?.ready.as_deref() == Some(want)).then_some(())
+    })
+    .await
+}
+
+async fn pods_named(ns: &TestNamespace, prefix: &str) -> BTreeSet<String> {
+    let pods: Api<Pod> = ns.api();
+    pods.list(&ListParams::default())
+        .await
+        .map(|l| l.items.iter().map(|p| p.name_any()).filter(|n| n.starts_with(prefix)).collect())
+        .unwrap_or_default()
+}
+
+/// Runs `body`; on failure dumps the namespace; always cleans up.
+async fn with_namespace<F, Fut>(prefix: &str, operators: i32, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&'static Sandbox, TestNamespace) -> Fut,
+    Fut: std::future::Future<Output = (TestNamespace, anyhow::Result<()>)>,
+{
+    let sandbox = Sandbox::shared().await?;
+    let ns = sandbox.namespace(prefix).await?;
+    if let Err(e) = deploy_operator(sandbox, &ns, operators).await {
+        ns.dump().await;
+        undeploy_operator(sandbox, &ns).await;
+        ns.cleanup().await?;
+        return Err(e);
+    }
+    let (ns, result) = body(sandbox, ns).await;
+    if result.is_err() {
+        ns.dump().await;
+    }
+    // Delete CRs first so the operator (still running) removes their ZooKeeper state.
+    let crs: Api<ArcusMemcached> = ns.api();
+    let _ = crs.delete_collection(&DeleteParams::default(), &ListParams::default()).await;
+    let _ = wait_until(Duration::from_secs(120), "test CRs deleted", || async {
+        crs.list(&ListParams::default()).await.ok().filter(|l| l.items.is_empty()).map(|_| ())
+    })
+    .await;
+    undeploy_operator(sandbox, &ns).await;
+    ns.cleanup().await?;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
+    with_namespace("walk", 3, |_sandbox, ns| async move {
+        let r = async {
+            let zk = zk_client().await?;
+            let svc = service_code(&ns);
+            let crs: Api<ArcusMemcached> = ns.api();
+            crs.create(&PostParams::default(), &cr("test", &svc, 3)).await?;
+            wait_ready(&crs, "test", "3/3", 180).await?;
+            assert_eq!(
+                pods_named(&ns, "test-arcus-mc-").await,
+                ["test-arcus-mc-0", "test-arcus-mc-1", "test-arcus-mc-2"].iter().map(|s| s.to_string()).collect()
+            );
+            assert_eq!(children(&zk, &format!("/arcus/cache_list/{svc}")).await.len(), 3, "3 registered znodes");
+            let status = crs.get("test").await?.status.unwrap();
+            assert_eq!(status.image.as_deref(), Some("jam2in/arcus-memcached:1.11.7"));
+            assert_eq!(mappings_of(&zk, &svc, &ns.name).await.len(), 3);
+
+            // Scale out: the mappings must exist by the time the StatefulSet asks for 5, and the
+            // new nodes must never have exited for want of a mapping (exit 76 → restarts).
+            crs.patch("test", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}}))).await?;
+            let sts: Api<StatefulSet> = ns.api();
+            wait_until(Duration::from_secs(60), "StatefulSet replicas 5", || async {
+                let s = sts.get("test-arcus-mc").await.ok()?;
+                (s.spec?.replicas == Some(5)).then_some(())
+            })
+            .await?;
+            let mapped = mappings_of(&zk, &svc, &ns.name).await;
+            assert_eq!(mapped.len(), 5, "all 5 mappings exist as soon as the StatefulSet says 5: {mapped:?}");
+            wait_ready(&crs, "test", "5/5", 180).await?;
+            let pods: Api<Pod> = ns.api();
+            for n in ["test-arcus-mc-3", "test-arcus-mc-4"] {
+                let p = pods.get(n).await?;
+                let restarts = p.status.unwrap().container_statuses.unwrap()[0].restart_count;
+                assert_eq!(restarts, 0, "{n} restarted: it started before its mapping existed");
+            }
+
+            // Scale in: each surplus mapping disappears only after its pod is gone.
+            crs.patch("test", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await?;
+            wait_until(Duration::from_secs(120), "mappings for ordinals 3 and 4 removed", || async {
+                let mapped = mappings_of(&zk, &svc, &ns.name).await;
+                let pods = pods_named(&ns, "test-arcus-mc-").await;
+                for o in [3, 4] {
+                    let gone = !mapped.iter().any(|k| k.starts_with(&format!("test-arcus-mc-{o}")));
+                    assert!(!gone || !pods.contains(&format!("test-arcus-mc-{o}")), "mapping {o} removed while its pod exists");
+                }
+                (mapped.len() == 3).then_some(())
+            })
+            .await?;
+            wait_ready(&crs, "test", "3/3", 60).await?;
+
+            // Delete: no pod, no mapping, no cache_list/client_list left.
+            crs.delete("test", &DeleteParams::default()).await?;
+            wait_until(Duration::from_secs(120), "CR gone with its ZooKeeper state", || async {
+                let gone = crs.get_opt("test").await.ok()?.is_none();
+                (gone && pods_named(&ns, "test-arcus-mc-").await.is_empty()).then_some(())
+            })
+            .await?;
+            assert!(mappings_of(&zk, &svc, &ns.name).await.is_empty());
+            assert_eq!(zk.check_stat(&format!("/arcus/cache_list/{svc}")).await?, None);
+            assert_eq!(zk.check_stat(&format!("/arcus/client_list/{svc}")).await?, None);
+            Ok(())
+        }
+        .await;
+        (ns, r)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_killed_during_scale_standby_finishes_without_repeating_writes() -> anyhow::Result<()> {
+    with_namespace("leader", 3, |sandbox, ns| async move {
+        let r = async {
+            let zk = zk_client().await?;
+            let svc = service_code(&ns);
+            let crs: Api<ArcusMemcached> = ns.api();
+            crs.create(&PostParams::default(), &cr("lead", &svc, 1)).await?;
+            wait_ready(&crs, "lead", "1/1", 120).await?;
+            let leader = wait_until(Duration::from_secs(30), "a leader", || async { leader_pod(&ns).await.ok().flatten() }).await?;
+            let pid = container_pid(&leader).expect("leader pid");
+
+            crs.patch("lead", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await?;
+            // Kill the leader as soon as it has started the scale (first new mapping written).
+            wait_until(Duration::from_secs(30), "scale started", || async {
+                (mappings_of(&zk, &svc, &ns.name).await.len() > 1).then_some(())
+            })
+            .await?;
+            std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+            let old = leader.name_any();
+            let started = std::time::Instant::now();
+            let new_leader = wait_until(Duration::from_secs(40), "a new leader", || async {
+                leader_pod(&ns).await.ok().flatten().filter(|p| p.name_any() != old)
+            })
+            .await?;
+            eprintln!("takeover by {} after {:?}", new_leader.name_any(), started.elapsed());
+            assert!(started.elapsed() < Duration::from_secs(25), "stand-by took {:?}", started.elapsed());
+            wait_ready(&crs, "lead", "3/3", 180).await?;
+
+            // No ZooKeeper write twice: each op the leaders logged appears once across all
+            // operator logs, and each mapping was created once (cversion 1: one child, never re-made).
+            let mut seen = std::collections::BTreeMap::<String, u32>::new();
+            for entry in std::fs::read_dir(sandbox.dir.join("logs/pods"))?.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if !name.starts_with(&format!("{}_arcus-operator-", ns.name)) {
+                    continue;
+                }
+                for line in std::fs::read_to_string(entry.path())?.lines().filter(|l| l.contains("zk write")) {
+                    let op = line.split("op=").nth(1).unwrap_or(line).to_string();
+                    *seen.entry(op).or_default() += 1;
+                }
+            }
+            let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+            assert!(!seen.is_empty(), "operator logs carry zk write lines");
+            assert!(repeated.is_empty(), "ZooKeeper writes repeated: {repeated:?}");
+            for key in mappings_of(&zk, &svc, &ns.name).await {
+                let stat = zk.check_stat(&format!("{MAPPINGS}/{key}")).await?.expect("mapping");
+                assert_eq!(stat.cversion, 1, "mapping {key} children changed more than once");
+            }
+            Ok(())
+        }
+        .await;
+        (ns, r)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_resource_with_same_service_code_is_refused() -> anyhow::Result<()> {
+    with_namespace("conflict", 1, |_sandbox, ns| async move {
+        let r = async {
+            let zk = zk_client().await?;
+            let svc = service_code(&ns);
+            let crs: Api<ArcusMemcached> = ns.api();
+            crs.create(&PostParams::default(), &cr("first", &svc, 1)).await?;
+            wait_ready(&crs, "first", "1/1", 120).await?;
+            let before = crs.get("first").await?.status;
+            crs.create(&PostParams::default(), &cr("second", &svc, 2)).await?;
+            let msg = wait_until(Duration::from_secs(60), "second refused in status", || async {
+                crs.get("second").await.ok()?.status?.message.filter(|m| m.contains("already in use"))
+            })
+            .await?;
+            assert!(msg.contains(&svc) && msg.contains("first"), "message names the code and the owner: {msg}");
+            let sts: Api<StatefulSet> = ns.api();
+            assert!(sts.get_opt("second-arcus-mc").await?.is_none(), "no StatefulSet for the refused resource");
+            assert_eq!(mappings_of(&zk, &svc, &ns.name).await.len(), 1, "only the first's mapping");
+            assert_eq!(crs.get("first").await?.status.map(|s| s.ready), before.map(|s| s.ready));
+            // Deleting the refused one must not touch the first's ZooKeeper state.
+            crs.delete("second", &DeleteParams::default()).await?;
+            wait_until(Duration::from_secs(60), "second deleted", || async { crs.get_opt("second").await.ok()?.is_none().then_some(()) }).await?;
+            assert_eq!(children(&zk, &format!("/arcus/cache_list/{svc}")).await.len(), 1);
+            wait_ready(&crs, "first", "1/1", 30).await?;
+            Ok(())
+        }
+        .await;
+        (ns, r)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_resources_are_rejected_or_reported_and_create_nothing() -> anyhow::Result<()> {
+    with_namespace("invalid", 1, |sandbox, ns| async move {
+        let r = async {
+            let zk = zk_client().await?;
+            let base = json!({
+                "replicas": 1, "serviceCode": "inv", "zookeeperServers": [ZOOKEEPER],
+                "configuration": {"memlimit": 64, "connections": 1000, "threads": 2},
+                "image": {"name": "jam2in/arcus-memcached:1.11.7"}
+            });
+            let with = |path: &[&str], value: serde_json::Value| {
+                let mut spec = base.clone();
+                let mut at = &mut spec;
+                for p in &path[..path.len() - 1] {
+                    at = &mut at[*p];
+                }
+                if value.is_null() {
+                    at.as_object_mut().unwrap().remove(path[path.len() - 1]);
+                } else {
+                    at[path[path.len() - 1]] = value;
+                }
+                spec
+            };
+            let cases: Vec<(&str, serde_json::Value)> = vec![
+                ("negative-replicas", with(&["replicas"], json!(-1))),
+                ("absurd-replicas", with(&["replicas"], json!(100000))),
+                ("replicas-string", with(&["replicas"], json!("three"))),
+                ("missing-service-code", with(&["serviceCode"], serde_json::Value::Null)),
+                ("empty-service-code", with(&["serviceCode"], json!(""))),
+                ("service-code-slash", with(&["serviceCode"], json!("a/b"))),
+                ("service-code-too-long", with(&["serviceCode"], json!("x".repeat(129)))),
+                ("missing-zookeeper", with(&["zookeeperServers"], serde_json::Value::Null)),
+                ("empty-zookeeper", with(&["zookeeperServers"], json!([]))),
+                ("zookeeper-no-port", with(&["zookeeperServers"], json!(["127.0.0.1"]))),
+                ("zookeeper-bad-port", with(&["zookeeperServers"], json!(["127.0.0.1:99999"]))),
+                ("zookeeper-duplicate", with(&["zookeeperServers"], json!([ZOOKEEPER, ZOOKEEPER]))),
+                ("memlimit-zero", with(&["configuration", "memlimit"], json!(0))),
+                ("memlimit-absurd", with(&["configuration", "memlimit"], json!(1u64 << 40))),
+                ("connections-negative", with(&["configuration", "connections"], json!(-5))),
+                ("threads-zero", with(&["configuration", "threads"], json!(0))),
+                ("threads-absurd", with(&["configuration", "threads"], json!(100000))),
+                ("pull-policy-bogus", with(&["image", "pullPolicy"], json!("Sometimes"))),
+                ("missing-image", with(&["image"], serde_json::Value::Null)),
+                ("image-empty-name", with(&["image", "name"], json!(""))),
+                ("port-zero", with(&["port"], json!(0))),
+            ];
+            assert!(cases.len() >= 15);
+            let crs = untyped_api(sandbox, &ns);
+            let typed: Api<ArcusMemcached> = ns.api();
+            let mut reported = Vec::new();
+            for (name, spec) in &cases {
+                let obj = json!({"apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached", "metadata": {"name": name}, "spec": spec});
+                let obj: DynamicObject = serde_json::from_value(obj)?;
+                match crs.create(&PostParams::default(), &obj).await {
+                    Err(kube::Error::Api(e)) => {
+                        assert!(e.code == 422 || e.code == 400, "{name}: {e:?}");
+                        assert!(!e.message.is_empty(), "{name}: the API server says why");
+                    }
+                    Err(e) => panic!("{name}: unexpected error {e}"),
+                    Ok(_) => reported.push(name.to_string()),
+                }
+            }
+            for name in &reported {
+                let msg = wait_until(Duration::from_secs(60), &format!("{name} reported invalid in status"), || async {
+                    typed.get(name).await.ok()?.status?.message.filter(|m| m.starts_with("invalid spec"))
+                })
+                .await?;
+                eprintln!("{name}: {msg}");
+            }
+            eprintln!("{} rejected by the API server, {} reported in status", cases.len() - reported.len(), reported.len());
+            let sts: Api<StatefulSet> = ns.api();
+            assert!(sts.list(&ListParams::default()).await?.items.is_empty(), "no StatefulSet for invalid resources");
+            assert_eq!(zk.check_stat("/arcus/cache_list/inv").await?, None, "no znode for invalid resources");
+            Ok(())
+        }
+        .await;
+        (ns, r)
+    })
+    .await
+}
+
+/// The ArcusMemcached API untyped, to send what the typed struct could not hold.
+fn untyped_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("jam2in.com", "v1", "ArcusMemcached");
+    Api::namespaced_with(sandbox.client.clone(), &ns.name, &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"))
+}

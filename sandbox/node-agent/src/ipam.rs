@@ -106,8 +106,10 @@ mod tests {
 
     #[test]
     fn exhaustion_returns_none() {
-        let mut a = IpAllocator::default();
-        a.held = (FIRST..=LAST).collect();
+        let mut a = IpAllocator {
+            held: (FIRST..=LAST).collect(),
+            ..Default::default()
+        };
         assert_eq!(a.allocate(None), None);
     }
 }

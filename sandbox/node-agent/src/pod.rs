@@ -634,6 +634,7 @@ async fn kill_container(
             st = child.wait() => return st,
         }
     }
+    info!(pod = %ctx.key, container = %c.name, pid, grace_secs = grace.as_secs(), "sending SIGTERM");
     runtime::signal_group(pid, libc::SIGTERM);
     tokio::select! {
         st = child.wait() => return st,

@@ -177,6 +177,8 @@ pub fn parse_pid_records(text: &str) -> Vec<PidRecord> {
         .collect()
 }
 
+/// Writes `<pod dir>/pids` (container, PID, start time: what a restarted agent checks) and one
+/// `<container>.pid` per running container (just the PID: what `scripts/sandbox down` reads).
 pub fn write_pid_records(pod_dir: &Path, records: &[PidRecord]) -> std::io::Result<()> {
     let text: String = records
         .iter()
@@ -184,7 +186,22 @@ pub fn write_pid_records(pod_dir: &Path, records: &[PidRecord]) -> std::io::Resu
         .collect();
     let tmp = pod_dir.join("pids.tmp");
     std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, pod_dir.join("pids"))
+    std::fs::rename(tmp, pod_dir.join("pids"))?;
+    for entry in std::fs::read_dir(pod_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(container) = name.strip_suffix(".pid") {
+            if !records.iter().any(|r| r.container == container) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    for r in records {
+        std::fs::write(
+            pod_dir.join(format!("{}.pid", r.container)),
+            format!("{}\n", r.pid),
+        )?;
+    }
+    Ok(())
 }
 
 /// Stops the process groups recorded by a previous agent run under `<sandbox>/pods/*/pids`:
@@ -207,7 +224,7 @@ pub async fn kill_leftovers(pods_dir: &Path, grace: Duration) -> usize {
                 alive.push(r.pid);
             }
         }
-        let _ = std::fs::remove_file(&file);
+        let _ = write_pid_records(&entry.path(), &[]);
     }
     let deadline = tokio::time::Instant::now() + grace;
     while alive.iter().any(|p| group_alive(*p)) && tokio::time::Instant::now() < deadline {
@@ -259,6 +276,9 @@ mod tests {
         write_pid_records(&dir, &recs).unwrap();
         let text = std::fs::read_to_string(dir.join("pids")).unwrap();
         assert_eq!(parse_pid_records(&text), recs);
+        assert_eq!(std::fs::read_to_string(dir.join("b.pid")).unwrap(), "11\n");
+        write_pid_records(&dir, &recs[..1]).unwrap();
+        assert!(!dir.join("b.pid").exists());
         assert_eq!(parse_pid_records("garbage\nx 1\n"), vec![]);
         std::fs::remove_dir_all(dir).unwrap();
     }

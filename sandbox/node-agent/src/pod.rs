@@ -342,7 +342,12 @@ async fn status_loop(ctx: Arc<PodCtx>, initial: Option<PodStatus>, stop: Cancell
                     last = Some(patch);
                     prev = Some(status);
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => return,
+                // Gone, or recreated under the same name (the uid in the patch no longer matches).
+                Err(kube::Error::Api(e))
+                    if e.code == 404 || (e.code == 422 && e.message.contains("metadata.uid")) =>
+                {
+                    return
+                }
                 Err(e) => {
                     warn!(pod = %ctx.key, error = %e, "patching pod status; retrying");
                     tokio::select! {

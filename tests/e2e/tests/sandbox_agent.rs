@@ -376,6 +376,43 @@ fn exiting_container_is_restarted_with_backoff() -> anyhow::Result<()> {
 }
 
 #[test]
+fn failing_liveness_probe_restarts_the_container() -> anyhow::Result<()> {
+    in_namespace("agent-live", |sb, ns| async move {
+        create_pod(
+            sb,
+            &ns,
+            busybox_pod(
+                "unlively",
+                serde_json::json!({
+                    "command": ["sleep", "3600"],
+                    // Nothing listens on port 9 (discard) of the pod's IP.
+                    "livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 1, "failureThreshold": 2}
+                }),
+            ),
+        )
+        .await?;
+        let (_, first_pid) = wait_running(sb, &ns, "unlively").await?;
+        let api = pods(sb, &ns);
+        let last = wait_until(START, "a restart after liveness failures", || {
+            let api = api.clone();
+            async move {
+                let cs = status_of(&api.get_opt("unlively").await.ok()??)?;
+                let last = cs.last_state?.terminated?;
+                (cs.restart_count >= 1).then_some(last)
+            }
+        })
+        .await?;
+        assert!(
+            last.message.unwrap_or_default().contains("liveness"),
+            "lastState says why it was killed"
+        );
+        assert_eq!(last.exit_code, 143, "sleep killed by SIGTERM");
+        assert!(!proc_alive(first_pid), "the first process is gone");
+        Ok(())
+    })
+}
+
+#[test]
 fn unknown_image_reports_err_image_pull() -> anyhow::Result<()> {
     in_namespace("agent-image", |sb, ns| async move {
         create_pod(

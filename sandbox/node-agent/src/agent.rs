@@ -34,6 +34,7 @@ pub struct Agent {
     pub token_wait: Duration,
     pub ips: Mutex<IpAllocator>,
     pub shutdown: CancellationToken,
+    pub events: crate::events::Events,
     images: Mutex<(Option<SystemTime>, Arc<ImageTable>)>,
 }
 
@@ -55,6 +56,7 @@ impl Agent {
             .and_then(|m| m.modified())
             .ok();
         Self {
+            events: crate::events::Events::new(client.clone(), &node_name),
             client,
             node_labels: crate::node::labels(&node_name),
             node_name,
@@ -231,6 +233,11 @@ impl Manager {
                 match scheduler::bind(&me.agent.client, &pod, &me.agent.node_name).await {
                     Ok(()) => {
                         tracing::info!(pod = %key, node = %me.agent.node_name, "bound pod to node");
+                        me.agent.events.normal(
+                            &pod,
+                            "Scheduled",
+                            format!("Successfully assigned {key} to {}", me.agent.node_name),
+                        );
                         break;
                     }
                     Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {

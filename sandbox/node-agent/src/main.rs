@@ -4,6 +4,7 @@
 
 mod agent;
 mod env;
+mod events;
 mod images;
 mod ipam;
 mod node;

@@ -38,6 +38,7 @@ const INHERITED_ENV: &[&str] = &[
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// kubelet's minimum grace period when killing a pod.
 const MIN_GRACE: Duration = Duration::from_secs(2);
+const VOLUME_REFRESH: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -422,6 +423,9 @@ async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
             Ok(()) => break,
             Err(msg) => {
                 warn!(pod = %ctx.key, error = %msg, "pod setup failed; retrying");
+                ctx.agent
+                    .events
+                    .warning(&ctx.pod(), "FailedMount", msg.clone());
                 set_all_waiting(&ctx, "ContainerCreating", &msg);
                 let delay = ctx.agent.backoff(attempt);
                 attempt += 1;
@@ -432,6 +436,7 @@ async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
             }
         }
     }
+    tokio::spawn(refresh_volumes(ctx.clone(), stop.clone()));
     let pod = ctx.pod();
     for idx in 0..containers_of(&pod, Kind::Init).len() {
         if supervise(ctx.clone(), Kind::Init, idx, stop.clone()).await != Outcome::Succeeded {
@@ -444,6 +449,35 @@ async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
         .collect();
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+/// Keeps configMap, secret and downwardAPI volume files up to date (as kubelet's periodic sync does).
+async fn refresh_volumes(ctx: Arc<PodCtx>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(VOLUME_REFRESH) => {}
+            _ = stop.cancelled() => return,
+        }
+        let pod = ctx.pod();
+        let ip = ctx.ip.to_string();
+        let facts = PodFacts {
+            pod: &pod,
+            pod_ip: &ip,
+            host_ip: HOST_IP,
+            node_name: &ctx.agent.node_name,
+        };
+        if let Err(e) = crate::volumes::prepare(
+            &ctx.agent.client,
+            &pod,
+            &ctx.dir,
+            &ctx.agent.sandbox_dir,
+            &facts,
+        )
+        .await
+        {
+            tracing::debug!(pod = %ctx.key, error = %e, "refreshing volumes");
+        }
     }
 }
 
@@ -673,6 +707,11 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
                 };
                 if changed {
                     warn!(pod = %ctx.key, container = %c.name, reason = e.reason, message = %e.message, "container cannot start");
+                    ctx.agent.events.warning(
+                        &pod,
+                        "Failed",
+                        format!("Error: {}: {}", e.reason, e.message),
+                    );
                 }
                 ctx.update_container(kind, idx, |s| {
                     s.state = RunState::waiting(e.reason, Some(e.message.clone()))
@@ -694,6 +733,11 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
             Err(e) => {
                 let message = format!("{e:#}");
                 warn!(pod = %ctx.key, container = %c.name, error = %message, "starting container failed");
+                ctx.agent.events.warning(
+                    &pod,
+                    "Failed",
+                    format!("Error: failed to start container {}: {message}", c.name),
+                );
                 ctx.update_container(kind, idx, |s| {
                     s.state = RunState::waiting("RunContainerError", Some(message.clone()))
                 });
@@ -728,6 +772,9 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
         info!(pod = %ctx.key, container = %c.name, pid, program = %prepared.spawn.program,
             args = ?prepared.spawn.args, restarts = ctx.container_state(kind, idx).map(|s| s.restart_count).unwrap_or(0),
             "container started");
+        ctx.agent
+            .events
+            .normal(&pod, "Started", format!("Started container {}", c.name));
         let mut target = prepared.target.clone();
         target.pid = Some(pid);
         let probes_stop = stop.child_token();
@@ -749,11 +796,15 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
             st = child.wait() => st,
             Some(reason) = kill_rx.recv() => {
                 info!(pod = %ctx.key, container = %c.name, pid, %reason, "killing container");
+                ctx.agent.events.normal(&pod, "Killing", format!("Container {} {reason}", c.name));
                 kill_message = Some(reason);
                 kill_container(&ctx, &c, &mut child, pid, &target, ctx.termination_grace()).await
             }
             _ = stop.cancelled() => {
                 let grace = *ctx.stop_grace.lock().expect("grace lock");
+                if !ctx.agent.shutdown.is_cancelled() {
+                    ctx.agent.events.normal(&pod, "Killing", format!("Stopping container {}", c.name));
+                }
                 kill_container(&ctx, &c, &mut child, pid, &target, grace).await
             }
         };
@@ -813,6 +864,14 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
             s.state = RunState::waiting("CrashLoopBackOff", Some(message));
         });
         info!(pod = %ctx.key, container = %c.name, exit_code = code, delay_ms = delay.as_millis() as u64, "container will restart after back-off");
+        ctx.agent.events.warning(
+            &pod,
+            "BackOff",
+            format!(
+                "Back-off restarting failed container {} (exit code {code})",
+                c.name
+            ),
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return Outcome::Stopped,
@@ -918,6 +977,11 @@ async fn run_probe(
         if let Err(e) = &result {
             if last_error.as_deref() != Some(e.as_str()) {
                 info!(pod = %ctx.key, container, probe = kind, error = %e, "probe failed");
+                ctx.agent.events.warning(
+                    &ctx.pod(),
+                    "Unhealthy",
+                    format!("{kind} probe failed: {e}"),
+                );
             }
         }
         last_error = result.err();

@@ -36,6 +36,11 @@ fn write_files(dir: &Path, files: &[File]) -> Result<(), String> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
+        let unchanged = std::fs::read(&path).is_ok_and(|old| old == *content)
+            && std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode);
+        if unchanged {
+            continue;
+        }
         let tmp = path.with_file_name(format!(
             ".{}.tmp",
             path.file_name()
@@ -366,6 +371,14 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(m, 0o600);
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = inode(&dir.join("a"));
+        write_files(&dir, &[("a".into(), b"1".to_vec(), 0o644)]).unwrap();
+        assert_eq!(
+            inode(&dir.join("a")),
+            before,
+            "unchanged files are not rewritten"
+        );
         write_files(&dir, &[("a".into(), b"3".to_vec(), 0o644)]).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "3");
         assert!(!dir.join("d").exists());

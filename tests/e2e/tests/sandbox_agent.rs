@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Event, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use test_support::sandbox::{Sandbox, TestNamespace};
@@ -371,6 +371,25 @@ fn exiting_container_is_restarted_with_backoff() -> anyhow::Result<()> {
             log.matches("bye").count() >= 2,
             "each run appends to the container log: {log:?}"
         );
+        let events: Api<Event> = Api::namespaced(sb.client.clone(), &ns);
+        wait_until(
+            Duration::from_secs(10),
+            "a BackOff event for the pod",
+            || {
+                let events = events.clone();
+                async move {
+                    let list = events.list(&ListParams::default()).await.ok()?;
+                    list.items
+                        .iter()
+                        .any(|e| {
+                            e.reason.as_deref() == Some("BackOff")
+                                && e.involved_object.name.as_deref() == Some("crasher")
+                        })
+                        .then_some(())
+                }
+            },
+        )
+        .await?;
         Ok(())
     })
 }

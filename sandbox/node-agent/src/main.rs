@@ -89,9 +89,12 @@ fn main() -> std::process::ExitCode {
         .worker_threads(2)
         .enable_all()
         .build();
-    let result = rt
-        .context("starting tokio")
-        .and_then(|rt| rt.block_on(run(cli)));
+    let result = rt.context("starting tokio").and_then(|rt| {
+        let r = rt.block_on(run(cli));
+        // Pods are stopped by now; do not wait for idle connection tasks.
+        rt.shutdown_timeout(Duration::from_millis(200));
+        r
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -168,10 +168,16 @@ fn initial_rt(pod: &Pod, ip: Ipv4Addr) -> PodRt {
             .collect()
     };
     let init = make(containers_of(pod, Kind::Init), &init_counts);
+    let mut containers = make(containers_of(pod, Kind::Main), &main_counts);
+    if !init.is_empty() {
+        for c in &mut containers {
+            c.state = RunState::waiting("PodInitializing", None);
+        }
+    }
     PodRt {
         initialized: init.is_empty(),
         init,
-        containers: make(containers_of(pod, Kind::Main), &main_counts),
+        containers,
         restart_policy: pod
             .spec
             .as_ref()
@@ -282,6 +288,11 @@ pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<Pod
     };
     info!(pod = %key, grace_secs = grace.as_secs(), reason = match end { End::Deleting(_) => "pod deleted", End::Gone(_) => "pod object gone", End::Shutdown => "agent shutting down" }, "stopping pod");
     *ctx.stop_grace.lock().expect("grace lock") = grace;
+    if matches!(end, End::Shutdown) {
+        // The pod runs again when the agent comes back: report nothing about this stop (a
+        // terminated container of a restartPolicy=Never pod would make the pod Failed for good).
+        status_stop.cancel();
+    }
     stop.cancel();
     // Supervisors escalate to SIGKILL at the grace period; the margin only guards against a bug.
     if tokio::time::timeout(grace + Duration::from_secs(15), life)

@@ -51,7 +51,9 @@ pub mod arcus_paths {
 
 /// Environment of the arcus-memcached container (read by arcus-memcached itself).
 pub mod env {
-    /// The hostname the node registers with and looks its mapping up by (= pod name).
+    /// The pod's name (downward API), used to compose the hostname below.
+    pub const POD_NAME: &str = "ARCUS_POD_NAME";
+    /// The hostname the node registers with and looks its mapping up by (`<pod>.<namespace>`).
     pub const HOSTNAME_OVERWRITE: &str = "ARCUS_CACHE_HOSTNAME_OVERWRITE";
     /// The IP the node registers in `cache_list` (= pod IP; its own guess can be wrong).
     pub const PUBLIC_IP: &str = "ARCUS_CACHE_PUBLIC_IP";
@@ -67,18 +69,6 @@ pub fn pod_name(cr: &ArcusMemcached, ordinal: u32) -> String {
     format!("{}-{ordinal}", statefulset_name(cr))
 }
 
-/// A StatefulSet pod's hostname is its name; arcus-memcached is told so through
-/// `ARCUS_CACHE_HOSTNAME_OVERWRITE`.
-pub fn pod_hostname(cr: &ArcusMemcached, ordinal: u32) -> String {
-    pod_name(cr, ordinal)
-}
-
-/// `<pod-hostname>:<port>`: the `<addr>` of `/arcus/cache_server_mapping/<addr>/<svc>` for the
-/// node at `ordinal`. Stable across pod restarts, unlike the pod IP.
-pub fn mapping_key(cr: &ArcusMemcached, ordinal: u32) -> String {
-    format!("{}:{}", pod_hostname(cr, ordinal), cr.spec.port)
-}
-
 /// The same names, from a validated spec.
 impl ValidSpec {
     pub fn statefulset_name(&self) -> String {
@@ -87,8 +77,12 @@ impl ValidSpec {
     pub fn pod_name(&self, ordinal: u32) -> String {
         format!("{}-{ordinal}", self.statefulset_name())
     }
+    /// The hostname the node registers with and is mapped by: `<pod>.<namespace>`. A pod's own
+    /// hostname is only its name, which repeats across namespaces, while one ZooKeeper ensemble
+    /// commonly serves many namespaces; qualifying it keeps mappings apart. (At most
+    /// 56 + 1 + 63 characters: within arcus-memcached's 200-byte znode path buffers.)
     pub fn pod_hostname(&self, ordinal: u32) -> String {
-        self.pod_name(ordinal)
+        format!("{}.{}", self.pod_name(ordinal), self.namespace)
     }
     pub fn mapping_key(&self, ordinal: u32) -> String {
         format!("{}:{}", self.pod_hostname(ordinal), self.port)
@@ -187,12 +181,11 @@ mod tests {
         let cr = seed_cr();
         assert_eq!(statefulset_name(&cr), "test-arcus-mc");
         assert_eq!(pod_name(&cr, 0), "test-arcus-mc-0");
-        assert_eq!(pod_hostname(&cr, 4), "test-arcus-mc-4");
-        assert_eq!(mapping_key(&cr, 2), "test-arcus-mc-2:11211");
         let spec = seed_spec();
         assert_eq!(spec.statefulset_name(), "test-arcus-mc");
         assert_eq!(spec.pod_name(1), pod_name(&cr, 1));
-        assert_eq!(spec.mapping_key(2), mapping_key(&cr, 2));
+        assert_eq!(spec.pod_hostname(4), format!("test-arcus-mc-4.{}", spec.namespace));
+        assert_eq!(spec.mapping_key(2), format!("test-arcus-mc-2.{}:11211", spec.namespace));
         assert_eq!(selector_labels(&cr), labels::selector_labels("test"));
     }
 

@@ -132,8 +132,14 @@ fn memcached_container(spec: &ValidSpec) -> Container {
         image_pull_policy: Some(spec.pull_policy.as_str().into()),
         command: Some(command(spec)),
         env: Some(vec![
-            // A StatefulSet pod's hostname is its name; stable across restarts, it keys the mapping.
-            field_env(env::HOSTNAME_OVERWRITE, "metadata.name"),
+            // `<pod>.<namespace>`: stable across restarts and unique per ensemble, it keys the
+            // mapping (see ValidSpec::pod_hostname). Kubernetes expands $(ARCUS_POD_NAME).
+            field_env(env::POD_NAME, "metadata.name"),
+            EnvVar {
+                name: env::HOSTNAME_OVERWRITE.into(),
+                value: Some(format!("$({}).{}", env::POD_NAME, spec.namespace)),
+                ..Default::default()
+            },
             // arcus-memcached's own guess (a UDP connect towards ZooKeeper) can pick the wrong interface.
             field_env(env::PUBLIC_IP, "status.podIP"),
         ]),
@@ -334,35 +340,32 @@ mod tests {
 
     #[test]
     fn container_env_ports_image() {
-        let sts = statefulset(&seed_spec(), 3);
+        let spec = seed_spec();
+        let sts = statefulset(&spec, 3);
         let c = container(&sts);
         assert_eq!(c.name, "arcus-memcached");
         assert_eq!(c.image.as_deref(), Some("jam2in/arcus-memcached:1.11.7"));
         assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
-        let env: Vec<(&str, &str)> = c
+        let env = c
             .env
             .as_ref()
             .unwrap()
             .iter()
             .map(|e| {
-                (
-                    e.name.as_str(),
-                    e.value_from
-                        .as_ref()
-                        .unwrap()
-                        .field_ref
-                        .as_ref()
-                        .unwrap()
-                        .field_path
-                        .as_str(),
-                )
+                let source = match &e.value_from {
+                    Some(v) => v.field_ref.as_ref().unwrap().field_path.clone(),
+                    None => e.value.clone().unwrap(),
+                };
+                (e.name.clone(), source)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let ns = spec.namespace.clone();
         assert_eq!(
             env,
             [
-                ("ARCUS_CACHE_HOSTNAME_OVERWRITE", "metadata.name"),
-                ("ARCUS_CACHE_PUBLIC_IP", "status.podIP")
+                ("ARCUS_POD_NAME".to_string(), "metadata.name".to_string()),
+                ("ARCUS_CACHE_HOSTNAME_OVERWRITE".to_string(), format!("$(ARCUS_POD_NAME).{ns}")),
+                ("ARCUS_CACHE_PUBLIC_IP".to_string(), "status.podIP".to_string())
             ]
         );
         let port = &c.ports.as_ref().unwrap()[0];

@@ -140,10 +140,10 @@ pub fn encode_line(buf: &mut Vec<u8>, words: &[&str]) {
 }
 
 /// True for the error replies every command may get instead of its own:
-/// `ERROR`, `ERROR <msg>` (ARCUS), `CLIENT_ERROR <msg>`, `SERVER_ERROR <msg>`.
+/// `ERROR`, `ERROR <msg>` (ARCUS), `ERROR: <msg>` (stock memcached, e.g. a disabled
+/// `shutdown`), `CLIENT_ERROR <msg>`, `SERVER_ERROR <msg>`.
 pub fn is_error_reply(line: &[u8]) -> bool {
-    line == b"ERROR"
-        || line.starts_with(b"ERROR ")
+    line.starts_with(b"ERROR")
         || line.starts_with(b"CLIENT_ERROR")
         || line.starts_with(b"SERVER_ERROR")
 }
@@ -455,7 +455,8 @@ mod tests {
         assert!(is_error_reply(b"ERROR unknown command"));
         assert!(is_error_reply(b"CLIENT_ERROR bad data chunk"));
         assert!(is_error_reply(b"SERVER_ERROR out of memory storing object"));
-        assert!(!is_error_reply(b"ERRORS"));
+        assert!(is_error_reply(b"ERROR: shutdown not enabled"));
+        assert!(!is_error_reply(b"STORED"));
         assert!(is_unknown_command(b"ERROR"));
         assert!(is_unknown_command(b"ERROR unknown command"));
         assert!(!is_unknown_command(b"ERROR not using ZooKeeper"));

@@ -53,6 +53,16 @@ async fn arcus_only_commands_are_unsupported_on_stock_memcached() -> anyhow::Res
     }
     // Still usable afterwards.
     assert!(admin.stats(None).await?.contains_key("pid"));
+    // Stock memcached refuses `shutdown` unless started with -A.
+    let err = admin.shutdown(None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Server { message, .. } if message.contains("shutdown not enabled")),
+        "{err}"
+    );
+    assert!(
+        admin.stats(None).await?.contains_key("pid"),
+        "still running"
+    );
     Ok(())
 }
 

@@ -20,30 +20,22 @@ pub struct Sandbox {
     pub repo: PathBuf,
 }
 
-static SHARED: OnceCell<Sandbox> = OnceCell::const_new();
+static STARTED: OnceCell<()> = OnceCell::const_new();
 
 impl Sandbox {
     /// The running sandbox, started with `scripts/sandbox up` when it is not answering.
     /// Several test binaries may call this at once: `up` runs under a file lock.
+    ///
+    /// Each call makes its own client: a kube Client is bound to the tokio runtime it was made
+    /// in, and every `#[tokio::test]` has its own runtime. (The small allocation is leaked so
+    /// tests can hold a `&'static Sandbox` across their futures.)
     pub async fn shared() -> anyhow::Result<&'static Sandbox> {
-        SHARED.get_or_try_init(Self::connect_or_start).await
-    }
-
-    async fn connect_or_start() -> anyhow::Result<Sandbox> {
         let repo = repo_dir();
         let dir = PathBuf::from(std::env::var("ARCUS_SANDBOX_DIR").unwrap_or_else(|_| "/var/tmp/arcus-sandbox".into()));
+        STARTED.get_or_try_init(|| start_if_down(repo.clone(), dir.clone())).await?;
         let kubeconfig = dir.join("kubeconfig");
-        if !ready(&repo) {
-            let lock = dir.with_extension("up.lock");
-            let script = repo.join("scripts/sandbox");
-            let status = tokio::task::spawn_blocking(move || {
-                Command::new("flock").arg(&lock).arg(&script).arg("up").status()
-            })
-            .await??;
-            anyhow::ensure!(status.success(), "scripts/sandbox up failed ({status}); see its output above and {}/logs", dir.display());
-        }
         let client = client_from(&kubeconfig).await?;
-        Ok(Sandbox { client, dir, kubeconfig, repo })
+        Ok(Box::leak(Box::new(Sandbox { client, dir, kubeconfig, repo })))
     }
 
     /// A new namespace `<prefix>-<random>`; delete it with [`TestNamespace::cleanup`].
@@ -68,6 +60,17 @@ impl Sandbox {
     pub fn bin_dir(&self) -> PathBuf {
         std::env::var("ARCUS_BIN_DIR").map(PathBuf::from).unwrap_or_else(|_| self.repo.join("target/debug"))
     }
+}
+
+async fn start_if_down(repo: PathBuf, dir: PathBuf) -> anyhow::Result<()> {
+    if ready(&repo) {
+        return Ok(());
+    }
+    let lock = dir.with_extension("up.lock");
+    let script = repo.join("scripts/sandbox");
+    let status = tokio::task::spawn_blocking(move || Command::new("flock").arg(&lock).arg(&script).arg("up").status()).await??;
+    anyhow::ensure!(status.success(), "scripts/sandbox up failed ({status}); see its output above and {}/logs", dir.display());
+    Ok(())
 }
 
 pub struct TestNamespace {

@@ -2,14 +2,9 @@
 //! local processes (checked in /proc through the PID in `containerID: sandbox://<pid>`), each on
 //! its own 127.1.x.y IP, with probes, restarts, volumes, env and graceful deletion.
 //! Each test uses its own namespace; every wait is bounded.
-//!
-//! All tests run on one process-wide tokio runtime: `Sandbox::shared()` keeps one kube client for
-//! the whole test binary, and a client's connection worker dies with the runtime it was first
-//! used on (with `#[tokio::test]`, the first test's runtime).
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -21,33 +16,21 @@ use test_support::wait_until;
 
 const START: Duration = Duration::from_secs(60);
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    })
-}
-
 /// Runs `body` in a fresh namespace; dumps the namespace on failure and always cleans up.
-fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
+async fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
 where
     F: FnOnce(&'static Sandbox, String) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    runtime().block_on(async {
-        let sb = Sandbox::shared().await?;
-        let ns = sb.namespace(prefix).await?;
-        wait_for_token(sb, &ns.name).await?;
-        let result = body(sb, ns.name.clone()).await;
-        if result.is_err() {
-            ns.dump().await;
-        }
-        finish(ns).await?;
-        result
-    })
+    let sb = Sandbox::shared().await?;
+    let ns = sb.namespace(prefix).await?;
+    wait_for_token(sb, &ns.name).await?;
+    let result = body(sb, ns.name.clone()).await;
+    if result.is_err() {
+        ns.dump().await;
+    }
+    finish(ns).await?;
+    result
 }
 
 async fn finish(ns: TestNamespace) -> anyhow::Result<()> {
@@ -169,8 +152,8 @@ async fn wait_running(sb: &Sandbox, ns: &str, name: &str) -> anyhow::Result<(Pod
     .await
 }
 
-#[test]
-fn deployment_runs_processes_and_scaling_down_stops_them() -> anyhow::Result<()> {
+#[tokio::test]
+async fn deployment_runs_processes_and_scaling_down_stops_them() -> anyhow::Result<()> {
     in_namespace("agent-deploy", |sb, ns| async move {
         let deploy: Deployment = serde_json::from_value(serde_json::json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -268,10 +251,11 @@ fn deployment_runs_processes_and_scaling_down_stops_them() -> anyhow::Result<()>
         );
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn failing_readiness_probe_keeps_pod_running_but_not_ready() -> anyhow::Result<()> {
+#[tokio::test]
+async fn failing_readiness_probe_keeps_pod_running_but_not_ready() -> anyhow::Result<()> {
     in_namespace("agent-ready", |sb, ns| async move {
         let mut pod = busybox_pod(
             "notready",
@@ -331,10 +315,11 @@ fn failing_readiness_probe_keeps_pod_running_but_not_ready() -> anyhow::Result<(
         }
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn exiting_container_is_restarted_with_backoff() -> anyhow::Result<()> {
+#[tokio::test]
+async fn exiting_container_is_restarted_with_backoff() -> anyhow::Result<()> {
     in_namespace("agent-crash", |sb, ns| async move {
         create_pod(
             sb,
@@ -392,10 +377,11 @@ fn exiting_container_is_restarted_with_backoff() -> anyhow::Result<()> {
         .await?;
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn failing_liveness_probe_restarts_the_container() -> anyhow::Result<()> {
+#[tokio::test]
+async fn failing_liveness_probe_restarts_the_container() -> anyhow::Result<()> {
     in_namespace("agent-live", |sb, ns| async move {
         create_pod(
             sb,
@@ -429,10 +415,11 @@ fn failing_liveness_probe_restarts_the_container() -> anyhow::Result<()> {
         assert!(!proc_alive(first_pid), "the first process is gone");
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn unknown_image_reports_err_image_pull() -> anyhow::Result<()> {
+#[tokio::test]
+async fn unknown_image_reports_err_image_pull() -> anyhow::Result<()> {
     in_namespace("agent-image", |sb, ns| async move {
         create_pod(
             sb,
@@ -474,10 +461,11 @@ fn unknown_image_reports_err_image_pull() -> anyhow::Result<()> {
         }
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn config_map_volume_is_mounted_privately_at_mount_path() -> anyhow::Result<()> {
+#[tokio::test]
+async fn config_map_volume_is_mounted_privately_at_mount_path() -> anyhow::Result<()> {
     in_namespace("agent-cm", |sb, ns| async move {
         let cm: ConfigMap = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
@@ -540,10 +528,11 @@ fn config_map_volume_is_mounted_privately_at_mount_path() -> anyhow::Result<()> 
         let _ = std::fs::remove_dir(&mount);
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn env_field_refs_expansion_and_service_account_kubeconfig() -> anyhow::Result<()> {
+#[tokio::test]
+async fn env_field_refs_expansion_and_service_account_kubeconfig() -> anyhow::Result<()> {
     in_namespace("agent-env", |sb, ns| async move {
         create_pod(
             sb,
@@ -594,10 +583,11 @@ fn env_field_refs_expansion_and_service_account_kubeconfig() -> anyhow::Result<(
         assert!(text.contains("forbidden"), "{text}");
         Ok(())
     })
+    .await
 }
 
-#[test]
-fn deleting_a_pod_sends_sigterm_and_removes_it() -> anyhow::Result<()> {
+#[tokio::test]
+async fn deleting_a_pod_sends_sigterm_and_removes_it() -> anyhow::Result<()> {
     in_namespace("agent-delete", |sb, ns| async move {
         let marker = std::env::temp_dir().join(format!("arcus-e2e-term-{ns}"));
         let _ = std::fs::remove_file(&marker);
@@ -631,4 +621,5 @@ fn deleting_a_pod_sends_sigterm_and_removes_it() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&marker);
         Ok(())
     })
+    .await
 }

@@ -16,13 +16,30 @@ impl Memcached {
         let ip = unique_loopback_ip();
         let port = free_port(&ip);
         let mut cmd = Command::new("memcached");
-        cmd.args(["-u", "root", "-U", "0", "-l", &ip, "-p", &port.to_string(), "-m", &memlimit_mb.to_string(), "-c", "1024", "-t", "2"]);
+        cmd.args([
+            "-u",
+            "root",
+            "-U",
+            "0",
+            "-l",
+            &ip,
+            "-p",
+            &port.to_string(),
+            "-m",
+            &memlimit_mb.to_string(),
+            "-c",
+            "1024",
+            "-t",
+            "2",
+        ]);
         let log = std::env::temp_dir().join(format!("arcus-test-memcached-{ip}-{port}.log"));
         let guard = ChildGuard::spawn("memcached", cmd, &log)?;
         let addr = format!("{ip}:{port}");
-        crate::wait::wait_until_blocking(Duration::from_secs(10), &format!("memcached at {addr} to accept"), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        })?;
+        crate::wait::wait_until_blocking(
+            Duration::from_secs(10),
+            &format!("memcached at {addr} to accept"),
+            || std::net::TcpStream::connect(&addr).is_ok(),
+        )?;
         Ok(Self { ip, port, guard })
     }
 

@@ -14,8 +14,10 @@ const MANAGER: &str = "arcus-e2e";
 
 fn docs(sandbox: &Sandbox, file: &str) -> anyhow::Result<Vec<Value>> {
     let path = sandbox.repo.join("deploy").join(file);
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
@@ -26,16 +28,27 @@ pub async fn apply_json(sandbox: &Sandbox, obj: &Value) -> anyhow::Result<()> {
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
     let gvk = GroupVersionKind::gvk(group, version, kind);
     let (ar, caps) = kube::discovery::pinned_kind(&sandbox.client, &gvk).await?;
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let api: Api<DynamicObject> = match (caps.scope, obj["metadata"]["namespace"].as_str()) {
-        (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(sandbox.client.clone(), ns, &ar),
-        (kube::discovery::Scope::Namespaced, None) => Api::default_namespaced_with(sandbox.client.clone(), &ar),
+        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+            Api::namespaced_with(sandbox.client.clone(), ns, &ar)
+        }
+        (kube::discovery::Scope::Namespaced, None) => {
+            Api::default_namespaced_with(sandbox.client.clone(), &ar)
+        }
         _ => Api::all_with(sandbox.client.clone(), &ar),
     };
     let _: &ApiResource = &ar;
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(|e| anyhow::anyhow!("applying {kind} {name}: {e}"))?;
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("applying {kind} {name}: {e}"))?;
     Ok(())
 }
 
@@ -46,20 +59,32 @@ pub async fn install_crd(sandbox: &Sandbox) -> anyhow::Result<()> {
     }
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(sandbox.client.clone());
-    crate::wait_until(Duration::from_secs(30), "CRD memcacheds.jam2in.com Established", || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get_opt("memcacheds.jam2in.com").await.ok()??;
-            let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(())
-        }
-    })
+    crate::wait_until(
+        Duration::from_secs(30),
+        "CRD memcacheds.jam2in.com Established",
+        || {
+            let crds = crds.clone();
+            async move {
+                let crd = crds.get_opt("memcacheds.jam2in.com").await.ok()??;
+                let established = crd
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        },
+    )
     .await
 }
 
 /// Deploys RBAC and the operator Deployment (`replicas`) into `ns`, watching only `ns`, and
 /// waits until `replicas` operator pods run.
-pub async fn deploy_operator(sandbox: &Sandbox, ns: &TestNamespace, replicas: i32) -> anyhow::Result<()> {
+pub async fn deploy_operator(
+    sandbox: &Sandbox,
+    ns: &TestNamespace,
+    replicas: i32,
+) -> anyhow::Result<()> {
     install_crd(sandbox).await?;
     for mut d in docs(sandbox, "rbac.yaml")? {
         match d["kind"].as_str() {
@@ -69,7 +94,10 @@ pub async fn deploy_operator(sandbox: &Sandbox, ns: &TestNamespace, replicas: i3
             }
             Some("ClusterRole") => apply_json(sandbox, &d).await?,
             Some("ClusterRoleBinding") => {
-                let role = d["roleRef"]["name"].as_str().unwrap_or("arcus-operator").to_string();
+                let role = d["roleRef"]["name"]
+                    .as_str()
+                    .unwrap_or("arcus-operator")
+                    .to_string();
                 let binding = json!({
                     "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                     "metadata": {"name": format!("arcus-operator-{}", ns.name), "labels": {"arcus-e2e": "true"}},
@@ -97,35 +125,64 @@ pub async fn deploy_operator(sandbox: &Sandbox, ns: &TestNamespace, replicas: i3
         apply_json(sandbox, &d).await?;
     }
     let pods: Api<Pod> = ns.api();
-    crate::wait_until(Duration::from_secs(90), &format!("{replicas} operator pods running in {}", ns.name), || {
-        let pods = pods.clone();
-        async move {
-            let list = pods.list(&ListParams::default().labels("name=arcus-operator")).await.ok()?;
-            let running = list.items.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).count();
-            (running as i32 == replicas).then_some(())
-        }
-    })
+    crate::wait_until(
+        Duration::from_secs(90),
+        &format!("{replicas} operator pods running in {}", ns.name),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels("name=arcus-operator"))
+                    .await
+                    .ok()?;
+                let running = list
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .count();
+                (running as i32 == replicas).then_some(())
+            }
+        },
+    )
     .await
 }
 
 /// Removes what [`deploy_operator`] made outside the namespace.
 pub async fn undeploy_operator(sandbox: &Sandbox, ns: &TestNamespace) {
     let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(sandbox.client.clone());
-    let _ = api.delete(&format!("arcus-operator-{}", ns.name), &Default::default()).await;
+    let _ = api
+        .delete(&format!("arcus-operator-{}", ns.name), &Default::default())
+        .await;
 }
 
 /// The PID of a pod's first container process, as the node agent reports it
 /// (containerID `sandbox://<pid>`).
 pub fn container_pid(pod: &Pod) -> Option<i32> {
-    let id = pod.status.as_ref()?.container_statuses.as_ref()?.first()?.container_id.clone()?;
+    let id = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .container_id
+        .clone()?;
     id.strip_prefix("sandbox://")?.parse().ok()
 }
 
 /// The operator pod holding the leader Lease, if any.
 pub async fn leader_pod(ns: &TestNamespace) -> anyhow::Result<Option<Pod>> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
-    let Some(lease) = leases.get_opt("arcus-operator-leader").await? else { return Ok(None) };
-    let Some(holder) = lease.spec.and_then(|s| s.holder_identity) else { return Ok(None) };
+    let Some(lease) = leases.get_opt("arcus-operator-leader").await? else {
+        return Ok(None);
+    };
+    let Some(holder) = lease.spec.and_then(|s| s.holder_identity) else {
+        return Ok(None);
+    };
     let pods: Api<Pod> = ns.api();
-    Ok(pods.get_opt(&holder).await?.filter(|p| p.name_any() == holder))
+    Ok(pods
+        .get_opt(&holder)
+        .await?
+        .filter(|p| p.name_any() == holder))
 }

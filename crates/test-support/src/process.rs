@@ -13,7 +13,10 @@ impl ChildGuard {
     /// Spawns `cmd` in its own process group with output appended to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: &std::path::Path) -> anyhow::Result<Self> {
         use std::os::unix::process::CommandExt;
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -21,7 +24,10 @@ impl ChildGuard {
         let child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {name} ({:?}): {e}", cmd.get_program()))?;
-        Ok(Self { name: name.to_string(), child: Some(child) })
+        Ok(Self {
+            name: name.to_string(),
+            child: Some(child),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -60,7 +66,10 @@ impl ChildGuard {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("{} (pid {pid}) ignored SIGTERM for {grace:?}; sending SIGKILL", self.name);
+        eprintln!(
+            "{} (pid {pid}) ignored SIGTERM for {grace:?}; sending SIGKILL",
+            self.name
+        );
         unsafe { libc_kill(-pid, 9) };
         child.wait().ok()
     }
@@ -80,7 +89,10 @@ extern "C" {
 /// A free TCP port on `ip`, found by binding port 0. Racy by nature; tests also use their own
 /// address (a distinct 127.x IP) so two tests never pick the same ip:port.
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind port 0")
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind port 0")
 }
 
 /// A loopback address unique to this process and call, in 127.200.0.0/16, so parallel tests

@@ -31,11 +31,20 @@ impl Sandbox {
     /// tests can hold a `&'static Sandbox` across their futures.)
     pub async fn shared() -> anyhow::Result<&'static Sandbox> {
         let repo = repo_dir();
-        let dir = PathBuf::from(std::env::var("ARCUS_SANDBOX_DIR").unwrap_or_else(|_| "/var/tmp/arcus-sandbox".into()));
-        STARTED.get_or_try_init(|| start_if_down(repo.clone(), dir.clone())).await?;
+        let dir = PathBuf::from(
+            std::env::var("ARCUS_SANDBOX_DIR").unwrap_or_else(|_| "/var/tmp/arcus-sandbox".into()),
+        );
+        STARTED
+            .get_or_try_init(|| start_if_down(repo.clone(), dir.clone()))
+            .await?;
         let kubeconfig = dir.join("kubeconfig");
         let client = client_from(&kubeconfig).await?;
-        Ok(Box::leak(Box::new(Sandbox { client, dir, kubeconfig, repo })))
+        Ok(Box::leak(Box::new(Sandbox {
+            client,
+            dir,
+            kubeconfig,
+            repo,
+        })))
     }
 
     /// A new namespace `<prefix>-<random>`; delete it with [`TestNamespace::cleanup`].
@@ -45,20 +54,55 @@ impl Sandbox {
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "labels": {"arcus-e2e": "true"}}
         }))?;
-        Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await?;
-        Ok(TestNamespace { name, client: self.client.clone(), dir: self.dir.clone() })
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        // Pods are refused until the token controller has given `default` its token Secret.
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.client.clone(), &name);
+        crate::wait_until(
+            Duration::from_secs(30),
+            &format!("a token for {name}/default"),
+            || {
+                let sas = sas.clone();
+                async move {
+                    sas.get_opt("default")
+                        .await
+                        .ok()??
+                        .secrets
+                        .filter(|s| !s.is_empty())
+                        .map(|_| ())
+                }
+            },
+        )
+        .await?;
+        Ok(TestNamespace {
+            name,
+            client: self.client.clone(),
+            dir: self.dir.clone(),
+        })
     }
 
     /// Runs kubectl against the sandbox; returns stdout, fails with stderr.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("kubectl").env("KUBECONFIG", &self.kubeconfig).args(args).output()?;
-        anyhow::ensure!(out.status.success(), "kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Where the workspace's binaries are (what the node agent runs for our images).
     pub fn bin_dir(&self) -> PathBuf {
-        std::env::var("ARCUS_BIN_DIR").map(PathBuf::from).unwrap_or_else(|_| self.repo.join("target/debug"))
+        std::env::var("ARCUS_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| self.repo.join("target/debug"))
     }
 }
 
@@ -68,8 +112,19 @@ async fn start_if_down(repo: PathBuf, dir: PathBuf) -> anyhow::Result<()> {
     }
     let lock = dir.with_extension("up.lock");
     let script = repo.join("scripts/sandbox");
-    let status = tokio::task::spawn_blocking(move || Command::new("flock").arg(&lock).arg(&script).arg("up").status()).await??;
-    anyhow::ensure!(status.success(), "scripts/sandbox up failed ({status}); see its output above and {}/logs", dir.display());
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new("flock")
+            .arg(&lock)
+            .arg(&script)
+            .arg("up")
+            .status()
+    })
+    .await??;
+    anyhow::ensure!(
+        status.success(),
+        "scripts/sandbox up failed ({status}); see its output above and {}/logs",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -82,7 +137,10 @@ pub struct TestNamespace {
 impl TestNamespace {
     pub fn api<K>(&self) -> Api<K>
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.name)
@@ -99,9 +157,20 @@ impl TestNamespace {
                     .container_statuses
                     .unwrap_or_default()
                     .iter()
-                    .map(|c| format!("{} ready={} restarts={} state={:?}", c.name, c.ready, c.restart_count, c.state))
+                    .map(|c| {
+                        format!(
+                            "{} ready={} restarts={} state={:?}",
+                            c.name, c.ready, c.restart_count, c.state
+                        )
+                    })
                     .collect();
-                eprintln!("pod {} phase={:?} ip={:?} {:?}", p.metadata.name.unwrap_or_default(), st.phase, st.pod_ip, cs);
+                eprintln!(
+                    "pod {} phase={:?} ip={:?} {:?}",
+                    p.metadata.name.unwrap_or_default(),
+                    st.phase,
+                    st.pod_ip,
+                    cs
+                );
             }
         }
         if let Ok(events) = self.api::<Event>().list(&ListParams::default()).await {
@@ -118,7 +187,10 @@ impl TestNamespace {
         tail(&self.dir.join("logs/node-agent.log"), 30);
         if let Ok(rd) = std::fs::read_dir(self.dir.join("logs/pods")) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&format!("{}_", self.name)) {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{}_", self.name))
+                {
                     tail(&e.path(), 15);
                 }
             }
@@ -130,11 +202,15 @@ impl TestNamespace {
         let api = Api::<Namespace>::all(self.client.clone());
         let _ = api.delete(&self.name, &DeleteParams::default()).await;
         let name = self.name.clone();
-        crate::wait_until(Duration::from_secs(120), &format!("namespace {name} to be deleted"), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
-        })
+        crate::wait_until(
+            Duration::from_secs(120),
+            &format!("namespace {name} to be deleted"),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+            },
+        )
         .await
     }
 }
@@ -168,5 +244,8 @@ pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
 
 /// The workspace root (this crate lives in crates/test-support).
 pub fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }

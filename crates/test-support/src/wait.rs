@@ -22,7 +22,11 @@ where
 }
 
 /// The blocking twin of [`wait_until`] for code outside a runtime.
-pub fn wait_until_blocking(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub fn wait_until_blocking(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if check() {

@@ -18,10 +18,16 @@ impl ZkServer {
     pub fn start() -> anyhow::Result<Self> {
         let ip = unique_loopback_ip();
         let port = free_port(&ip);
-        let dir = std::env::temp_dir().join(format!("arcus-test-zk-{}-{ip}-{port}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("arcus-test-zk-{}-{ip}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("data"))?;
-        let mut zk = Self { ip, port, dir, guard: None };
+        let mut zk = Self {
+            ip,
+            port,
+            dir,
+            guard: None,
+        };
         zk.spawn()?;
         Ok(zk)
     }
@@ -44,11 +50,17 @@ impl ZkServer {
             .arg("-Dzookeeper.admin.enableServer=false")
             .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
             .arg(self.dir.join("zoo.cfg"));
-        self.guard = Some(ChildGuard::spawn("zookeeper", cmd, &self.dir.join("zk.log"))?);
+        self.guard = Some(ChildGuard::spawn(
+            "zookeeper",
+            cmd,
+            &self.dir.join("zk.log"),
+        )?);
         let addr = self.addr();
-        crate::wait::wait_until_blocking(Duration::from_secs(60), &format!("ZooKeeper at {addr} to answer ruok"), || {
-            ruok(&addr)
-        })
+        crate::wait::wait_until_blocking(
+            Duration::from_secs(60),
+            &format!("ZooKeeper at {addr} to answer ruok"),
+            || ruok(&addr),
+        )
     }
 
     pub fn addr(&self) -> String {
@@ -84,8 +96,12 @@ pub fn zk_classpath() -> String {
 /// True when the server at `addr` answers the `ruok` four-letter word with `imok`.
 pub fn ruok(addr: &str) -> bool {
     use std::io::{Read, Write};
-    let Ok(sock_addr) = addr.parse() else { return false };
-    let Ok(mut s) = TcpStream::connect_timeout(&sock_addr, Duration::from_millis(500)) else { return false };
+    let Ok(sock_addr) = addr.parse() else {
+        return false;
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&sock_addr, Duration::from_millis(500)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     if s.write_all(b"ruok").is_err() {
         return false;

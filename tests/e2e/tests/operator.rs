@@ -5,7 +5,10 @@
 use arcus_operator::crd::ArcusMemcached;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
+};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -36,7 +39,10 @@ fn service_code(ns: &TestNamespace) -> String {
 }
 
 async fn zk_client() -> anyhow::Result<zk::Client> {
-    Ok(zk::Client::connector().with_session_timeout(Duration::from_secs(10)).connect(ZOOKEEPER).await?)
+    Ok(zk::Client::connector()
+        .with_session_timeout(Duration::from_secs(10))
+        .connect(ZOOKEEPER)
+        .await?)
 }
 
 async fn children(zk: &zk::Client, path: &str) -> Vec<String> {
@@ -49,18 +55,29 @@ async fn children(zk: &zk::Client, path: &str) -> Vec<String> {
 async fn mappings_of(zk: &zk::Client, svc: &str, ns: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for key in children(zk, MAPPINGS).await {
-        if key.contains(ns) && children(zk, &format!("{MAPPINGS}/{key}")).await == vec![svc.to_string()] {
+        if key.contains(ns)
+            && children(zk, &format!("{MAPPINGS}/{key}")).await == vec![svc.to_string()]
+        {
             out.insert(key);
         }
     }
     out
 }
 
-async fn wait_ready(api: &Api<ArcusMemcached>, name: &str, want: &str, secs: u64) -> anyhow::Result<()> {
-    wait_until(Duration::from_secs(secs), &format!("{name} status.ready == {want}"), || async {
-        let cr = api.get(name).await.ok()?;
-        (cr.status?.ready.as_deref() == Some(want)).then_some(())
-    })
+async fn wait_ready(
+    api: &Api<ArcusMemcached>,
+    name: &str,
+    want: &str,
+    secs: u64,
+) -> anyhow::Result<()> {
+    wait_until(
+        Duration::from_secs(secs),
+        &format!("{name} status.ready == {want}"),
+        || async {
+            let cr = api.get(name).await.ok()?;
+            (cr.status?.ready.as_deref() == Some(want)).then_some(())
+        },
+    )
     .await
 }
 
@@ -68,7 +85,13 @@ async fn pods_named(ns: &TestNamespace, prefix: &str) -> BTreeSet<String> {
     let pods: Api<Pod> = ns.api();
     pods.list(&ListParams::default())
         .await
-        .map(|l| l.items.iter().map(|p| p.name_any()).filter(|n| n.starts_with(prefix)).collect())
+        .map(|l| {
+            l.items
+                .iter()
+                .map(|p| p.name_any())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -92,16 +115,33 @@ where
     }
     // Delete CRs first so the operator (still running) removes their ZooKeeper state.
     let crs: Api<ArcusMemcached> = ns.api();
-    let _ = crs.delete_collection(&DeleteParams::default(), &ListParams::default()).await;
+    let _ = crs
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
     let deleted = wait_until(Duration::from_secs(120), "test CRs deleted", || async {
-        crs.list(&ListParams::default()).await.ok().filter(|l| l.items.is_empty()).map(|_| ())
+        crs.list(&ListParams::default())
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
+            .map(|_| ())
     })
     .await;
     if let Err(e) = &deleted {
         // Let the namespace go anyway; the test fails below.
         eprintln!("{e}: removing finalizers by hand");
-        for cr in crs.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
-            let _ = crs.patch(&cr.name_any(), &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await;
+        for cr in crs
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let _ = crs
+                .patch(
+                    &cr.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
         }
     }
     undeploy_operator(sandbox, &ns).await;
@@ -116,60 +156,113 @@ async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
             let zk = zk_client().await?;
             let svc = service_code(&ns);
             let crs: Api<ArcusMemcached> = ns.api();
-            crs.create(&PostParams::default(), &cr("test", &svc, 3)).await?;
+            crs.create(&PostParams::default(), &cr("test", &svc, 3))
+                .await?;
             wait_ready(&crs, "test", "3/3", 180).await?;
             assert_eq!(
                 pods_named(&ns, "test-arcus-mc-").await,
-                ["test-arcus-mc-0", "test-arcus-mc-1", "test-arcus-mc-2"].iter().map(|s| s.to_string()).collect()
+                ["test-arcus-mc-0", "test-arcus-mc-1", "test-arcus-mc-2"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
             );
-            assert_eq!(children(&zk, &format!("/arcus/cache_list/{svc}")).await.len(), 3, "3 registered znodes");
+            assert_eq!(
+                children(&zk, &format!("/arcus/cache_list/{svc}"))
+                    .await
+                    .len(),
+                3,
+                "3 registered znodes"
+            );
             let status = crs.get("test").await?.status.unwrap();
-            assert_eq!(status.image.as_deref(), Some("jam2in/arcus-memcached:1.11.7"));
+            assert_eq!(
+                status.image.as_deref(),
+                Some("jam2in/arcus-memcached:1.11.7")
+            );
             assert_eq!(mappings_of(&zk, &svc, &ns.name).await.len(), 3);
 
             // Scale out: the mappings must exist by the time the StatefulSet asks for 5, and the
             // new nodes must never have exited for want of a mapping (exit 76 → restarts).
-            crs.patch("test", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}}))).await?;
+            crs.patch(
+                "test",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 5}})),
+            )
+            .await?;
             let sts: Api<StatefulSet> = ns.api();
-            wait_until(Duration::from_secs(60), "StatefulSet replicas 5", || async {
-                let s = sts.get("test-arcus-mc").await.ok()?;
-                (s.spec?.replicas == Some(5)).then_some(())
-            })
+            wait_until(
+                Duration::from_secs(60),
+                "StatefulSet replicas 5",
+                || async {
+                    let s = sts.get("test-arcus-mc").await.ok()?;
+                    (s.spec?.replicas == Some(5)).then_some(())
+                },
+            )
             .await?;
             let mapped = mappings_of(&zk, &svc, &ns.name).await;
-            assert_eq!(mapped.len(), 5, "all 5 mappings exist as soon as the StatefulSet says 5: {mapped:?}");
+            assert_eq!(
+                mapped.len(),
+                5,
+                "all 5 mappings exist as soon as the StatefulSet says 5: {mapped:?}"
+            );
             wait_ready(&crs, "test", "5/5", 180).await?;
             let pods: Api<Pod> = ns.api();
             for n in ["test-arcus-mc-3", "test-arcus-mc-4"] {
                 let p = pods.get(n).await?;
                 let restarts = p.status.unwrap().container_statuses.unwrap()[0].restart_count;
-                assert_eq!(restarts, 0, "{n} restarted: it started before its mapping existed");
+                assert_eq!(
+                    restarts, 0,
+                    "{n} restarted: it started before its mapping existed"
+                );
             }
 
             // Scale in: each surplus mapping disappears only after its pod is gone.
-            crs.patch("test", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await?;
-            wait_until(Duration::from_secs(120), "mappings for ordinals 3 and 4 removed", || async {
-                let mapped = mappings_of(&zk, &svc, &ns.name).await;
-                let pods = pods_named(&ns, "test-arcus-mc-").await;
-                for o in [3, 4] {
-                    let gone = !mapped.iter().any(|k| k.starts_with(&format!("test-arcus-mc-{o}")));
-                    assert!(!gone || !pods.contains(&format!("test-arcus-mc-{o}")), "mapping {o} removed while its pod exists");
-                }
-                (mapped.len() == 3).then_some(())
-            })
+            crs.patch(
+                "test",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 3}})),
+            )
+            .await?;
+            wait_until(
+                Duration::from_secs(120),
+                "mappings for ordinals 3 and 4 removed",
+                || async {
+                    let mapped = mappings_of(&zk, &svc, &ns.name).await;
+                    let pods = pods_named(&ns, "test-arcus-mc-").await;
+                    for o in [3, 4] {
+                        let gone = !mapped
+                            .iter()
+                            .any(|k| k.starts_with(&format!("test-arcus-mc-{o}")));
+                        assert!(
+                            !gone || !pods.contains(&format!("test-arcus-mc-{o}")),
+                            "mapping {o} removed while its pod exists"
+                        );
+                    }
+                    (mapped.len() == 3).then_some(())
+                },
+            )
             .await?;
             wait_ready(&crs, "test", "3/3", 60).await?;
 
             // Delete: no pod, no mapping, no cache_list/client_list left.
             crs.delete("test", &DeleteParams::default()).await?;
-            wait_until(Duration::from_secs(120), "CR gone with its ZooKeeper state", || async {
-                let gone = crs.get_opt("test").await.ok()?.is_none();
-                (gone && pods_named(&ns, "test-arcus-mc-").await.is_empty()).then_some(())
-            })
+            wait_until(
+                Duration::from_secs(120),
+                "CR gone with its ZooKeeper state",
+                || async {
+                    let gone = crs.get_opt("test").await.ok()?.is_none();
+                    (gone && pods_named(&ns, "test-arcus-mc-").await.is_empty()).then_some(())
+                },
+            )
             .await?;
             assert!(mappings_of(&zk, &svc, &ns.name).await.is_empty());
-            assert_eq!(zk.check_stat(&format!("/arcus/cache_list/{svc}")).await?, None);
-            assert_eq!(zk.check_stat(&format!("/arcus/client_list/{svc}")).await?, None);
+            assert_eq!(
+                zk.check_stat(&format!("/arcus/cache_list/{svc}")).await?,
+                None
+            );
+            assert_eq!(
+                zk.check_stat(&format!("/arcus/client_list/{svc}")).await?,
+                None
+            );
             Ok(())
         }
         .await;
@@ -179,32 +272,67 @@ async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn leader_killed_during_scale_standby_finishes_without_repeating_writes() -> anyhow::Result<()> {
+async fn leader_killed_during_scale_standby_finishes_without_repeating_writes() -> anyhow::Result<()>
+{
     with_namespace("leader", 3, |sandbox, ns| async move {
         let r = async {
             let zk = zk_client().await?;
             let svc = service_code(&ns);
             let crs: Api<ArcusMemcached> = ns.api();
-            crs.create(&PostParams::default(), &cr("lead", &svc, 1)).await?;
+            crs.create(&PostParams::default(), &cr("lead", &svc, 1))
+                .await?;
             wait_ready(&crs, "lead", "1/1", 120).await?;
-            let leader = wait_until(Duration::from_secs(30), "a leader", || async { leader_pod(&ns).await.ok().flatten() }).await?;
+            let leader = wait_until(Duration::from_secs(30), "a leader", || async {
+                leader_pod(&ns).await.ok().flatten()
+            })
+            .await?;
             let pid = container_pid(&leader).expect("leader pid");
 
-            crs.patch("lead", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await?;
+            crs.patch(
+                "lead",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 3}})),
+            )
+            .await?;
             // Kill the leader as soon as it has started the scale (first new mapping written).
             wait_until(Duration::from_secs(30), "scale started", || async {
                 (mappings_of(&zk, &svc, &ns.name).await.len() > 1).then_some(())
             })
             .await?;
-            std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+            // The leader dies with its pod (a restarted process in the same pod would resume the
+            // lease under the same identity at once; here a stand-by must take over).
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()?;
             let old = leader.name_any();
+            let pods: Api<Pod> = ns.api();
+            pods.delete(
+                &old,
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await?;
             let started = std::time::Instant::now();
             let new_leader = wait_until(Duration::from_secs(40), "a new leader", || async {
-                leader_pod(&ns).await.ok().flatten().filter(|p| p.name_any() != old)
+                leader_pod(&ns)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|p| p.name_any() != old)
             })
             .await?;
-            eprintln!("takeover by {} after {:?}", new_leader.name_any(), started.elapsed());
-            assert!(started.elapsed() < Duration::from_secs(25), "stand-by took {:?}", started.elapsed());
+            eprintln!(
+                "takeover by {} after {:?}",
+                new_leader.name_any(),
+                started.elapsed()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(25),
+                "stand-by took {:?}",
+                started.elapsed()
+            );
             wait_ready(&crs, "lead", "3/3", 180).await?;
 
             // No ZooKeeper write twice: each op the leaders logged appears once across all
@@ -215,17 +343,29 @@ async fn leader_killed_during_scale_standby_finishes_without_repeating_writes() 
                 if !name.starts_with(&format!("{}_arcus-operator-", ns.name)) {
                     continue;
                 }
-                for line in std::fs::read_to_string(entry.path())?.lines().filter(|l| l.contains("zk write")) {
+                for line in std::fs::read_to_string(entry.path())?
+                    .lines()
+                    .filter(|l| l.contains("zk write"))
+                {
                     let op = line.split("op=").nth(1).unwrap_or(line).to_string();
                     *seen.entry(op).or_default() += 1;
                 }
             }
             let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
             assert!(!seen.is_empty(), "operator logs carry zk write lines");
-            assert!(repeated.is_empty(), "ZooKeeper writes repeated: {repeated:?}");
+            assert!(
+                repeated.is_empty(),
+                "ZooKeeper writes repeated: {repeated:?}"
+            );
             for key in mappings_of(&zk, &svc, &ns.name).await {
-                let stat = zk.check_stat(&format!("{MAPPINGS}/{key}")).await?.expect("mapping");
-                assert_eq!(stat.cversion, 1, "mapping {key} children changed more than once");
+                let stat = zk
+                    .check_stat(&format!("{MAPPINGS}/{key}"))
+                    .await?
+                    .expect("mapping");
+                assert_eq!(
+                    stat.cversion, 1,
+                    "mapping {key} children changed more than once"
+                );
             }
             Ok(())
         }
@@ -242,23 +382,55 @@ async fn second_resource_with_same_service_code_is_refused() -> anyhow::Result<(
             let zk = zk_client().await?;
             let svc = service_code(&ns);
             let crs: Api<ArcusMemcached> = ns.api();
-            crs.create(&PostParams::default(), &cr("first", &svc, 1)).await?;
+            crs.create(&PostParams::default(), &cr("first", &svc, 1))
+                .await?;
             wait_ready(&crs, "first", "1/1", 120).await?;
             let before = crs.get("first").await?.status;
-            crs.create(&PostParams::default(), &cr("second", &svc, 2)).await?;
-            let msg = wait_until(Duration::from_secs(60), "second refused in status", || async {
-                crs.get("second").await.ok()?.status?.message.filter(|m| m.contains("already in use"))
-            })
+            crs.create(&PostParams::default(), &cr("second", &svc, 2))
+                .await?;
+            let msg = wait_until(
+                Duration::from_secs(60),
+                "second refused in status",
+                || async {
+                    crs.get("second")
+                        .await
+                        .ok()?
+                        .status?
+                        .message
+                        .filter(|m| m.contains("already in use"))
+                },
+            )
             .await?;
-            assert!(msg.contains(&svc) && msg.contains("first"), "message names the code and the owner: {msg}");
+            assert!(
+                msg.contains(&svc) && msg.contains("first"),
+                "message names the code and the owner: {msg}"
+            );
             let sts: Api<StatefulSet> = ns.api();
-            assert!(sts.get_opt("second-arcus-mc").await?.is_none(), "no StatefulSet for the refused resource");
-            assert_eq!(mappings_of(&zk, &svc, &ns.name).await.len(), 1, "only the first's mapping");
-            assert_eq!(crs.get("first").await?.status.map(|s| s.ready), before.map(|s| s.ready));
+            assert!(
+                sts.get_opt("second-arcus-mc").await?.is_none(),
+                "no StatefulSet for the refused resource"
+            );
+            assert_eq!(
+                mappings_of(&zk, &svc, &ns.name).await.len(),
+                1,
+                "only the first's mapping"
+            );
+            assert_eq!(
+                crs.get("first").await?.status.map(|s| s.ready),
+                before.map(|s| s.ready)
+            );
             // Deleting the refused one must not touch the first's ZooKeeper state.
             crs.delete("second", &DeleteParams::default()).await?;
-            wait_until(Duration::from_secs(60), "second deleted", || async { crs.get_opt("second").await.ok()?.is_none().then_some(()) }).await?;
-            assert_eq!(children(&zk, &format!("/arcus/cache_list/{svc}")).await.len(), 1);
+            wait_until(Duration::from_secs(60), "second deleted", || async {
+                crs.get_opt("second").await.ok()?.is_none().then_some(())
+            })
+            .await?;
+            assert_eq!(
+                children(&zk, &format!("/arcus/cache_list/{svc}"))
+                    .await
+                    .len(),
+                1
+            );
             wait_ready(&crs, "first", "1/1", 30).await?;
             Ok(())
         }
@@ -352,5 +524,9 @@ async fn invalid_resources_are_rejected_or_reported_and_create_nothing() -> anyh
 /// The ArcusMemcached API untyped, to send what the typed struct could not hold.
 fn untyped_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("jam2in.com", "v1", "ArcusMemcached");
-    Api::namespaced_with(sandbox.client.clone(), &ns.name, &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"))
+    Api::namespaced_with(
+        sandbox.client.clone(),
+        &ns.name,
+        &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"),
+    )
 }

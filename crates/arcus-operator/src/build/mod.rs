@@ -184,8 +184,14 @@ mod tests {
         let spec = seed_spec();
         assert_eq!(spec.statefulset_name(), "test-arcus-mc");
         assert_eq!(spec.pod_name(1), pod_name(&cr, 1));
-        assert_eq!(spec.pod_hostname(4), format!("test-arcus-mc-4.{}", spec.namespace));
-        assert_eq!(spec.mapping_key(2), format!("test-arcus-mc-2.{}:11211", spec.namespace));
+        assert_eq!(
+            spec.pod_hostname(4),
+            format!("test-arcus-mc-4.{}", spec.namespace)
+        );
+        assert_eq!(
+            spec.mapping_key(2),
+            format!("test-arcus-mc-2.{}:11211", spec.namespace)
+        );
         assert_eq!(selector_labels(&cr), labels::selector_labels("test"));
     }
 

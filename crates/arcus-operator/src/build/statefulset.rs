@@ -364,8 +364,14 @@ mod tests {
             env,
             [
                 ("ARCUS_POD_NAME".to_string(), "metadata.name".to_string()),
-                ("ARCUS_CACHE_HOSTNAME_OVERWRITE".to_string(), format!("$(ARCUS_POD_NAME).{ns}")),
-                ("ARCUS_CACHE_PUBLIC_IP".to_string(), "status.podIP".to_string())
+                (
+                    "ARCUS_CACHE_HOSTNAME_OVERWRITE".to_string(),
+                    format!("$(ARCUS_POD_NAME).{ns}")
+                ),
+                (
+                    "ARCUS_CACHE_PUBLIC_IP".to_string(),
+                    "status.podIP".to_string()
+                )
             ]
         );
         let port = &c.ports.as_ref().unwrap()[0];

@@ -174,9 +174,7 @@ impl AdminClient {
             if line == expect {
                 Ok(())
             } else {
-                Err(ConnError::Protocol(
-                    String::from_utf8_lossy(line).into_owned(),
-                ))
+                Err(ConnError::unexpected(line))
             }
         })
         .await
@@ -199,11 +197,7 @@ impl AdminClient {
                     Some((k, v)) => {
                         map.insert(k, v);
                     }
-                    None => {
-                        return Err(ConnError::Protocol(
-                            String::from_utf8_lossy(line).into_owned(),
-                        ))
-                    }
+                    None => return Err(ConnError::unexpected(line)),
                 }
             }
         })
@@ -219,7 +213,7 @@ impl AdminClient {
                 b"READY" => Readiness::Ready,
                 b"NOT_READY" => Readiness::NotReady,
                 l if protocol::is_unknown_command(l) => Readiness::Unsupported,
-                l => return Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+                l => return Err(ConnError::unexpected(l)),
             };
             Ok(r)
         })
@@ -240,7 +234,7 @@ impl AdminClient {
             };
             match c.read_reply().await? {
                 b"END" => Ok(value),
-                l => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+                l => Err(ConnError::unexpected(l)),
             }
         })
         .await
@@ -353,25 +347,19 @@ impl AdminClient {
             c.send_line(&words).await?;
             let line = c.read_reply().await?;
             let Some((n, next_cursor)) = protocol::parse_scan_header(line) else {
-                return Err(ConnError::Protocol(
-                    String::from_utf8_lossy(line).into_owned(),
-                ));
+                return Err(ConnError::unexpected(line));
             };
             let mut keys = Vec::with_capacity(n);
             for _ in 0..n {
                 let line = c.read_reply().await?;
                 match protocol::parse_scan_item(line) {
                     Some(k) => keys.push(k),
-                    None => {
-                        return Err(ConnError::Protocol(
-                            String::from_utf8_lossy(line).into_owned(),
-                        ))
-                    }
+                    None => return Err(ConnError::unexpected(line)),
                 }
             }
             match c.read_reply().await? {
                 b"END" => Ok(ScanPage { keys, next_cursor }),
-                l => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+                l => Err(ConnError::unexpected(l)),
             }
         })
         .await
@@ -404,17 +392,11 @@ impl AdminClient {
                     return Ok(entries);
                 }
                 if line.starts_with(b"BUSY") {
-                    return Err(ConnError::Server(
-                        String::from_utf8_lossy(line).into_owned(),
-                    ));
+                    return Err(ConnError::server(line));
                 }
                 match protocol::parse_metadump_line(line) {
                     Some(e) => entries.push(e),
-                    None => {
-                        return Err(ConnError::Protocol(
-                            String::from_utf8_lossy(line).into_owned(),
-                        ))
-                    }
+                    None => return Err(ConnError::unexpected(line)),
                 }
             }
         })
@@ -432,10 +414,8 @@ impl AdminClient {
             c.send_line(&words).await?;
             match c.read_line().await {
                 Ok(b"OK") => Ok(()),
-                Ok(l) if protocol::is_error_reply(l) || l == b"DENIED" => {
-                    Err(ConnError::Server(String::from_utf8_lossy(l).into_owned()))
-                }
-                Ok(l) => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+                Ok(l) if protocol::is_error_reply(l) || l == b"DENIED" => Err(ConnError::server(l)),
+                Ok(l) => Err(ConnError::unexpected(l)),
                 Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
                 Err(e) => Err(e),
             }
@@ -457,7 +437,7 @@ impl AdminClient {
             match c.read_reply().await? {
                 b"OK" => Ok(true),
                 b"NOT_FOUND" => Ok(false),
-                l => Err(ConnError::Protocol(String::from_utf8_lossy(l).into_owned())),
+                l => Err(ConnError::unexpected(l)),
             }
         })
         .await
@@ -470,9 +450,7 @@ impl AdminClient {
             let line = c.read_reply().await?;
             match line.strip_prefix(b"VERSION ") {
                 Some(v) => Ok(String::from_utf8_lossy(v).into_owned()),
-                None => Err(ConnError::Protocol(
-                    String::from_utf8_lossy(line).into_owned(),
-                )),
+                None => Err(ConnError::unexpected(line)),
             }
         })
         .await

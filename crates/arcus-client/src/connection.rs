@@ -28,6 +28,16 @@ impl From<std::io::Error> for ConnError {
 }
 
 impl ConnError {
+    /// A reply line that does not fit the command.
+    pub(crate) fn unexpected(line: &[u8]) -> ConnError {
+        ConnError::Protocol(lossy(line))
+    }
+
+    /// An error reply line.
+    pub(crate) fn server(line: &[u8]) -> ConnError {
+        ConnError::Server(lossy(line))
+    }
+
     pub(crate) fn at(self, node: &str, op: &'static str) -> Error {
         let node = node.to_string();
         match self {
@@ -122,7 +132,7 @@ impl Connection {
     pub(crate) async fn read_reply(&mut self) -> ConnResult<&[u8]> {
         let line = self.read_line().await?;
         if protocol::is_error_reply(line) {
-            return Err(ConnError::Server(lossy(line)));
+            return Err(ConnError::server(line));
         }
         Ok(line)
     }
@@ -155,7 +165,7 @@ impl Connection {
                 return Ok(());
             }
             let Some(h) = protocol::parse_value_header(line) else {
-                return Err(ConnError::Protocol(lossy(line)));
+                return Err(ConnError::unexpected(line));
             };
             let (key, flags, len, cas) = (h.key.to_string(), h.flags, h.len, h.cas);
             let value = self.read_data(len).await?;
@@ -174,7 +184,7 @@ impl Connection {
         protocol::encode_store(self.request(), cmd, key, flags, exptime, data);
         self.flush_request().await?;
         let line = self.read_reply().await?;
-        protocol::parse_store_reply(line).ok_or_else(|| ConnError::Protocol(lossy(line)))
+        protocol::parse_store_reply(line).ok_or_else(|| ConnError::unexpected(line))
     }
 
     /// Sends a one-line command and expects one of `ok`/`missing` (e.g. `DELETED`/`NOT_FOUND`).
@@ -191,7 +201,7 @@ impl Connection {
         } else if line == missing {
             Ok(false)
         } else {
-            Err(ConnError::Protocol(lossy(line)))
+            Err(ConnError::unexpected(line))
         }
     }
 
@@ -207,7 +217,7 @@ impl Connection {
             .ok()
             .and_then(|s| s.trim_end().parse().ok())
             .map(Some)
-            .ok_or_else(|| ConnError::Protocol(lossy(line)))
+            .ok_or_else(|| ConnError::unexpected(line))
     }
 }
 

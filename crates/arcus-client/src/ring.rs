@@ -203,14 +203,15 @@ mod tests {
         let (p1, n1) = &pts[1];
         assert_eq!(ring.node_for_hash(p0 + 1), Some(n1.as_str()));
         assert_eq!(ring.node_for_hash(*p1), Some(n1.as_str()));
-        let (plast, _) = pts.last().unwrap();
-        assert_eq!(
-            ring.node_for_hash(plast.wrapping_add(1).max(*plast)),
-            ring.node_for_hash(*plast)
+        // Past the last point the lookup wraps to the first.
+        let (plast, nlast) = pts.last().unwrap();
+        assert_eq!(ring.node_for_hash(*plast), Some(nlast.as_str()));
+        assert!(
+            *plast < u32::MAX,
+            "these two nodes have no point at u32::MAX"
         );
-        if *plast < u32::MAX {
-            assert_eq!(ring.node_for_hash(u32::MAX), Some(n0.as_str()));
-        }
+        assert_eq!(ring.node_for_hash(plast + 1), Some(n0.as_str()));
+        assert_eq!(ring.node_for_hash(u32::MAX), Some(n0.as_str()));
     }
 
     #[test]

@@ -77,15 +77,17 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub capabilities: Capabilities,
+    /// How often a settled resource is re-checked.
+    pub resync: Duration,
     /// (ensemble, service code) → the CR owning it, to route `cache_list` changes.
     pub by_service: std::sync::Mutex<
         HashMap<(String, String), kube::runtime::reflector::ObjectRef<ArcusMemcached>>,
     >,
 }
 
-/// Requeue while something is in flight; a settled cluster is re-checked every 5 minutes.
+/// Requeue while something is in flight (a settled one waits `Context::resync`).
 const REQUEUE_BUSY: Duration = Duration::from_secs(2);
-const REQUEUE_SETTLED: Duration = Duration::from_secs(300);
+const REQUEUE_NOT_READY: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(cr: Arc<ArcusMemcached>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -365,11 +367,14 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         .iter()
         .filter(|n| n.ordinal < desired && n.pod_ready && registered.contains(&n.hostname))
         .count() as u32;
-    let busy = !plan.ops.is_empty() || plan.waiting_for.is_some() || ready != desired || changed;
+    // Pod and cache_list watches bring changes in at once; these requeues are a safety net.
+    let busy = !plan.ops.is_empty() || plan.waiting_for.is_some() || changed;
     Ok(Action::requeue(if busy {
         REQUEUE_BUSY
+    } else if ready != desired {
+        REQUEUE_NOT_READY
     } else {
-        REQUEUE_SETTLED
+        ctx.resync
     }))
 }
 

@@ -61,6 +61,9 @@ struct RunArgs {
     /// ZooKeeper session timeout of the operator's own sessions.
     #[arg(long, default_value = "15")]
     zk_session_timeout_seconds: u64,
+    /// How often a settled resource is re-checked (a check that finds nothing to do writes nothing).
+    #[arg(long, default_value = "300")]
+    resync_seconds: u64,
     /// How many resources are reconciled at once.
     #[arg(long, default_value = "16")]
     concurrency: u16,
@@ -140,6 +143,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         capabilities,
+        resync: Duration::from_secs(args.resync_seconds),
         by_service: Default::default(),
     });
 

@@ -87,7 +87,7 @@ pub struct Context {
 
 /// Requeue while something is in flight (a settled one waits `Context::resync`).
 const REQUEUE_BUSY: Duration = Duration::from_secs(2);
-const REQUEUE_NOT_READY: Duration = Duration::from_secs(10);
+const REQUEUE_NOT_READY: Duration = Duration::from_secs(60);
 
 pub async fn reconcile(cr: Arc<ArcusMemcached>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -442,115 +442,46 @@ async fn cache_pods(
         .collect())
 }
 
-/// Server-side apply of the StatefulSet, Service, PDB (and ServiceMonitor where served), each
-/// skipped when the live object carries the hash of exactly what we would send.
-async fn apply_objects(
-    valid: &ValidSpec,
-    ctx: &Context,
-    replicas: i32,
-    live_sts: Option<&StatefulSet>,
-) -> Result<(), Error> {
+/// Server-side apply of the Service, the PDB, the ServiceMonitor (where served) and, last, the
+/// StatefulSet, which carries a hash of the whole set: when the live StatefulSet has that hash
+/// and the wanted size, nothing is sent at all (a steady state costs no write and no extra read).
+/// The StatefulSet goes last so pods never start before their Service and budget exist.
+async fn apply_objects(valid: &ValidSpec, ctx: &Context, replicas: i32, live_sts: Option<&StatefulSet>) -> Result<(), Error> {
     let ns = valid.namespace.clone();
     let client = &ctx.client;
-    let sts = build::statefulset(valid, replicas);
-    let live_replicas = live_sts
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.replicas);
-    let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
-    apply_if_changed(
-        ctx,
-        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
-        sts,
-        live_hash,
-        live_replicas == Some(replicas),
-    )
-    .await?;
-
+    let mut sts = build::statefulset(valid, replicas);
     let svc = build::headless_service(valid);
-    let svc_api = Api::<Service>::namespaced(client.clone(), &ns);
-    let live = svc_api
-        .get_opt(&svc.name_any())
-        .await
-        .map_err(kube_err("read", "Service"))?;
-    apply_if_changed(
-        ctx,
-        &svc_api,
-        svc,
-        live.and_then(|s| s.annotations().get(APPLIED_HASH).cloned()),
-        true,
-    )
-    .await?;
-
     let pdb = build::pdb(valid, ctx.capabilities.pdb);
-    let pdb_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
-    let live = pdb_api
-        .get_opt(&pdb.name_any())
-        .await
-        .map_err(kube_err("read", "PodDisruptionBudget"))?;
-    apply_if_changed(
-        ctx,
-        &pdb_api,
-        pdb,
-        live.and_then(|s| s.annotations().get(APPLIED_HASH).cloned()),
-        true,
-    )
-    .await?;
-
-    if let (true, Some(sm)) = (
-        ctx.capabilities.service_monitor,
-        build::service_monitor(valid),
-    ) {
-        let sm_api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
-        let live = sm_api
-            .get_opt(&sm.name_any())
-            .await
-            .map_err(kube_err("read", "ServiceMonitor"))?;
-        apply_if_changed(
-            ctx,
-            &sm_api,
-            sm,
-            live.and_then(|s| s.annotations().get(APPLIED_HASH).cloned()),
-            true,
-        )
-        .await?;
+    let sm = build::service_monitor(valid).filter(|_| ctx.capabilities.service_monitor);
+    let set_hash = content_hash(&(&sts, &svc, &pdb, &sm));
+    let live_replicas = live_sts.and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
+    let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
+    if live_replicas == Some(replicas) && live_hash.as_deref() == Some(set_hash.as_str()) {
+        return Ok(());
     }
-    Ok(())
+    apply(ctx, &Api::<Service>::namespaced(client.clone(), &ns), &svc, "Service").await?;
+    let pdb_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
+    apply(ctx, &pdb_api, &pdb, "PodDisruptionBudget").await?;
+    if let Some(sm) = &sm {
+        let sm_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
+        apply(ctx, &sm_api, sm, "ServiceMonitor").await?;
+    }
+    sts.annotations_mut().insert(APPLIED_HASH.into(), set_hash);
+    apply(ctx, &Api::<StatefulSet>::namespaced(client.clone(), &ns), &sts, "StatefulSet").await
 }
 
-async fn apply_if_changed<K>(
-    ctx: &Context,
-    api: &Api<K>,
-    mut obj: K,
-    live_hash: Option<String>,
-    live_matches: bool,
-) -> Result<(), Error>
+async fn apply<K>(ctx: &Context, api: &Api<K>, obj: &K, kind: &str) -> Result<(), Error>
 where
     K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
-    let hash = content_hash(&obj);
-    if live_matches && live_hash.as_deref() == Some(hash.as_str()) {
-        return Ok(());
-    }
     if !ctx.leader.is_leader() {
         return Err(Error::NotLeader);
     }
-    obj.annotations_mut().insert(APPLIED_HASH.into(), hash);
     let name = obj.name_any();
-    let kind = std::any::type_name::<K>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("object")
-        .to_string();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .map_err(kube_err("apply", format!("{kind} {name}")))?;
-    ctx.metrics.api_write(&kind);
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .map_err(kube_err("apply", format!("{kind} {name}")))?;
+    ctx.metrics.api_write(kind);
     Ok(())
 }
 

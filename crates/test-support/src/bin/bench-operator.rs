@@ -3,7 +3,7 @@
 //!    measured in the same run (one StatefulSet patch + one znode create, done directly);
 //! 2. M resources created at once: time until all are reconciled, the operator's peak RSS, and
 //!    API + ZooKeeper writes during a steady-state resync.
-//! Pods use an image the sandbox does not know, so they stay Pending: only the operator is measured.
+//! Pods are unschedulable (a nodeSelector no node matches), so only the operator is measured.
 //!
 //! usage: bench-operator <arcus-operator binary> [changes=200] [resources=500]
 
@@ -33,7 +33,9 @@ fn cr(name: &str, svc: &str, replicas: i32) -> Cr {
     serde_json::from_value(json!({
         "apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached", "metadata": {"name": name},
         "spec": {"replicas": replicas, "serviceCode": svc, "zookeeperServers": [ZOOKEEPER],
-                 "image": {"name": "bench/not-in-the-sandbox:1"}}
+                 "image": {"name": "jam2in/arcus-memcached:1.11.7"},
+                 // No node matches: pods stay Pending (Unschedulable), nothing runs or churns.
+                 "nodeSelector": {"arcus-bench": "no-such-node"}}
     }))
     .unwrap()
 }
@@ -110,11 +112,41 @@ async fn main() -> anyhow::Result<()> {
         log.display()
     );
 
+    let crs = cr_api(sandbox, &ns.name);
+    let result = measure(&ns, &crs, changes, resources, &metrics_addr, pid).await;
+    // Clean up: the operator removes every resource's ZooKeeper state, then it stops.
+    crs.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    wait_until(
+        Duration::from_secs(300),
+        "all resources deleted",
+        || async {
+            crs.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await?;
+    op.stop(Duration::from_secs(10));
+    ns.cleanup().await?;
+    result
+}
+
+async fn measure(
+    ns: &test_support::sandbox::TestNamespace,
+    crs: &Api<Cr>,
+    changes: usize,
+    resources: usize,
+    metrics_addr: &str,
+    pid: u32,
+) -> anyhow::Result<()> {
     let zk = zk::Client::connector()
         .with_session_timeout(Duration::from_secs(10))
         .connect(ZOOKEEPER)
         .await?;
-    let crs = cr_api(sandbox, &ns.name);
     let stss: Api<StatefulSet> = ns.api();
 
     // 1. Latency of a scale-out: patch → mapping for the new ordinal exists and the StatefulSet says so.
@@ -259,15 +291,15 @@ async fn main() -> anyhow::Result<()> {
     let mut previous = -1.0;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let now = writes(&scrape(&metrics_addr).await);
+        let now = writes(&scrape(metrics_addr).await);
         if now == previous {
             break;
         }
         previous = now;
     }
-    let before = scrape(&metrics_addr).await;
+    let before = scrape(metrics_addr).await;
     tokio::time::sleep(Duration::from_secs(25)).await; // > one --resync-seconds period
-    let after = scrape(&metrics_addr).await;
+    let after = scrape(metrics_addr).await;
     let d = |name: &str| metric(&after, name) - metric(&before, name);
     println!(
         "steady-state resync (25 s, resync period 20 s): reconciles={} zk_writes={} api_writes={} | operator peak RSS {:.1} MiB",
@@ -277,24 +309,6 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_mib(pid)
     );
 
-    // Clean up: the operator removes every resource's ZooKeeper state, then it stops.
-    crs.delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await?;
-    wait_until(
-        Duration::from_secs(300),
-        "all resources deleted",
-        || async {
-            crs.list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await?;
-    op.stop(Duration::from_secs(10));
-    ns.cleanup().await?;
     Ok(())
 }
 

@@ -1,0 +1,120 @@
+//! Cache migration: moving items to their new owner when the ring changes, over the ascii
+//! protocol (the open-source arcus-memcached has no migration of its own). No Kubernetes here:
+//! the controller decides when the ring changes; this module copies.
+//!
+//! # Shape
+//! - [`keys`]: listing a node's keys (`scan key` on ARCUS, `lru_crawler metadump all` on stock
+//!   memcached, chosen by asking the node) and item lifetimes (remaining TTL).
+//! - [`plan`] (pure): which listed keys change owner between the ring before and after.
+//! - [`rules`] (pure): the pass-2 decision table.
+//! - [`collection`]: ARCUS list/set/map/b+tree: ascii encoding/parsing and copying.
+//! - [`Migration`]: the executor, in two passes around the ring change, with [`Progress`].
+//!
+//! # The two passes (scale-in, and scale-out when new nodes can be kept out of the ring)
+//! ```text
+//!   ring before live ──► pass1() ──► Checkpoint ──► caller changes the ring ──► pass2(&cp)
+//! ```
+//! **Pass 1** (the ring before is live: sources own their keys, targets get no client traffic
+//! for them). In rounds: take the source watermark `C_S` (the CAS unique of a marker stored on
+//! the source), list the source, and for each key that moves: `gets` it on the source, skip it
+//! when expired, `add` it to its new owner with its flags and remaining TTL. An `add` refused
+//! because the target already holds the key means a stale leftover (or our own copy from an
+//! earlier run): it is compared and replaced with `cas`, never `set`. Round 2 and later copy
+//! only what changed since the previous round started (`cas > C_S`), and pass 1 stops when a
+//! round copies few keys. Then the target watermark `W_T` is taken on every target and pass 1
+//! returns a [`Checkpoint`] (a few numbers per node, serializable: keep it in the CR status).
+//!
+//! **Ring change** (the caller): delete the leaving nodes' znodes / stop them (scale-in), or let
+//! the new nodes join (scale-out), and wait until clients have seen it (for ARCUS, a node whose
+//! znode is gone answers `ready` with `NOT_READY`; clients follow their ZooKeeper watch).
+//!
+//! **Pass 2** (the ring after is live; sources are frozen): list the sources again and apply
+//! [`rules::decide`] to each moved key: update our copies of items that changed after pass 1
+//! (`cas` against the unique read, and only while the target item is still ours: `cas <= W_T`),
+//! add items that appeared after pass 1, compare-and-delete our copies of items deleted before
+//! the change, and leave alone everything a client wrote or deleted on the target after it.
+//! Conditional delete uses `cas <key> 0 <1970 unix time> 0 <unique>` (see
+//! [`conn::EXPIRED_EXPTIME`]): the classic ascii protocol has no `delete` with a CAS.
+//!
+//! # Scale-out after the new nodes joined
+//! When new nodes enter the ring before anything was copied (the ARCUS node registers itself at
+//! start), [`Migration::copy_after_join`] runs pass 2 with empty watermarks: an add-only copy
+//! from the previous owners. It keeps every client write (an `add` never overwrites), but a key
+//! a client DELETES on the new node between the node joining and our copy reaching that key is
+//! copied back (resurrected) — there is no tombstone in the ascii protocol to tell "deleted"
+//! from "not copied yet". The window is the copy's duration; keep it short (the copy starts as
+//! soon as the node is in the ring, runs batched and pipelined at tens of thousands of keys/s)
+//! or avoid it with the two-pass form: start the new node, keep it out of `cache_list`
+//! (delete its znode; ARCUS keeps serving and answers `NOT_READY`), `pass1()`, then
+//! `zkensemble rejoin` (the ring change), then `pass2()`.
+//! After a scale-out copy, [`MigrationOptions::delete_moved_from_sources`] compare-and-deletes
+//! the moved items on the previous owners (ARCUS's auto-scrub would remove them anyway).
+//!
+//! # Guarantees and limits
+//! - Only `add`, `cas` and compare-and-delete: never a blind `set`. Running the same plan
+//!   again converges to the same state (resumable): pass 1 any number of times while the ring
+//!   before is live; pass 2 any number of times after the change, with or without the memory of
+//!   pass 1 (a restarted operator passes the saved [`Checkpoint`]; the rules then use `C_S`).
+//! - Window 1 (rare): a key first written on a source after pass 1's last round listed it and
+//!   deleted by a client on the target after the change, before pass 2 reaches it, comes back.
+//! - Window 2: a client with a stale ring writing to a source after pass 2 read that key loses
+//!   the write (clients switch rings within their ZooKeeper watch latency; wait for it).
+//! - A node restarted between the passes (new process start time) loses its watermark: its items
+//!   are then all treated as client data (target) or as new (source).
+//! - TTLs are copied with one-second resolution.
+//! - Collections (ARCUS only) are copied whole in pass 1 and added when absent in pass 2;
+//!   their changes between pass 1 and the ring change are not carried over (no CAS on
+//!   collections). See [`collection`].
+
+pub mod collection;
+pub(crate) mod conn;
+mod engine;
+pub mod keys;
+pub mod plan;
+pub mod rules;
+
+pub use conn::EXPIRED_EXPTIME;
+pub use engine::{
+    Checkpoint, Migration, MigrationOptions, NodeMark, Phase, Progress, ScaleIn, ScaleOut,
+    WATERMARK_KEY,
+};
+pub use keys::{Expiry, KeyInfo, Listing};
+pub use plan::Hashing;
+
+/// Why a migration step failed. Every variant names the node.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("node {node}: {op}: {message}")]
+    Node {
+        node: String,
+        op: &'static str,
+        message: String,
+    },
+    #[error("node {node}: {op}: {source}")]
+    Client {
+        node: String,
+        op: &'static str,
+        #[source]
+        source: arcus_client::Error,
+    },
+    #[error("invalid migration: {0}")]
+    Invalid(String),
+}
+
+impl MigrationError {
+    pub(crate) fn client(node: &str, op: &'static str, source: arcus_client::Error) -> Self {
+        MigrationError::Client {
+            node: node.to_string(),
+            op,
+            source,
+        }
+    }
+
+    /// The node the error is about.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            MigrationError::Node { node, .. } | MigrationError::Client { node, .. } => Some(node),
+            MigrationError::Invalid(_) => None,
+        }
+    }
+}

@@ -285,20 +285,33 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     }
 
     // Apply: ZooKeeper first (mappings exist before any pod that needs them), then objects.
+    // One Event tells what this pass did.
+    let mut actions = Vec::new();
     if !plan.ops.is_empty() {
         let writes = zk::apply(&zk_client, &ensemble, &plan.ops, &ctx.leader, &ctx.metrics).await?;
         let summary: Vec<String> = plan.ops.iter().map(|o| o.describe()).collect();
-        publish(
-            ctx,
-            cr,
-            EventType::Normal,
-            "ZooKeeperUpdated",
-            &format!("{} ({writes} znode writes)", summary.join(", ")),
-        )
-        .await;
+        actions.push(("ZooKeeperUpdated", format!("{} ({writes} znode writes)", summary.join(", "))));
     }
     if let Some(replicas) = plan.statefulset_replicas {
         if deleting {
+            if sts.is_some() && sts_replicas != Some(0) {
+                scale_statefulset(&sts_api, &sts_name, ctx).await?;
+            }
+        } else {
+            apply_objects(&valid, ctx, replicas as i32, sts.as_ref()).await?;
+            let before = sts_replicas.unwrap_or(0);
+            if sts_replicas != Some(replicas) {
+                let verb = if before < replicas { "ScaledOut" } else { "ScaledIn" };
+                actions.push((verb, format!("StatefulSet {sts_name} replicas {before} → {replicas}")));
+            }
+        }
+    }
+    if let Some((reason, _)) = actions.last() {
+        let note: Vec<&str> = actions.iter().map(|(_, n)| n.as_str()).collect();
+        publish(ctx, cr, EventType::Normal, reason, &note.join("; ")).await;
+    }
+
+    if deleting {
             if sts.is_some() && sts_replicas != Some(0) {
                 scale_statefulset(&sts_api, &sts_name, ctx).await?;
             }
@@ -372,7 +385,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     Ok(Action::requeue(if busy {
         REQUEUE_BUSY
     } else if ready != desired {
-        REQUEUE_NOT_READY
+        REQUEUE_NOT_READY.min(ctx.resync)
     } else {
         ctx.resync
     }))
@@ -446,7 +459,12 @@ async fn cache_pods(
 /// StatefulSet, which carries a hash of the whole set: when the live StatefulSet has that hash
 /// and the wanted size, nothing is sent at all (a steady state costs no write and no extra read).
 /// The StatefulSet goes last so pods never start before their Service and budget exist.
-async fn apply_objects(valid: &ValidSpec, ctx: &Context, replicas: i32, live_sts: Option<&StatefulSet>) -> Result<(), Error> {
+async fn apply_objects(
+    valid: &ValidSpec,
+    ctx: &Context,
+    replicas: i32,
+    live_sts: Option<&StatefulSet>,
+) -> Result<(), Error> {
     let ns = valid.namespace.clone();
     let client = &ctx.client;
     let mut sts = build::statefulset(valid, replicas);
@@ -454,20 +472,36 @@ async fn apply_objects(valid: &ValidSpec, ctx: &Context, replicas: i32, live_sts
     let pdb = build::pdb(valid, ctx.capabilities.pdb);
     let sm = build::service_monitor(valid).filter(|_| ctx.capabilities.service_monitor);
     let set_hash = content_hash(&(&sts, &svc, &pdb, &sm));
-    let live_replicas = live_sts.and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
+    let live_replicas = live_sts
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
     let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
     if live_replicas == Some(replicas) && live_hash.as_deref() == Some(set_hash.as_str()) {
         return Ok(());
     }
-    apply(ctx, &Api::<Service>::namespaced(client.clone(), &ns), &svc, "Service").await?;
-    let pdb_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
+    apply(
+        ctx,
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &svc,
+        "Service",
+    )
+    .await?;
+    let pdb_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
     apply(ctx, &pdb_api, &pdb, "PodDisruptionBudget").await?;
     if let Some(sm) = &sm {
-        let sm_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
+        let sm_api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
         apply(ctx, &sm_api, sm, "ServiceMonitor").await?;
     }
     sts.annotations_mut().insert(APPLIED_HASH.into(), set_hash);
-    apply(ctx, &Api::<StatefulSet>::namespaced(client.clone(), &ns), &sts, "StatefulSet").await
+    apply(
+        ctx,
+        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
+        &sts,
+        "StatefulSet",
+    )
+    .await
 }
 
 async fn apply<K>(ctx: &Context, api: &Api<K>, obj: &K, kind: &str) -> Result<(), Error>
@@ -478,9 +512,13 @@ where
         return Err(Error::NotLeader);
     }
     let name = obj.name_any();
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(kube_err("apply", format!("{kind} {name}")))?;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(kube_err("apply", format!("{kind} {name}")))?;
     ctx.metrics.api_write(kind);
     Ok(())
 }

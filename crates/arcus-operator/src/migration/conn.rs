@@ -97,7 +97,10 @@ impl NodeConn {
         })
     }
 
-    async fn read_line(reader: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> ConnResult<()> {
+    async fn read_line(
+        reader: &mut BufReader<OwnedReadHalf>,
+        line: &mut Vec<u8>,
+    ) -> ConnResult<()> {
         line.clear();
         let n = reader.read_until(b'\n', line).await?;
         if n == 0 || line.last() != Some(&b'\n') {
@@ -264,11 +267,17 @@ impl ReplyReader<'_> {
         Ok(self.line)
     }
 
-    /// Reads exactly `n` bytes.
-    pub(crate) async fn bytes(&mut self, n: usize) -> ConnResult<Vec<u8>> {
-        let mut data = vec![0u8; n];
-        self.reader.read_exact(&mut data).await?;
-        Ok(data)
+    /// Whatever bytes are available (at least one; an error at end of stream).
+    pub(crate) async fn some_bytes(&mut self) -> ConnResult<Vec<u8>> {
+        let chunk = self.reader.fill_buf().await?.to_vec();
+        if chunk.is_empty() {
+            return Err(ConnError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed by the server",
+            )));
+        }
+        self.reader.consume(chunk.len());
+        Ok(chunk)
     }
 }
 

@@ -72,7 +72,9 @@ pub enum Phase {
     #[default]
     Idle,
     /// Pass 1, round `n` (1 = full copy, later = catch-up).
-    Pass1 { round: u32 },
+    Pass1 {
+        round: u32,
+    },
     /// Pass 1 done: waiting for the caller to change the ring.
     RingChange,
     /// Pass 2 (or the add-only copy).
@@ -407,7 +409,10 @@ impl Migration {
         if pid == mark.pid && (started - mark.process_started).abs() <= 1 {
             Ok(mark.cas)
         } else {
-            warn!(node, "node restarted since its watermark was taken; treating all its items as unknown");
+            warn!(
+                node,
+                "node restarted since its watermark was taken; treating all its items as unknown"
+            );
             Ok(0)
         }
     }
@@ -459,13 +464,7 @@ impl Migration {
     async fn pass1_source(&self, source: &str, prev: Option<u64>) -> Result<(NodeMark, u64, bool)> {
         let mark = self.watermark(source).await?;
         let listed = self.enumerate(source).await?;
-        let sp = plan::plan_source(
-            &self.before,
-            &self.after,
-            source,
-            listed,
-            self.opts.hashing,
-        );
+        let sp = plan::plan_source(&self.before, &self.after, source, listed, self.opts.hashing);
         if prev.is_none() {
             self.progress
                 .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
@@ -491,8 +490,10 @@ impl Migration {
             .map(|job| async move {
                 match job {
                     Job::Kv(target, keys) => {
-                        self.retry("pass 1 batch", || self.pass1_batch(source, target, &keys, prev))
-                            .await
+                        self.retry("pass 1 batch", || {
+                            self.pass1_batch(source, target, &keys, prev)
+                        })
+                        .await
                     }
                     Job::Collection(target, key) => {
                         self.copy_collection(source, target, key, true, prev.is_none())
@@ -629,7 +630,11 @@ impl Migration {
             pending = next;
         }
         if !pending.is_empty() {
-            warn!(target, n = pending.len(), "keys kept changing on the target during pass 1");
+            warn!(
+                target,
+                n = pending.len(),
+                "keys kept changing on the target during pass 1"
+            );
             t.failed += pending.len() as u64;
         }
         let n = stored.len() as u64;
@@ -656,13 +661,14 @@ impl Migration {
             wm_target.insert(t.clone(), self.valid_mark(t, cp.targets.get(t)).await?);
         }
         let memory = self.copied.lock().unwrap().clone();
-        // Keys on targets that may be our copies of items since deleted on their source, per
-        // source. With pass 1's memory these are its copied keys; without, list the targets.
+        // Keys on targets that may be our copies of items since deleted on their source (or
+        // stale leftovers of an older ring whose source item is gone), per source: pass 1's
+        // memory of copied keys, and the moved keys found by listing the targets.
         let mut candidates: HashMap<String, HashSet<String>> = match &memory {
             Some(m) => m.clone(),
             None => HashMap::new(),
         };
-        if memory.is_none() {
+        {
             for t in &self.targets {
                 if wm_target[t] == 0 {
                     continue;
@@ -682,7 +688,9 @@ impl Migration {
         }
         let results = futures::future::join_all(self.sources.iter().map(|s| {
             let cands = candidates.remove(s).unwrap_or_default();
-            let memory = memory.as_ref().map(|m| m.get(s).cloned().unwrap_or_default());
+            let memory = memory
+                .as_ref()
+                .map(|m| m.get(s).cloned().unwrap_or_default());
             self.pass2_source(s, cands, memory, wm_source[s], &wm_target)
         }))
         .await;
@@ -709,13 +717,7 @@ impl Migration {
         wm_target: &HashMap<String, u64>,
     ) -> Result<()> {
         let listed = self.enumerate(source).await?;
-        let sp = plan::plan_source(
-            &self.before,
-            &self.after,
-            source,
-            listed,
-            self.opts.hashing,
-        );
+        let sp = plan::plan_source(&self.before, &self.after, source, listed, self.opts.hashing);
         self.progress
             .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
         let cleanup = self.opts.delete_moved_from_sources && self.after.contains(source);
@@ -724,9 +726,8 @@ impl Migration {
             for k in keys {
                 candidates.remove(&k.key);
             }
-            let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) = keys
-                .iter()
-                .partition(|k| k.item_type == ItemType::KeyValue);
+            let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) =
+                keys.iter().partition(|k| k.item_type == ItemType::KeyValue);
             for chunk in kv.chunks(self.opts.batch) {
                 jobs.push(Job::Kv(target.as_str(), chunk.to_vec()));
             }
@@ -887,7 +888,9 @@ impl Migration {
                     t.kept_deleted += 1;
                     continue;
                 }
-                (Decision::Add | Decision::Update { .. }, None) => unreachable!("decided on a source item"),
+                (Decision::Add | Decision::Update { .. }, None) => {
+                    unreachable!("decided on a source item")
+                }
             };
             kinds.push((d, s_item.map(|i| i.value.len() as u64).unwrap_or(0)));
             ops.push(op);
@@ -999,7 +1002,12 @@ impl Migration {
                 Err(_) => t.failed += 1,
             }
         }
-        debug!(source, target, deleted = t.deleted, "copies of deleted items");
+        debug!(
+            source,
+            target,
+            deleted = t.deleted,
+            "copies of deleted items"
+        );
         self.record(&t);
         Ok(())
     }

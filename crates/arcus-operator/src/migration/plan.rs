@@ -223,7 +223,10 @@ mod tests {
         let before = Ring::new(all[..3].to_vec());
         let after = Ring::new(all.clone());
         let f = check(&before, &after, 20_000);
-        assert!((0.3..0.5).contains(&f), "moved fraction {f} (expect about 2/5)");
+        assert!(
+            (0.3..0.5).contains(&f),
+            "moved fraction {f} (expect about 2/5)"
+        );
         let plans = plan(&before, &after, placed(&before, 20_000), Hashing::default());
         for p in plans.values() {
             for to in p.moves.keys() {
@@ -241,7 +244,10 @@ mod tests {
         let before = Ring::new(all.clone());
         let after = Ring::new(all[..3].to_vec());
         let f = check(&before, &after, 20_000);
-        assert!((0.3..0.5).contains(&f), "moved fraction {f} (expect about 2/5)");
+        assert!(
+            (0.3..0.5).contains(&f),
+            "moved fraction {f} (expect about 2/5)"
+        );
         let plans = plan(&before, &after, placed(&before, 20_000), Hashing::default());
         for (src, p) in &plans {
             if all[..3].contains(src) {

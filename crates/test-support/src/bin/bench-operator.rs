@@ -298,7 +298,7 @@ async fn measure(
         previous = now;
     }
     let before = scrape(metrics_addr).await;
-    tokio::time::sleep(Duration::from_secs(25)).await; // > one --resync-seconds period
+    tokio::time::sleep(Duration::from_secs(25)).await; // > one --resync-seconds period (20 s)
     let after = scrape(metrics_addr).await;
     let d = |name: &str| metric(&after, name) - metric(&before, name);
     println!(

@@ -290,7 +290,10 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     if !plan.ops.is_empty() {
         let writes = zk::apply(&zk_client, &ensemble, &plan.ops, &ctx.leader, &ctx.metrics).await?;
         let summary: Vec<String> = plan.ops.iter().map(|o| o.describe()).collect();
-        actions.push(("ZooKeeperUpdated", format!("{} ({writes} znode writes)", summary.join(", "))));
+        actions.push((
+            "ZooKeeperUpdated",
+            format!("{} ({writes} znode writes)", summary.join(", ")),
+        ));
     }
     if let Some(replicas) = plan.statefulset_replicas {
         if deleting {
@@ -301,41 +304,21 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             apply_objects(&valid, ctx, replicas as i32, sts.as_ref()).await?;
             let before = sts_replicas.unwrap_or(0);
             if sts_replicas != Some(replicas) {
-                let verb = if before < replicas { "ScaledOut" } else { "ScaledIn" };
-                actions.push((verb, format!("StatefulSet {sts_name} replicas {before} → {replicas}")));
+                let verb = if before < replicas {
+                    "ScaledOut"
+                } else {
+                    "ScaledIn"
+                };
+                actions.push((
+                    verb,
+                    format!("StatefulSet {sts_name} replicas {before} → {replicas}"),
+                ));
             }
         }
     }
     if let Some((reason, _)) = actions.last() {
         let note: Vec<&str> = actions.iter().map(|(_, n)| n.as_str()).collect();
         publish(ctx, cr, EventType::Normal, reason, &note.join("; ")).await;
-    }
-
-    if deleting {
-            if sts.is_some() && sts_replicas != Some(0) {
-                scale_statefulset(&sts_api, &sts_name, ctx).await?;
-            }
-        } else {
-            apply_objects(&valid, ctx, replicas as i32, sts.as_ref()).await?;
-            if sts_replicas != Some(replicas) {
-                let verb = if sts_replicas.unwrap_or(0) < replicas {
-                    "ScaledOut"
-                } else {
-                    "ScaledIn"
-                };
-                publish(
-                    ctx,
-                    cr,
-                    EventType::Normal,
-                    verb,
-                    &format!(
-                        "StatefulSet {sts_name} replicas {} → {replicas}",
-                        sts_replicas.unwrap_or(0)
-                    ),
-                )
-                .await;
-            }
-        }
     }
 
     if deleting {

@@ -95,7 +95,7 @@ pub enum MigrationError {
         node: String,
         op: &'static str,
         #[source]
-        source: arcus_client::Error,
+        source: Box<arcus_client::Error>,
     },
     #[error("invalid migration: {0}")]
     Invalid(String),
@@ -106,7 +106,7 @@ impl MigrationError {
         MigrationError::Client {
             node: node.to_string(),
             op,
-            source,
+            source: Box::new(source),
         }
     }
 

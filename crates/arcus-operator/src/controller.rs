@@ -5,6 +5,7 @@
 
 use crate::build;
 use crate::crd::{ArcusMemcached, OperationKind, OperationStatus};
+use crate::day2::{self, Day2Action, LiveConfig, NodePod};
 use crate::leader::LeaderGate;
 use crate::metrics::Metrics;
 use crate::status::{self, NodeView, StatusInput};
@@ -337,12 +338,36 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         return Ok(Action::requeue(REQUEUE_BUSY));
     }
 
+    // Day-2 work on running nodes, only while no scale is in flight.
+    let day2 = if plan.ops.is_empty() && plan.waiting_for.is_none() {
+        run_day2(cr, &valid, ctx, desired, &pods, &registered).await?
+    } else {
+        day2::Day2Plan::default()
+    };
+
     // Status.
     let operation = operation_status(cr, &plan, sts_replicas, desired);
     let progress = plan
         .waiting_for
         .clone()
-        .map(|w| ("Scaling", format!("waiting for {w}")));
+        .map(|w| ("Scaling", format!("waiting for {w}")))
+        .or_else(|| {
+            (!day2.stale.is_empty()).then(|| {
+                let left: Vec<String> = day2.stale.iter().map(|o| valid.pod_name(*o)).collect();
+                let wait = day2
+                    .roll_waiting
+                    .clone()
+                    .map(|w| format!("; {w}"))
+                    .unwrap_or_default();
+                (
+                    "RollingRestart",
+                    format!(
+                        "restarting nodes one at a time, highest ordinal first; left: {}{wait}",
+                        left.join(", ")
+                    ),
+                )
+            })
+        });
     let changed = write_status(
         &api,
         cr,
@@ -352,7 +377,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             nodes: &nodes,
             registered: &registered,
             registered_nodes,
-            blocking_error: None,
+            blocking_error: day2.roll_stuck.clone().map(|m| ("RollingRestartStuck", m)),
             progress,
             service_code: Some(svc.to_string()),
             operation,
@@ -364,7 +389,12 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         .filter(|n| n.ordinal < desired && n.pod_ready && registered.contains(&n.hostname))
         .count() as u32;
     // Pod and cache_list watches bring changes in at once; these requeues are a safety net.
-    let busy = !plan.ops.is_empty() || plan.waiting_for.is_some() || changed;
+    let busy = !plan.ops.is_empty()
+        || plan.waiting_for.is_some()
+        || changed
+        || !day2.actions.is_empty()
+        || !day2.stale.is_empty()
+        || day2.heal_pending;
     Ok(Action::requeue(if busy {
         REQUEUE_BUSY
     } else if ready != desired {
@@ -454,7 +484,7 @@ async fn apply_objects(
     let svc = build::headless_service(valid);
     let pdb = build::pdb(valid, ctx.capabilities.pdb);
     let sm = build::service_monitor(valid).filter(|_| ctx.capabilities.service_monitor);
-    let set_hash = content_hash(&(&sts, &svc, &pdb, &sm));
+    let set_hash = build::content_hash(&(&sts, &svc, &pdb, &sm));
     let live_replicas = live_sts
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
@@ -504,17 +534,6 @@ where
     .map_err(kube_err("apply", format!("{kind} {name}")))?;
     ctx.metrics.api_write(kind);
     Ok(())
-}
-
-/// A stable hash (FNV-1a over the JSON) of what we send.
-pub fn content_hash<T: Serialize>(obj: &T) -> String {
-    let bytes = serde_json::to_vec(obj).expect("object serializes");
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
 }
 
 async fn scale_statefulset(api: &Api<StatefulSet>, name: &str, ctx: &Context) -> Result<(), Error> {
@@ -631,4 +650,161 @@ async fn publish(ctx: &Context, cr: &ArcusMemcached, type_: EventType, reason: &
 
 fn name_of(cr: &ArcusMemcached) -> String {
     format!("{}/{}", cr.namespace().unwrap_or_default(), cr.name_any())
+}
+
+/// Reads the nodes for `day2::plan`, then carries out its actions: live configuration by admin
+/// command, healing a node that left ZooKeeper, restarting the next node of a roll.
+async fn run_day2(
+    cr: &ArcusMemcached,
+    valid: &ValidSpec,
+    ctx: &Context,
+    desired: u32,
+    pods: &[(u32, Pod)],
+    registered: &BTreeSet<String>,
+) -> Result<day2::Day2Plan, Error> {
+    let template = build::statefulset(valid, desired as i32);
+    let desired_hash = template
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .and_then(|a| a.get(day2::RESTART_HASH).cloned())
+        .unwrap_or_default();
+    let want = LiveConfig {
+        memlimit_mb: valid.memlimit_mb,
+        connections: valid.connections,
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let secs_since = |t: &Time| (now.as_second() - t.0.as_second()).max(0);
+    let nodes: Vec<NodePod> = pods
+        .iter()
+        .map(|(o, p)| {
+            let annotations = p.metadata.annotations.clone().unwrap_or_default();
+            let status = p.status.clone().unwrap_or_default();
+            let ready_cond = status
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "Ready" && c.status == "True");
+            NodePod {
+                ordinal: *o,
+                name: p.name_any(),
+                ip: status.pod_ip,
+                restart_hash: annotations.get(day2::RESTART_HASH).cloned(),
+                started: annotations
+                    .get(day2::STARTED_CONFIG)
+                    .and_then(|s| LiveConfig::parse(s)),
+                applied: annotations
+                    .get(day2::APPLIED_CONFIG)
+                    .and_then(|s| LiveConfig::parse(s)),
+                ready: ready_cond.is_some(),
+                registered: registered.contains(&valid.pod_hostname(*o)),
+                terminating: p.metadata.deletion_timestamp.is_some(),
+                ready_for_secs: ready_cond
+                    .map(|c| c.last_transition_time.as_ref().map(secs_since).unwrap_or(0)),
+                age_secs: p
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(secs_since)
+                    .unwrap_or(0),
+            }
+        })
+        .collect();
+    let plan = day2::plan(&desired_hash, want, desired, &nodes);
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &valid.namespace);
+    for action in &plan.actions {
+        if !ctx.leader.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        match action {
+            Day2Action::ApplyLiveConfig { pod, ip, from, to } => {
+                let admin = arcus_client::AdminClient::new(format!("{ip}:{}", valid.port));
+                let memlimit = match admin.set_memlimit(to.memlimit_mb.into()).await {
+                    Err(arcus_client::Error::Unsupported { .. }) => {
+                        admin.cache_memlimit(to.memlimit_mb.into()).await
+                    }
+                    r => r,
+                };
+                if let Err(e) = memlimit {
+                    publish(
+                        ctx,
+                        cr,
+                        EventType::Warning,
+                        "ConfigFailed",
+                        &format!("{pod}: memlimit {}: {e}", to.memlimit_mb),
+                    )
+                    .await;
+                    continue;
+                }
+                let mut note = format!("{pod}: memlimit {} MB", to.memlimit_mb);
+                if from.is_none_or(|f| f.connections != to.connections) {
+                    match admin.set_maxconns(to.connections.into()).await {
+                        Ok(()) => note.push_str(&format!(", connections {}", to.connections)),
+                        // Stock memcached (the sandbox's stand-in) has no live maxconns.
+                        Err(arcus_client::Error::Unsupported { .. }) => {
+                            note.push_str(&format!("; connections {} takes effect at the next restart (not changeable live on this server)", to.connections))
+                        }
+                        Err(e) => {
+                            publish(ctx, cr, EventType::Warning, "ConfigFailed", &format!("{pod}: connections {}: {e}", to.connections)).await;
+                            continue;
+                        }
+                    }
+                }
+                let patch = serde_json::json!({"metadata": {"annotations": {day2::APPLIED_CONFIG: to.to_string()}}});
+                pod_api
+                    .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(kube_err("annotate", format!("pod {pod}")))?;
+                ctx.metrics.api_write("Pod");
+                publish(
+                    ctx,
+                    cr,
+                    EventType::Normal,
+                    "ConfigApplied",
+                    &format!("{note}, without a restart"),
+                )
+                .await;
+            }
+            Day2Action::Heal { pod, ip } => {
+                let admin = arcus_client::AdminClient::new(format!("{ip}:{}", valid.port));
+                match admin.zkensemble_rejoin().await {
+                    Ok(()) => {
+                        publish(
+                            ctx,
+                            cr,
+                            EventType::Normal,
+                            "NodeRejoined",
+                            &format!("{pod} had left ZooKeeper: zkensemble rejoin"),
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        pod_api
+                            .delete(pod, &Default::default())
+                            .await
+                            .map_err(kube_err("delete", format!("pod {pod}")))?;
+                        ctx.metrics.api_write("Pod");
+                        let msg = format!(
+                            "{pod} had left ZooKeeper and cannot rejoin ({e}): restarting it"
+                        );
+                        publish(ctx, cr, EventType::Warning, "NodeRestarted", &msg).await;
+                    }
+                }
+            }
+            Day2Action::Roll { pod, ordinal } => {
+                pod_api
+                    .delete(pod, &Default::default())
+                    .await
+                    .map_err(kube_err("delete", format!("pod {pod}")))?;
+                ctx.metrics.api_write("Pod");
+                let left = plan.stale.len().saturating_sub(1);
+                let msg = format!("restarting {pod} (ordinal {ordinal}) with the new template; {left} node(s) after it");
+                publish(ctx, cr, EventType::Normal, "RollingRestart", &msg).await;
+            }
+        }
+    }
+    if let Some(stuck) = &plan.roll_stuck {
+        publish(ctx, cr, EventType::Warning, "RollingRestartStuck", stuck).await;
+    }
+    Ok(plan)
 }

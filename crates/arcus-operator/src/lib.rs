@@ -6,6 +6,7 @@
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod day2;
 pub mod leader;
 pub mod metrics;
 pub mod migration;

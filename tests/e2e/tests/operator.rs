@@ -530,3 +530,172 @@ fn untyped_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
         &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"),
     )
 }
+
+/// `stats` of one node on its pod IP.
+fn node_stats(ip: &str) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect((ip, 11211))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"stats\r\n")?;
+    let mut out = std::collections::HashMap::new();
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        if line == "END" {
+            break;
+        }
+        let mut f = line.split_whitespace().skip(1);
+        if let (Some(k), Some(v)) = (f.next(), f.next()) {
+            out.insert(k.to_string(), v.to_string());
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_config_rolling_restart_and_self_healing() -> anyhow::Result<()> {
+    with_namespace("day2", 1, |_sandbox, ns| async move {
+        let r = async {
+            let zk = zk_client().await?;
+            let svc = service_code(&ns);
+            let crs: Api<ArcusMemcached> = ns.api();
+            crs.create(&PostParams::default(), &cr("d2", &svc, 5))
+                .await?;
+            wait_ready(&crs, "d2", "5/5", 240).await?;
+            let pods: Api<Pod> = ns.api();
+            let snapshot = || async {
+                let mut out = std::collections::BTreeMap::new();
+                for o in 0..5u32 {
+                    let p = pods.get(&format!("d2-arcus-mc-{o}")).await?;
+                    let st = p.status.clone().unwrap_or_default();
+                    let restarts = st
+                        .container_statuses
+                        .as_ref()
+                        .map(|c| c[0].restart_count)
+                        .unwrap_or(-1);
+                    out.insert(
+                        o,
+                        (
+                            p.metadata.uid.clone().unwrap_or_default(),
+                            restarts,
+                            st.pod_ip.unwrap_or_default(),
+                        ),
+                    );
+                }
+                anyhow::Ok(out)
+            };
+
+            // memlimit 64 → 128: every node reports it, nothing restarts.
+            let before = snapshot().await?;
+            crs.patch(
+                "d2",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"configuration": {"memlimit": 128}}})),
+            )
+            .await?;
+            wait_until(
+                Duration::from_secs(60),
+                "every node at limit_maxbytes 128 MiB",
+                || async {
+                    before
+                        .values()
+                        .all(|(_, _, ip)| {
+                            node_stats(ip)
+                                .ok()
+                                .and_then(|s| s.get("limit_maxbytes").cloned())
+                                == Some((128u64 << 20).to_string())
+                        })
+                        .then_some(())
+                },
+            )
+            .await?;
+            assert_eq!(
+                snapshot().await?,
+                before,
+                "no pod was restarted or replaced for a memlimit change"
+            );
+
+            // An image change rolls 4,3,2,1,0, one node at a time.
+            crs.patch(
+                "d2",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"spec": {"image": {"name": "jam2in/arcus-memcached:1.11.8"}}}),
+                ),
+            )
+            .await?;
+            let mut order = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            while order.len() < 5 {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "roll not finished in 300 s; order so far {order:?}"
+                );
+                let mut replaced = 0;
+                let mut unavailable = 0;
+                for o in 0..5u32 {
+                    match pods.get_opt(&format!("d2-arcus-mc-{o}")).await? {
+                        Some(p) => {
+                            let ready = p
+                                .status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|c| {
+                                    c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                                });
+                            if p.metadata.uid != Some(before[&o].0.clone()) {
+                                replaced += 1;
+                                if !order.contains(&o) {
+                                    order.push(o);
+                                }
+                            }
+                            if !ready || p.metadata.deletion_timestamp.is_some() {
+                                unavailable += 1;
+                            }
+                        }
+                        None => unavailable += 1,
+                    }
+                }
+                assert!(
+                    unavailable <= 1,
+                    "more than one node down at once during the roll (order so far {order:?})"
+                );
+                let _ = replaced;
+                tokio::time::sleep(Duration::from_millis(50)).await; // polling period of the observer, not a wait for a condition
+            }
+            assert_eq!(order, vec![4, 3, 2, 1, 0], "highest ordinal first");
+            wait_ready(&crs, "d2", "5/5", 120).await?;
+            let cr_now = crs.get("d2").await?;
+            assert_eq!(
+                cr_now.status.unwrap().image.as_deref(),
+                Some("jam2in/arcus-memcached:1.11.8")
+            );
+
+            // A znode deleted by hand: the node is back in cache_list within 30 s.
+            let list = format!("/arcus/cache_list/{svc}");
+            let victim = children(&zk, &list)
+                .await
+                .into_iter()
+                .find(|c| c.contains("d2-arcus-mc-2."))
+                .expect("node 2 registered");
+            zk.delete(&format!("{list}/{victim}"), None).await?;
+            let started = std::time::Instant::now();
+            wait_until(
+                Duration::from_secs(30),
+                "node 2 back in cache_list",
+                || async {
+                    children(&zk, &list)
+                        .await
+                        .iter()
+                        .any(|c| c.contains("d2-arcus-mc-2."))
+                        .then_some(())
+                },
+            )
+            .await?;
+            eprintln!("node 2 back in cache_list after {:?}", started.elapsed());
+            Ok(())
+        }
+        .await;
+        (ns, r)
+    })
+    .await
+}

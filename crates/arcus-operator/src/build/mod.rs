@@ -98,6 +98,17 @@ fn sts_name(name: &str) -> String {
     format!("{name}{STATEFULSET_SUFFIX}")
 }
 
+/// A stable hash (FNV-1a over the JSON) of an object: marks what was applied or built.
+pub fn content_hash<T: serde::Serialize>(obj: &T) -> String {
+    let bytes = serde_json::to_vec(obj).expect("object serializes");
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
 /// Name, namespace, the common labels and the controller ownerReference.
 fn object_meta(spec: &ValidSpec, name: String) -> ObjectMeta {
     ObjectMeta {

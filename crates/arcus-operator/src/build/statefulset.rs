@@ -22,6 +22,33 @@ use crate::validate::ValidSpec;
 /// The StatefulSet with `replicas` pods. `replicas` is a parameter, not `spec.replicas`: during a
 /// scale the controller moves it only after (out) or before (in) the ZooKeeper mappings change.
 pub fn statefulset(spec: &ValidSpec, replicas: i32) -> StatefulSet {
+    let mut sts = statefulset_without_marks(spec, replicas);
+    // Mark the template: what a restart would change (memlimit and connections excluded: they
+    // are applied to running nodes), and the live configuration its pods start with.
+    let mut plain = spec.clone();
+    plain.memlimit_mb = 0;
+    plain.connections = 0;
+    let restart_hash = super::content_hash(
+        &statefulset_without_marks(&plain, 0)
+            .spec
+            .map(|s| s.template),
+    );
+    let started = crate::day2::LiveConfig {
+        memlimit_mb: spec.memlimit_mb,
+        connections: spec.connections,
+    };
+    let template = &mut sts.spec.as_mut().expect("spec").template;
+    let annotations = template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default);
+    annotations.insert(crate::day2::RESTART_HASH.into(), restart_hash);
+    annotations.insert(crate::day2::STARTED_CONFIG.into(), started.to_string());
+    sts
+}
+
+fn statefulset_without_marks(spec: &ValidSpec, replicas: i32) -> StatefulSet {
     let pod_meta = ObjectMeta {
         labels: Some(labels::pod_labels(spec)),
         annotations: (!spec.pod_annotations.is_empty()).then(|| spec.pod_annotations.clone()),
@@ -43,8 +70,10 @@ pub fn statefulset(spec: &ValidSpec, replicas: i32) -> StatefulSet {
             service_name: Some(spec.statefulset_name()),
             // Start in ordinal order, each after the previous is Ready (i.e. serving).
             pod_management_policy: Some("OrderedReady".into()),
+            // The operator rolls nodes itself (one at a time, only while the rest of the ring
+            // is healthy; see day2.rs), and applies memlimit/connections without any restart.
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
+                type_: Some("OnDelete".into()),
                 ..Default::default()
             }),
             template: PodTemplateSpec {
@@ -462,7 +491,7 @@ mod tests {
         assert_eq!(s.pod_management_policy.as_deref(), Some("OrderedReady"));
         assert_eq!(
             s.update_strategy.as_ref().unwrap().type_.as_deref(),
-            Some("RollingUpdate")
+            Some("OnDelete")
         );
         assert_eq!(
             s.selector.match_labels,

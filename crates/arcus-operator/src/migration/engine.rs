@@ -469,18 +469,37 @@ impl Migration {
             self.progress
                 .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
         }
+        // Later rounds copy what changed since the previous round started (metadump's CAS
+        // tells before reading), and every key no earlier round stored: a listing may miss
+        // keys (memcached's LRU crawler can skip items the LRU maintainer moves under it).
+        let known: HashSet<String> = match prev {
+            Some(_) => self
+                .copied
+                .lock()
+                .unwrap()
+                .as_ref()
+                .and_then(|m| m.get(source).cloned())
+                .unwrap_or_default(),
+            None => HashSet::new(),
+        };
         let mut jobs = Vec::new();
         for (target, keys) in &sp.moves {
             let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) = keys
                 .iter()
-                // Later rounds: metadump's CAS tells what did not change since the last round.
                 .filter(|k| match (prev, k.cas) {
-                    (Some(p), Some(c)) => c > p,
+                    (Some(p), Some(c)) => c > p || !known.contains(&k.key),
                     _ => true,
                 })
                 .partition(|k| k.item_type == ItemType::KeyValue);
-            for chunk in kv.chunks(self.opts.batch) {
-                jobs.push(Job::Kv(target.as_str(), chunk.to_vec()));
+            let (changed, missed): (Vec<&KeyInfo>, Vec<&KeyInfo>) = match prev {
+                Some(_) => kv.into_iter().partition(|k| known.contains(&k.key)),
+                None => (Vec::new(), kv),
+            };
+            for chunk in changed.chunks(self.opts.batch) {
+                jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), prev));
+            }
+            for chunk in missed.chunks(self.opts.batch) {
+                jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), None));
             }
             for c in colls {
                 jobs.push(Job::Collection(target.as_str(), c));
@@ -489,7 +508,7 @@ impl Migration {
         let results: Vec<Result<(u64, bool)>> = stream::iter(jobs)
             .map(|job| async move {
                 match job {
-                    Job::Kv(target, keys) => {
+                    Job::Kv(target, keys, prev) => {
                         self.retry("pass 1 batch", || {
                             self.pass1_batch(source, target, &keys, prev)
                         })
@@ -729,7 +748,7 @@ impl Migration {
             let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) =
                 keys.iter().partition(|k| k.item_type == ItemType::KeyValue);
             for chunk in kv.chunks(self.opts.batch) {
-                jobs.push(Job::Kv(target.as_str(), chunk.to_vec()));
+                jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), None));
             }
             for c in colls {
                 jobs.push(Job::Collection(target.as_str(), c));
@@ -748,7 +767,7 @@ impl Migration {
         let results: Vec<Result<(u64, bool)>> = stream::iter(jobs)
             .map(|job| async move {
                 match job {
-                    Job::Kv(target, keys) => {
+                    Job::Kv(target, keys, _) => {
                         let wm = Watermarks {
                             source: c_s,
                             target: wm_target.get(target).copied().unwrap_or(0),
@@ -1062,7 +1081,8 @@ impl Migration {
 }
 
 enum Job<'a> {
-    Kv(&'a str, Vec<&'a KeyInfo>),
+    /// Key-value batch to a target, with the CAS below which a key is unchanged (pass 1).
+    Kv(&'a str, Vec<&'a KeyInfo>, Option<u64>),
     Collection(&'a str, &'a KeyInfo),
 }
 

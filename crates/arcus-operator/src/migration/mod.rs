@@ -61,6 +61,12 @@
 //!   the write (clients switch rings within their ZooKeeper watch latency; wait for it).
 //! - A node restarted between the passes (new process start time) loses its watermark: its items
 //!   are then all treated as client data (target) or as new (source).
+//! - Listings: ARCUS's `scan key` returns every item present for the whole scan; stock
+//!   memcached's `lru_crawler metadump` can skip an item the LRU maintainer moves under the
+//!   crawler (seen about 1 in 200,000 under load). Later pass-1 rounds copy every key no earlier
+//!   round stored, and pass 2 with pass 1's memory adds any still missing; a pass 2 resumed from
+//!   the checkpoint alone infers "copied" from `C_S` and would keep such a key uncopied if every
+//!   pass-1 listing missed it.
 //! - TTLs are copied with one-second resolution.
 //! - Collections (ARCUS only) are copied whole in pass 1 and added when absent in pass 2;
 //!   their changes between pass 1 and the ring change are not carried over (no CAS on

@@ -8,6 +8,7 @@ use crate::crd::{ArcusMemcached, OperationKind, OperationStatus};
 use crate::day2::{self, Day2Action, LiveConfig, NodePod};
 use crate::leader::LeaderGate;
 use crate::metrics::Metrics;
+use crate::migrate;
 use crate::status::{self, NodeView, StatusInput};
 use crate::validate::{self, ValidSpec};
 use crate::zk::{self, ObserveRequest, ServiceClaim, ZkError, ZkPool};
@@ -41,6 +42,8 @@ pub enum Error {
     },
     #[error("not the leader: write skipped")]
     NotLeader,
+    #[error("{0}")]
+    Migration(#[from] crate::migrate::MigrateError),
 }
 
 impl Error {
@@ -51,6 +54,7 @@ impl Error {
             Error::ZooKeeper(ZkError::NotLeader(_)) | Error::NotLeader => "NotLeader",
             Error::ZooKeeper(_) => "ZooKeeperError",
             Error::Kube { .. } => "KubernetesApiError",
+            Error::Migration(_) => "MigrationFailed",
         }
     }
 }
@@ -285,9 +289,30 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
 
-    // Apply: ZooKeeper first (mappings exist before any pod that needs them), then objects.
     // One Event tells what this pass did.
     let mut actions = Vec::new();
+    // Move the cache with the ring: before a scale-in shrinks anything; during a scale-out,
+    // one new node at a time, each receiving its items before the next is let in.
+    let mut sts_target = plan.statefulset_replicas;
+    if !deleting {
+        let children = &observed.cache_list_children;
+        let now = sts_replicas.unwrap_or(0);
+        if now > desired {
+            let leaving: Vec<String> = (desired..now).map(|o| valid.pod_hostname(o)).collect();
+            if let Some(p) = migrate::scale_in(&zk_client, svc, &claim, children, &leaving).await? {
+                actions.push(("Migrated", migrated_note("scale-in", &p)));
+            }
+        } else if now > 0 && plan.conflict.is_none() {
+            let (target, copied) =
+                migrate::scale_out_step(&zk_client, svc, &claim, children, now, desired).await?;
+            if let Some(p) = copied {
+                actions.push(("Migrated", migrated_note("scale-out", &p)));
+            }
+            sts_target = sts_target.map(|t| t.min(target));
+        }
+    }
+
+    // Apply: ZooKeeper first (mappings exist before any pod that needs them), then objects.
     if !plan.ops.is_empty() {
         let writes = zk::apply(&zk_client, &ensemble, &plan.ops, &ctx.leader, &ctx.metrics).await?;
         let summary: Vec<String> = plan.ops.iter().map(|o| o.describe()).collect();
@@ -296,7 +321,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             format!("{} ({writes} znode writes)", summary.join(", ")),
         ));
     }
-    if let Some(replicas) = plan.statefulset_replicas {
+    if let Some(replicas) = sts_target {
         if deleting {
             if sts.is_some() && sts_replicas != Some(0) {
                 scale_statefulset(&sts_api, &sts_name, ctx).await?;
@@ -807,4 +832,11 @@ async fn run_day2(
         publish(ctx, cr, EventType::Warning, "RollingRestartStuck", stuck).await;
     }
     Ok(plan)
+}
+
+fn migrated_note(what: &str, p: &crate::migration::Progress) -> String {
+    format!(
+        "{what} migration: {}/{} items moved ({} updated, {} deleted, {} expired skipped, {} newer kept, {} failed)",
+        p.items_moved, p.items_total, p.items_updated, p.items_deleted, p.items_skipped_expired, p.items_skipped_newer, p.items_failed
+    )
 }

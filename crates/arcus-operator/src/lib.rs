@@ -9,6 +9,7 @@ pub mod crd;
 pub mod day2;
 pub mod leader;
 pub mod metrics;
+pub mod migrate;
 pub mod migration;
 pub mod status;
 pub mod validate;

@@ -35,7 +35,7 @@ pub enum ZkError {
 
 /// The data the operator stores in `/arcus/cache_list/<svc>` (servers and clients ignore it) to
 /// record which CR owns the service code.
-#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ServiceClaim {
     #[serde(rename = "managedBy")]
     pub managed_by: String,

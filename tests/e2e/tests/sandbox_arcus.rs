@@ -44,19 +44,43 @@ fn statefulset(name: &str, ns: &str, replicas: i32) -> StatefulSet {
 
 async fn map(zk: &zk::Client, host: &str, svc: &str) -> anyhow::Result<()> {
     let opts = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-    for p in ["/arcus", "/arcus/cache_list", "/arcus/cache_server_mapping", "/arcus/cache_server_log"] {
+    for p in [
+        "/arcus",
+        "/arcus/cache_list",
+        "/arcus/cache_server_mapping",
+        "/arcus/cache_server_log",
+    ] {
         let _ = zk.create(p, b"", &opts).await;
     }
-    let _ = zk.create(&format!("/arcus/cache_list/{svc}"), b"", &opts).await;
-    zk.create(&format!("/arcus/cache_server_mapping/{host}:11211"), b"", &opts).await?;
-    zk.create(&format!("/arcus/cache_server_mapping/{host}:11211/{svc}"), b"", &opts).await?;
+    let _ = zk
+        .create(&format!("/arcus/cache_list/{svc}"), b"", &opts)
+        .await;
+    zk.create(
+        &format!("/arcus/cache_server_mapping/{host}:11211"),
+        b"",
+        &opts,
+    )
+    .await?;
+    zk.create(
+        &format!("/arcus/cache_server_mapping/{host}:11211/{svc}"),
+        b"",
+        &opts,
+    )
+    .await?;
     Ok(())
 }
 
 async fn unmap_all(zk: &zk::Client, hosts: &[String], svc: &str) {
     for h in hosts {
-        let _ = zk.delete(&format!("/arcus/cache_server_mapping/{h}:11211/{svc}"), None).await;
-        let _ = zk.delete(&format!("/arcus/cache_server_mapping/{h}:11211"), None).await;
+        let _ = zk
+            .delete(
+                &format!("/arcus/cache_server_mapping/{h}:11211/{svc}"),
+                None,
+            )
+            .await;
+        let _ = zk
+            .delete(&format!("/arcus/cache_server_mapping/{h}:11211"), None)
+            .await;
     }
     let _ = zk.delete(&format!("/arcus/cache_list/{svc}"), None).await;
 }
@@ -77,7 +101,10 @@ fn memcached(addr: &str, request: &str, reply_lines: usize) -> anyhow::Result<Ve
 }
 
 async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
-    let zk = zk::Client::connector().with_session_timeout(Duration::from_secs(10)).connect(ZOOKEEPER).await?;
+    let zk = zk::Client::connector()
+        .with_session_timeout(Duration::from_secs(10))
+        .connect(ZOOKEEPER)
+        .await?;
     let svc = ns.name.replace('-', "_");
     let hosts: Vec<String> = (0..3).map(|o| format!("mc-{o}.{}", ns.name)).collect();
     let result = async {
@@ -85,10 +112,14 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
             map(&zk, h, &svc).await?;
         }
         let stss: Api<StatefulSet> = ns.api();
-        stss.create(&PostParams::default(), &statefulset("mc", &ns.name, 3)).await?;
+        stss.create(&PostParams::default(), &statefulset("mc", &ns.name, 3))
+            .await?;
         let pods: Api<Pod> = ns.api();
         let ready = |p: &Pod| {
-            p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         };
         let all = wait_until(Duration::from_secs(120), "3 ARCUS pods Ready", || async {
             let mut list = Vec::new();
@@ -99,46 +130,89 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
         })
         .await?;
         // Ordered start: each pod started after the previous one was Ready.
-        let started: Vec<_> = all.iter().map(|p| p.status.as_ref().unwrap().start_time.clone().unwrap().0).collect();
-        assert!(started.windows(2).all(|w| w[0] <= w[1]), "pods started in order: {started:?}");
-        let ips: BTreeSet<String> = all.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+        let started: Vec<_> = all
+            .iter()
+            .map(|p| p.status.as_ref().unwrap().start_time.clone().unwrap().0)
+            .collect();
+        assert!(
+            started.windows(2).all(|w| w[0] <= w[1]),
+            "pods started in order: {started:?}"
+        );
+        let ips: BTreeSet<String> = all
+            .iter()
+            .map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap())
+            .collect();
         assert_eq!(ips.len(), 3, "three distinct pod IPs: {ips:?}");
-        assert!(ips.iter().all(|ip| ip.starts_with("127.") && ip != "127.0.0.1"));
-        let registered = wait_until(Duration::from_secs(30), "3 znodes in cache_list", || async {
-            let c = zk.list_children(&format!("/arcus/cache_list/{svc}")).await.ok()?;
-            (c.len() == 3).then_some(c)
-        })
+        assert!(ips
+            .iter()
+            .all(|ip| ip.starts_with("127.") && ip != "127.0.0.1"));
+        let registered = wait_until(
+            Duration::from_secs(30),
+            "3 znodes in cache_list",
+            || async {
+                let c = zk
+                    .list_children(&format!("/arcus/cache_list/{svc}"))
+                    .await
+                    .ok()?;
+                (c.len() == 3).then_some(c)
+            },
+        )
         .await?;
         for ip in &ips {
-            assert!(registered.iter().any(|z| z.starts_with(&format!("{ip}:11211-mc-"))), "{ip} registered: {registered:?}");
+            assert!(
+                registered
+                    .iter()
+                    .any(|z| z.starts_with(&format!("{ip}:11211-mc-"))),
+                "{ip} registered: {registered:?}"
+            );
             let addr = format!("{ip}:11211");
             assert_eq!(memcached(&addr, "set k 5 0 2\r\nhi\r\n", 1)?, ["STORED"]);
-            assert_eq!(memcached(&addr, "get k\r\n", 3)?, ["VALUE k 5 2", "hi", "END"]);
+            assert_eq!(
+                memcached(&addr, "get k\r\n", 3)?,
+                ["VALUE k 5 2", "hi", "END"]
+            );
         }
-        let zdata = zk.get_data(&format!("/arcus/cache_list/{svc}/{}", registered[0])).await?.0;
+        let zdata = zk
+            .get_data(&format!("/arcus/cache_list/{svc}/{}", registered[0]))
+            .await?
+            .0;
         assert_eq!(String::from_utf8_lossy(&zdata), "32MB");
 
         // A deleted pod leaves the cluster at once and comes back under the same name.
         let old_uid = pods.get("mc-1").await?.metadata.uid;
         pods.delete("mc-1", &DeleteParams::default()).await?;
         wait_until(Duration::from_secs(30), "mc-1's znode gone", || async {
-            let c = zk.list_children(&format!("/arcus/cache_list/{svc}")).await.ok()?;
+            let c = zk
+                .list_children(&format!("/arcus/cache_list/{svc}"))
+                .await
+                .ok()?;
             (!c.iter().any(|z| z.ends_with(&format!("-mc-1.{}", ns.name)))).then_some(())
         })
         .await?;
-        wait_until(Duration::from_secs(60), "mc-1 recreated, Ready and registered", || async {
-            let p = pods.get_opt("mc-1").await.ok()??;
-            let c = zk.list_children(&format!("/arcus/cache_list/{svc}")).await.ok()?;
-            (p.metadata.uid != old_uid && ready(&p) && c.len() == 3).then_some(())
-        })
+        wait_until(
+            Duration::from_secs(60),
+            "mc-1 recreated, Ready and registered",
+            || async {
+                let p = pods.get_opt("mc-1").await.ok()??;
+                let c = zk
+                    .list_children(&format!("/arcus/cache_list/{svc}"))
+                    .await
+                    .ok()?;
+                (p.metadata.uid != old_uid && ready(&p) && c.len() == 3).then_some(())
+            },
+        )
         .await?;
 
         // No mapping: the node exits 76 and the pod shows it.
-        stss.create(&PostParams::default(), &statefulset("nomap", &ns.name, 1)).await?;
+        stss.create(&PostParams::default(), &statefulset("nomap", &ns.name, 1))
+            .await?;
         let code = wait_until(Duration::from_secs(60), "nomap-0 to exit 76", || async {
             let p = pods.get_opt("nomap-0").await.ok()??;
             let cs = p.status?.container_statuses?.into_iter().next()?;
-            let last = cs.last_state.and_then(|s| s.terminated).or(cs.state.and_then(|s| s.terminated))?;
+            let last = cs
+                .last_state
+                .and_then(|s| s.terminated)
+                .or(cs.state.and_then(|s| s.terminated))?;
             Some(last.exit_code)
         })
         .await?;
@@ -155,7 +229,11 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let _ = sandbox;
     let pods: Api<Pod> = ns.api();
     let _ = wait_until(Duration::from_secs(60), "pods gone", || async {
-        pods.list(&Default::default()).await.ok().filter(|l| l.items.is_empty()).map(|_| ())
+        pods.list(&Default::default())
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
+            .map(|_| ())
     })
     .await;
     unmap_all(&zk, &hosts, &svc).await;

@@ -303,8 +303,41 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
                 actions.push(("Migrated", migrated_note("scale-in", &p)));
             }
         } else if now > 0 && plan.conflict.is_none() {
-            let (target, copied) =
-                migrate::scale_out_step(&zk_client, svc, &claim, children, now, desired).await?;
+            // New nodes that serve but have not registered yet (can be filled before they do).
+            let unregistered: Vec<String> = pods
+                .iter()
+                .filter(|(o, p)| {
+                    *o < desired
+                        && p.metadata.deletion_timestamp.is_none()
+                        && !registered.contains(&valid.pod_hostname(*o))
+                })
+                .filter(|(_, p)| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .is_some_and(|c| {
+                            c.iter()
+                                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                        })
+                })
+                .filter_map(|(_, p)| {
+                    Some(format!(
+                        "{}:{}",
+                        p.status.as_ref()?.pod_ip.as_ref()?,
+                        valid.port
+                    ))
+                })
+                .collect();
+            let (target, copied) = migrate::scale_out_step(
+                &zk_client,
+                svc,
+                &claim,
+                children,
+                now,
+                desired,
+                &unregistered,
+            )
+            .await?;
             if let Some(p) = copied {
                 actions.push(("Migrated", migrated_note("scale-out", &p)));
             }
@@ -365,7 +398,13 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
 
     // Day-2 work on running nodes, only while no scale is in flight.
     let day2 = if plan.ops.is_empty() && plan.waiting_for.is_none() {
-        run_day2(cr, &valid, ctx, desired, &pods, &registered).await?
+        let cache = CacheRing {
+            zk: &zk_client,
+            service_code: svc,
+            claim: &claim,
+            children: &observed.cache_list_children,
+        };
+        run_day2(cr, &valid, ctx, desired, &pods, &registered, &cache).await?
     } else {
         day2::Day2Plan::default()
     };
@@ -679,6 +718,14 @@ fn name_of(cr: &ArcusMemcached) -> String {
 
 /// Reads the nodes for `day2::plan`, then carries out its actions: live configuration by admin
 /// command, healing a node that left ZooKeeper, restarting the next node of a roll.
+/// The ring a cache-aware restart moves items around.
+struct CacheRing<'a> {
+    zk: &'a zookeeper_client::Client,
+    service_code: &'a str,
+    claim: &'a ServiceClaim,
+    children: &'a [String],
+}
+
 async fn run_day2(
     cr: &ArcusMemcached,
     valid: &ValidSpec,
@@ -686,6 +733,7 @@ async fn run_day2(
     desired: u32,
     pods: &[(u32, Pod)],
     registered: &BTreeSet<String>,
+    cache: &CacheRing<'_>,
 ) -> Result<day2::Day2Plan, Error> {
     let template = build::statefulset(valid, desired as i32);
     let desired_hash = template
@@ -817,6 +865,37 @@ async fn run_day2(
                 }
             }
             Day2Action::Roll { pod, ordinal } => {
+                // Cache-aware: the node's items move to the rest of the ring first (as for a
+                // scale-in of this one node), and come back once it has restarted and registered
+                // (the scale-out copy picks that up).
+                let host = valid.pod_hostname(*ordinal);
+                if let Some(p) = migrate::scale_in(
+                    cache.zk,
+                    cache.service_code,
+                    cache.claim,
+                    cache.children,
+                    std::slice::from_ref(&host),
+                )
+                .await?
+                {
+                    publish(
+                        ctx,
+                        cr,
+                        EventType::Normal,
+                        "Migrated",
+                        &migrated_note(&format!("before restarting {pod}"), &p),
+                    )
+                    .await;
+                }
+                migrate::copy_back_after_restart(
+                    cache.zk,
+                    cache.service_code,
+                    cache.claim,
+                    cache.children,
+                    &host,
+                    desired,
+                )
+                .await?;
                 pod_api
                     .delete(pod, &Default::default())
                     .await

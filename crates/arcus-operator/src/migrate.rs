@@ -33,9 +33,12 @@ pub enum Pending {
         checkpoint: Checkpoint,
     },
     /// The StatefulSet grew; `before` is the ring the new nodes' items must come from.
+    /// `early` lists new nodes already filled before they registered.
     ScaleOut {
         before: Vec<String>,
         to_replicas: u32,
+        #[serde(default)]
+        early: Vec<String>,
     },
 }
 
@@ -233,16 +236,42 @@ pub async fn scale_out_step(
     children: &[String],
     now: u32,
     desired: u32,
+    unregistered: &[String],
 ) -> Result<(u32, Option<Progress>), MigrateError> {
     let mut now = now;
     let mut progress = None;
     if let Some(Pending::ScaleOut {
         before,
         to_replicas,
+        early,
     }) = read_pending(client, svc).await?
     {
         if (children.len() as u32) < to_replicas {
-            return Ok((to_replicas.max(now), None)); // the new node has not registered yet
+            // The new node has not registered yet. If it already serves, fill it now, while no
+            // client reads from it: once it registers only what changed meanwhile is missing.
+            let fresh: Vec<String> = unregistered
+                .iter()
+                .filter(|a| !early.contains(a))
+                .cloned()
+                .collect();
+            if !fresh.is_empty() && !before.is_empty() {
+                let (c, s, cl, b) = (
+                    client.clone(),
+                    svc.to_string(),
+                    claim.clone(),
+                    before.clone(),
+                );
+                let mut early = early.clone();
+                detached(move || async move {
+                    tracing::info!(svc = %s, joining = ?fresh, "scale-out: filling the new node before it registers");
+                    let job = ScaleOut::new(Ring::new(b.clone()), &fresh, MigrationOptions::default())?;
+                    job.copy().await?;
+                    early.extend(fresh);
+                    write_pending(&c, &s, &cl, Some(Pending::ScaleOut { before: b, to_replicas, early })).await
+                })
+                .await?;
+            }
+            return Ok((to_replicas.max(now), None));
         }
         let joining: Vec<String> = children
             .iter()
@@ -291,10 +320,39 @@ pub async fn scale_out_step(
             Some(Pending::ScaleOut {
                 before,
                 to_replicas: now + 1,
+                early: vec![],
             }),
         )
         .await?;
         return Ok((now + 1, progress));
     }
     Ok((desired, progress))
+}
+
+/// A cache-aware restart of the node `host`: once it is back in the ring (as `expected` nodes),
+/// the scale-out copy brings its items back from the nodes that held them meanwhile.
+pub async fn copy_back_after_restart(
+    client: &zk::Client,
+    svc: &str,
+    claim: &ServiceClaim,
+    children: &[String],
+    host: &str,
+    expected: u32,
+) -> Result<(), MigrateError> {
+    let before = children
+        .iter()
+        .filter(|c| registered_hostname(c) != Some(host))
+        .map(|c| addr_of(c).to_string())
+        .collect();
+    write_pending(
+        client,
+        svc,
+        claim,
+        Some(Pending::ScaleOut {
+            before,
+            to_replicas: expected,
+            early: vec![],
+        }),
+    )
+    .await
 }

@@ -207,7 +207,7 @@ async fn deployment_runs_processes_and_scaling_down_stops_them() -> anyhow::Resu
             let cmdline =
                 std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             assert!(
-                cmdline.starts_with("sleep\03600"),
+                cmdline.starts_with("sleep\x003600"),
                 "{name}: /proc/{pid}/cmdline is {cmdline:?}"
             );
         }

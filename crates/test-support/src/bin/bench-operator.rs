@@ -3,6 +3,7 @@
 //!    measured in the same run (one StatefulSet patch + one znode create, done directly);
 //! 2. M resources created at once: time until all are reconciled, the operator's peak RSS, and
 //!    API + ZooKeeper writes during a steady-state resync.
+//!
 //! Pods are unschedulable (a nodeSelector no node matches), so only the operator is measured.
 //!
 //! usage: bench-operator <arcus-operator binary> [changes=200] [resources=500]

@@ -532,6 +532,45 @@ fn untyped_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
     )
 }
 
+/// A client of `svc` once its ring has `nodes` nodes (keys up to stock memcached's 250 bytes).
+async fn ring_client(
+    svc: &str,
+    nodes: usize,
+) -> anyhow::Result<std::sync::Arc<arcus_client::ArcusClient>> {
+    let opts = arcus_client::ClientOptions {
+        max_key_len: 250,
+        ..Default::default()
+    };
+    let client =
+        std::sync::Arc::new(arcus_client::ArcusClient::connect(ZOOKEEPER, svc, opts).await?);
+    wait_until(
+        Duration::from_secs(10),
+        &format!("client ring of {nodes}"),
+        || async { (client.nodes().len() == nodes).then_some(()) },
+    )
+    .await?;
+    Ok(client)
+}
+
+/// Stores `count` items, 64 in flight: `item(i)` gives key, value, flags and exptime.
+async fn load(
+    client: &std::sync::Arc<arcus_client::ArcusClient>,
+    count: usize,
+    item: impl Fn(usize) -> (String, String, u32, i64),
+) -> anyhow::Result<()> {
+    futures::stream::iter((0..count).map(item))
+        .map(|(k, v, f, t)| {
+            let c = client.clone();
+            async move { c.set(&k, v, f, t).await }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(())
+}
+
 /// `stats` of one node on its pod IP.
 fn node_stats(ip: &str) -> anyhow::Result<std::collections::HashMap<String, String>> {
     use std::io::{BufRead, BufReader, Write};
@@ -616,27 +655,11 @@ async fn live_config_rolling_restart_and_self_healing() -> anyhow::Result<()> {
             );
 
             // 100,000 keys, and a reader over them for the whole roll.
-            let opts = arcus_client::ClientOptions {
-                max_key_len: 250,
-                ..Default::default()
-            };
-            let client = std::sync::Arc::new(
-                arcus_client::ArcusClient::connect(ZOOKEEPER, &svc, opts).await?,
-            );
-            wait_until(Duration::from_secs(10), "client ring of 5", || async {
-                (client.nodes().len() == 5).then_some(())
+            let client = ring_client(&svc, 5).await?;
+            load(&client, 100_000usize, |i| {
+                (format!("r:{i}"), format!("v{i}"), 0, 0)
             })
             .await?;
-            futures::stream::iter(0..100_000usize)
-                .map(|i| {
-                    let c = client.clone();
-                    async move { c.set(&format!("r:{i}"), format!("v{i}"), 0, 0).await }
-                })
-                .buffer_unordered(64)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
             let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
             let reader = {
                 let (c, reading) = (client.clone(), reading.clone());
@@ -781,24 +804,13 @@ async fn scale_in_and_out_migrate_the_cache_while_a_client_writes() -> anyhow::R
             let crs: Api<ArcusMemcached> = ns.api();
             crs.create(&PostParams::default(), &cr("mg", &svc, 5)).await?;
             wait_ready(&crs, "mg", "5/5", 240).await?;
-            let opts = arcus_client::ClientOptions { max_key_len: 250, ..Default::default() };
-            let client = std::sync::Arc::new(arcus_client::ArcusClient::connect(ZOOKEEPER, &svc, opts).await?);
-            wait_until(Duration::from_secs(10), "client ring of 5", || async { (client.nodes().len() == 5).then_some(()) }).await?;
+            let client = ring_client(&svc, 5).await?;
 
             // 100,000 keys: 10% expire during the test (8 s), 10% with an hour, the rest none.
             const KEYS: usize = 100_000;
             let ttl = |i: usize| match i % 10 { 0 => 8, 1 => 3600, _ => 0 };
             let loaded_at = std::time::Instant::now();
-            futures::stream::iter(0..KEYS)
-                .map(|i| {
-                    let c = client.clone();
-                    async move { c.set(&format!("k:{i}"), format!("v{i}"), (i % 65536) as u32, ttl(i)).await }
-                })
-                .buffer_unordered(64)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
+            load(&client, KEYS, |i| (format!("k:{i}"), format!("v{i}"), (i % 65536) as u32, ttl(i))).await?;
             eprintln!("loaded {KEYS} keys in {:?}", loaded_at.elapsed());
 
             // Each scale runs under a bounded writer that deletes and overwrites main keys.
@@ -928,31 +940,12 @@ async fn operator_killed_during_scale_in_migration_resumes_and_loses_nothing() -
             crs.create(&PostParams::default(), &cr("rs", &svc, 5))
                 .await?;
             wait_ready(&crs, "rs", "5/5", 240).await?;
-            let opts = arcus_client::ClientOptions {
-                max_key_len: 250,
-                ..Default::default()
-            };
-            let client = std::sync::Arc::new(
-                arcus_client::ArcusClient::connect(ZOOKEEPER, &svc, opts).await?,
-            );
-            wait_until(Duration::from_secs(10), "client ring of 5", || async {
-                (client.nodes().len() == 5).then_some(())
+            let client = ring_client(&svc, 5).await?;
+            const KEYS: usize = 100_000;
+            load(&client, KEYS, |i| {
+                (format!("k:{i}"), format!("v{i}"), (i % 65536) as u32, 0)
             })
             .await?;
-            const KEYS: usize = 100_000;
-            futures::stream::iter(0..KEYS)
-                .map(|i| {
-                    let c = client.clone();
-                    async move {
-                        c.set(&format!("k:{i}"), format!("v{i}"), (i % 65536) as u32, 0)
-                            .await
-                    }
-                })
-                .buffer_unordered(64)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
 
             // Scale in, and kill the operator once pass 1 has finished and stored its checkpoint.
             let pods: Api<Pod> = ns.api();

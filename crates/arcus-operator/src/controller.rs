@@ -148,22 +148,30 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
 
     // Validate. An invalid spec waits for a change; a deleted invalid CR that never claimed
     // anything in ZooKeeper just lets go.
+    let owned_code = cr.status.as_ref().and_then(|s| s.service_code.clone());
     let valid = match validate::validate(cr) {
         Ok(v) => v,
-        Err(invalid)
+        // Deleting: clean up what we own even when the spec changed since (say, an edited
+        // serviceCode, which is immutable): validate it with the service code we registered.
+        Err(_)
             if deleting
-                && cr
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.service_code.as_ref())
-                    .is_none() =>
+                && owned_code.is_some()
+                && validate::validate(&with_service_code(cr, owned_code.clone())).is_ok() =>
         {
+            validate::validate(&with_service_code(cr, owned_code.clone()))
+                .expect("checked just above")
+        }
+        Err(invalid) if deleting && owned_code.is_none() => {
             tracing::info!(cr = %name_of(cr), %invalid, "deleting an invalid resource that owns nothing");
             remove_finalizer(&api, cr, ctx).await?;
             return Ok(Action::await_change());
         }
         Err(invalid) => {
-            let message = format!("invalid spec: {invalid}");
+            let message = if deleting {
+                format!("cannot clean up ZooKeeper while the spec is invalid: {invalid}; fix the spec, or remove the finalizer {FINALIZER} to leave the ZooKeeper state behind")
+            } else {
+                format!("invalid spec: {invalid}")
+            };
             publish(ctx, cr, EventType::Warning, "InvalidSpec", &message).await;
             write_status(
                 &api,
@@ -918,4 +926,12 @@ fn migrated_note(what: &str, p: &crate::migration::Progress) -> String {
         "{what} migration: {}/{} items moved ({} updated, {} deleted, {} expired skipped, {} newer kept, {} failed)",
         p.items_moved, p.items_total, p.items_updated, p.items_deleted, p.items_skipped_expired, p.items_skipped_newer, p.items_failed
     )
+}
+
+fn with_service_code(cr: &ArcusMemcached, code: Option<String>) -> ArcusMemcached {
+    let mut owned = cr.clone();
+    if let Some(code) = code {
+        owned.spec.service_code = code;
+    }
+    owned
 }

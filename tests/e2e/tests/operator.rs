@@ -433,6 +433,44 @@ async fn second_resource_with_same_service_code_is_refused() -> anyhow::Result<(
                 1
             );
             wait_ready(&crs, "first", "1/1", 30).await?;
+
+            // serviceCode is immutable: an edit is refused in status, and deleting the resource
+            // afterwards still removes the ZooKeeper state it owns.
+            crs.patch(
+                "first",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"serviceCode": "renamed"}})),
+            )
+            .await?;
+            wait_until(
+                Duration::from_secs(30),
+                "the rename refused in status",
+                || async {
+                    crs.get("first")
+                        .await
+                        .ok()?
+                        .status?
+                        .message
+                        .filter(|m| m.contains("serviceCode"))
+                        .map(|_| ())
+                },
+            )
+            .await?;
+            crs.delete("first", &DeleteParams::default()).await?;
+            wait_until(
+                Duration::from_secs(90),
+                "first deleted with its ZooKeeper state",
+                || async {
+                    let gone = crs.get_opt("first").await.ok()?.is_none();
+                    let claim = zk
+                        .check_stat(&format!("/arcus/cache_list/{svc}"))
+                        .await
+                        .ok()?;
+                    (gone && claim.is_none() && mappings_of(&zk, &svc, &ns.name).await.is_empty())
+                        .then_some(())
+                },
+            )
+            .await?;
             Ok(())
         }
         .await;

@@ -225,27 +225,60 @@ impl ServerArgs {
         }
     }
 
-    /// Arguments for Debian's stock memcached. Dropped: `-E -X -D -r -z -o -e` (`-X` would even
-    /// mean "disable dumping" to stock memcached, which would break `lru_crawler metadump`).
-    pub fn memcached_args(&self) -> Vec<String> {
+    /// The TCP addresses the stand-in's proxy listens on: every `-l` item (comma separated,
+    /// `notls:` prefix dropped) with `-p` unless it names its own port; `0.0.0.0:<port>` without
+    /// `-l` (memcached's default is every interface).
+    pub fn listen_addrs(&self) -> Vec<String> {
+        let port = self.port();
+        let Some(listen) = self.listen.as_deref() else {
+            return vec![format!("0.0.0.0:{port}")];
+        };
+        let mut out = Vec::new();
+        for item in listen.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let item = item.strip_prefix("notls:").unwrap_or(item);
+            let addr = if let Ok(ip) = item.parse::<std::net::IpAddr>() {
+                std::net::SocketAddr::new(ip, port).to_string()
+            } else if item.parse::<std::net::SocketAddr>().is_ok() {
+                item.to_string()
+            } else if item.contains(':') {
+                // host:port
+                item.to_string()
+            } else {
+                format!("{item}:{port}")
+            };
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        if out.is_empty() {
+            out.push(format!("0.0.0.0:{port}"));
+        }
+        out
+    }
+
+    /// The listen backlog (`-b`, memcached's default 1024).
+    pub fn backlog(&self) -> u32 {
+        self.backlog.unwrap_or(1024)
+    }
+
+    /// Arguments for Debian's stock memcached, which listens only on the unix socket `socket`
+    /// (mode 0700) behind the stand-in's proxy: `-p -l -U` are not passed (with `-s` memcached
+    /// opens no network port). Dropped as well: `-E -X -D -r -z -o -e` (`-X` would even mean
+    /// "disable dumping" to stock memcached, which would break `lru_crawler metadump`).
+    pub fn memcached_args(&self, socket: &str) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
         let mut push = |flag: &str, value: String| {
             v.push(flag.to_string());
             v.push(value);
         };
-        push("-p", self.port().to_string());
+        push("-s", socket.to_string());
+        push("-a", "0700".to_string());
         push("-m", self.memlimit_mb().to_string());
         if let Some(c) = self.max_conns {
             push("-c", c.to_string());
         }
         if let Some(t) = self.threads {
             push("-t", t.to_string());
-        }
-        if let Some(l) = &self.listen {
-            push("-l", l.clone());
-        }
-        if let Some(u) = self.udp_port {
-            push("-U", u.to_string());
         }
         if let Some(b) = self.backlog {
             push("-b", b.to_string());
@@ -361,9 +394,10 @@ mod tests {
         assert_eq!(a.zk_session_timeout(), (Duration::from_secs(30), None));
         assert_eq!(a.verbose, 0);
         assert_eq!(
-            a.memcached_args().join(" "),
-            "-p 11300 -m 100 -c 4096 -t 6 -U 0 -b 8192 -u root -R 5"
+            a.memcached_args("/tmp/d/memcached.sock").join(" "),
+            "-s /tmp/d/memcached.sock -a 0700 -m 100 -c 4096 -t 6 -b 8192 -u root -R 5"
         );
+        assert_eq!(a.listen_addrs(), vec!["0.0.0.0:11300".to_string()]);
     }
 
     #[test]
@@ -379,9 +413,10 @@ mod tests {
         assert_eq!(a.engine_config.as_deref(), Some("eviction=on"));
         assert_eq!(a.probe_ip(), "127.1.0.7");
         assert_eq!(
-            a.memcached_args().join(" "),
-            "-p 11211 -m 64 -l 127.1.0.7 -u nobody -R 5 -vv"
+            a.memcached_args("s").join(" "),
+            "-s s -a 0700 -m 64 -u nobody -R 5 -vv"
         );
+        assert_eq!(a.listen_addrs(), vec!["127.1.0.7:11211".to_string()]);
     }
 
     #[test]
@@ -390,7 +425,7 @@ mod tests {
         assert!(a.core_dumps);
         assert_eq!(a.verbose, 4);
         // stock memcached knows at most -vvv
-        assert!(a.memcached_args().contains(&"-vvv".to_string()));
+        assert!(a.memcached_args("s").contains(&"-vvv".to_string()));
         // a flag bundled in front of an option with a value
         let a = parse("-rp11222").unwrap();
         assert!(a.core_dumps);
@@ -404,14 +439,15 @@ mod tests {
         assert_eq!(a.memlimit_mb(), 64);
         assert_eq!(a.zk_ensemble, None);
         assert_eq!(a.probe_ip(), "127.0.0.1");
-        assert_eq!(a.memcached_args().join(" "), "-p 11211 -m 64");
+        assert_eq!(a.memcached_args("s").join(" "), "-s s -a 0700 -m 64");
     }
 
     #[test]
     fn dropped_options_never_reach_memcached() {
         let a = parse(&format!("{CANONICAL} -o 20 -e eviction=on -l 127.1.0.2")).unwrap();
-        let args = a.memcached_args();
-        for dropped in ["-E", "-X", "-D", "-r", "-z", "-o", "-e"] {
+        let args = a.memcached_args("s");
+        // with -s memcached opens no TCP/UDP port: the proxy owns -p and -l
+        for dropped in ["-E", "-X", "-D", "-r", "-z", "-o", "-e", "-p", "-l", "-U"] {
             assert!(
                 !args.contains(&dropped.to_string()),
                 "{dropped} passed on: {args:?}"
@@ -470,6 +506,26 @@ mod tests {
         assert_eq!(p("127.1.0.3:11211"), "127.1.0.3");
         assert_eq!(p("notls:127.1.0.9"), "127.1.0.9");
         assert_eq!(p("0.0.0.0"), "127.0.0.1");
+    }
+
+    #[test]
+    fn listen_addrs_variants() {
+        let l = |l: &str| {
+            ServerArgs {
+                listen: Some(l.into()),
+                port: Some(11300),
+                ..Default::default()
+            }
+            .listen_addrs()
+        };
+        assert_eq!(
+            l("127.1.0.3,notls:127.1.0.4"),
+            ["127.1.0.3:11300", "127.1.0.4:11300"]
+        );
+        assert_eq!(l("127.1.0.3:11999"), ["127.1.0.3:11999"]);
+        assert_eq!(l("::1"), ["[::1]:11300"]);
+        assert_eq!(l("localhost"), ["localhost:11300"]);
+        assert_eq!(l(""), ["0.0.0.0:11300"]);
     }
 
     #[test]

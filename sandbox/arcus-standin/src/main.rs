@@ -1,13 +1,19 @@
 //! arcus-standin: the sandbox's stand-in for arcus-memcached. Runs Debian's stock memcached with
-//! the translated command line and does what arcus-memcached does in ZooKeeper (see README.md).
+//! the translated command line on a private unix socket, behind a proxy on the client port that
+//! answers `ready` and `zkensemble` itself, and does what arcus-memcached does in ZooKeeper
+//! (see README.md).
 //! Sandbox only; not part of the product.
 
 mod args;
+mod proxy;
 mod registration;
 
 use args::{EngineConfig, ServerArgs, EX_USAGE};
+use proxy::{NodeStatus, RejoinRequest};
 use registration::{Identity, Watch, WatchOutcome};
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -20,6 +26,8 @@ const EX_TEMPFAIL: u8 = 75;
 const EX_PROTOCOL: u8 = 76;
 /// EX_NOPERM: ZooKeeper authentication failed.
 const EX_NOPERM: u8 = 77;
+/// EX_OSERR: what memcached exits with when it cannot listen on its TCP port.
+const EX_OSERR: u8 = 71;
 /// How long memcached may take to accept connections after it was started.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long memcached gets to exit after SIGTERM before SIGKILL.
@@ -85,9 +93,94 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The client proxy gets its own worker threads (as many as memcached's -t) so that it does
+    // not serialise memcached's threads.
+    let proxy_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.unwrap_or(4).clamp(1, 64) as usize)
+        .thread_name("standin-proxy")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the proxy's async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     // A current-thread runtime: memcached is spawned (with PR_SET_PDEATHSIG) from the main
     // thread, which lives as long as the process.
-    ExitCode::from(rt.block_on(run(args)))
+    let code = rt.block_on(run(args, proxy_rt.handle().clone()));
+    proxy_rt.shutdown_background();
+    ExitCode::from(code)
+}
+
+/// The private directory of memcached's unix socket; removed on drop.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    /// `$TMPDIR/arcus-standin.<pid>.<n>` (`/tmp` when that path would be too long for a unix
+    /// socket), mode 0700; handed to `-u <user>` when running as root, since memcached drops to
+    /// that user before it creates the socket.
+    fn create(user: Option<&str>) -> Result<SocketDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut base = std::env::temp_dir();
+        if base.as_os_str().len() > 60 {
+            base = PathBuf::from("/tmp");
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = base.join(format!("arcus-standin.{}.{nanos}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create {} for memcached's unix socket: {e} (set TMPDIR to a writable directory)", dir.display()))?;
+        let dir = SocketDir(dir);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            if let Some(user) = user.filter(|u| *u != "root") {
+                dir.chown_to(user)?;
+            }
+        }
+        Ok(dir)
+    }
+
+    fn chown_to(&self, user: &str) -> Result<(), String> {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::CString::new(user).map_err(|_| format!("bad -u user {user:?}"))?;
+        // SAFETY: getpwnam returns NULL or a pointer to a static passwd entry we read at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            return Err(format!(
+                "-u {user}: no such user (memcached would refuse it too)"
+            ));
+        }
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        let path = std::ffi::CString::new(self.0.as_os_str().as_bytes())
+            .map_err(|_| format!("bad path {}", self.0.display()))?;
+        // SAFETY: chown on a NUL-terminated path we own.
+        if unsafe { libc::chown(path.as_ptr(), uid, gid) } != 0 {
+            return Err(format!(
+                "cannot hand {} to user {user}: {}",
+                self.0.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.0.join("memcached.sock")
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            warn!("cannot remove {}: {e}", self.0.display());
+        }
+    }
 }
 
 struct Signals {
@@ -104,7 +197,7 @@ impl Signals {
     }
 }
 
-async fn run(args: ServerArgs) -> u8 {
+async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
     let mut signals = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -116,33 +209,57 @@ async fn run(args: ServerArgs) -> u8 {
         }
     };
 
-    // 1. memcached
-    let mut child = match spawn_memcached(&args) {
+    // 1. memcached, on a unix socket in a private directory (removed when `run` returns).
+    let sock_dir = match SocketDir::create(args.user.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let sock = sock_dir.socket();
+    let mut child = match spawn_memcached(&args, &sock) {
         Ok(c) => c,
         Err(e) => {
             error!("{e}");
             return 1;
         }
     };
-    let probe = format!("{}:{}", args.probe_ip(), args.port());
     tokio::select! {
         biased;
         sig = signals.recv() => {
             info!("{sig} before memcached accepted: stopping memcached");
-            stop_memcached(&mut child, &probe).await;
+            stop_memcached(&mut child, &sock).await;
             return 0;
         }
-        r = wait_accepting(&mut child, &probe) => match r {
-            Ok(()) => info!("memcached accepts connections on {probe}"),
+        r = wait_accepting(&mut child, &sock) => match r {
+            Ok(()) => {}
             Err(Some(st)) => {
                 error!("memcached exited before accepting connections ({})", describe(st));
                 return exit_code(st);
             }
             Err(None) => {
-                error!("memcached did not accept connections on {probe} within {ACCEPT_TIMEOUT:?}; stopping it");
-                stop_memcached(&mut child, &probe).await;
+                error!("memcached did not accept connections on {} within {ACCEPT_TIMEOUT:?}; stopping it", sock.display());
+                stop_memcached(&mut child, &sock).await;
                 return 1;
             }
+        }
+    }
+
+    // 2. The client port: the stand-in's proxy, which answers `ready` and `zkensemble` itself.
+    let (status, mut rejoin_requests) = NodeStatus::new(args.zk_ensemble.as_deref());
+    let probe = format!("{}:{}", args.probe_ip(), args.port());
+    match start_proxy(&proxy_rt, &args, &sock, status.clone()).await {
+        Ok(addrs) => info!(
+            "memcached accepts connections on {probe} (proxy on {}; memcached itself on {})",
+            addrs.join(", "),
+            sock.display()
+        ),
+        Err(e) => {
+            error!("{e}");
+            stop_memcached(&mut child, &sock).await;
+            info!("exit {EX_OSERR}");
+            return EX_OSERR;
         }
     }
 
@@ -151,7 +268,7 @@ async fn run(args: ServerArgs) -> u8 {
         tokio::select! {
             sig = signals.recv() => {
                 info!("{sig}: stopping memcached");
-                stop_memcached(&mut child, &probe).await;
+                stop_memcached(&mut child, &sock).await;
                 info!("exit 0");
                 return 0;
             }
@@ -162,12 +279,12 @@ async fn run(args: ServerArgs) -> u8 {
         }
     };
 
-    // 2. ZooKeeper registration, interruptible by a signal or memcached's death.
+    // 3. ZooKeeper registration, interruptible by a signal or memcached's death.
     let registered = tokio::select! {
         biased;
         sig = signals.recv() => {
             info!("{sig} during ZooKeeper registration: stopping memcached");
-            stop_memcached(&mut child, &probe).await;
+            stop_memcached(&mut child, &sock).await;
             return 0;
         }
         st = child.wait() => {
@@ -184,17 +301,21 @@ async fn run(args: ServerArgs) -> u8 {
                 registration::close_session(client, CLOSE_LIMIT).await;
             }
             info!("stopping memcached");
-            stop_memcached(&mut child, &probe).await;
+            stop_memcached(&mut child, &sock).await;
             info!("exit {code}");
             return code;
         }
     };
+    status.set_session(true);
+    status.set_registered(true);
 
-    // 3. Serve until a signal, memcached's death, or session expiry.
-    let session = client.session().clone();
+    // 4. Serve until a signal, memcached's death, or session expiry.
+    let mut session = client.session().clone();
     let (session_timeout, _) = args.zk_session_timeout();
     let list_path = format!("{}/{svc}", registration::CACHE_LIST_ROOT);
-    let mut state = client.state_watcher();
+    // None once the session is closed on purpose (own znode deleted), so that its end is not
+    // taken for an unexpected close.
+    let mut state = Some(client.state_watcher());
     let mut own_watch: Option<Watch> = Some(registration::watch_node(
         client.clone(),
         own_path.clone(),
@@ -206,19 +327,21 @@ async fn run(args: ServerArgs) -> u8 {
         Duration::ZERO,
     ));
     // None while the client library has given up the session and we ask the ensemble whether
-    // it is really expired (see `resume`).
+    // it is really expired (see `resume`), and after the node left the cluster.
     let mut client = Some(client);
     let mut resuming: Option<Resume> = None;
-    let mut in_cluster = true;
+    let mut rejoining: Option<(Rejoin, RejoinRequest)> = None;
     info!("serving as {} in {list_path}", identity.node_name());
 
     loop {
         tokio::select! {
             biased;
             sig = signals.recv() => {
+                status.set_registered(false);
                 drop(own_watch.take());
                 drop(list_watch.take());
                 drop(resuming.take());
+                drop(rejoining.take());
                 if let Some(client) = client.take() {
                     info!("{sig}: closing the ZooKeeper session first (the ephemeral znode goes with it)");
                     registration::close_session(client, CLOSE_LIMIT).await;
@@ -226,7 +349,7 @@ async fn run(args: ServerArgs) -> u8 {
                     info!("{sig}: no live ZooKeeper session to close");
                 }
                 info!("stopping memcached");
-                stop_memcached(&mut child, &probe).await;
+                stop_memcached(&mut child, &sock).await;
                 info!("exit 0");
                 return 0;
             }
@@ -238,13 +361,14 @@ async fn run(args: ServerArgs) -> u8 {
                 drop(own_watch.take());
                 drop(list_watch.take());
                 drop(resuming.take());
+                drop(rejoining.take());
                 if let Some(client) = client.take() {
                     registration::close_session(client, CLOSE_LIMIT).await;
                 }
                 info!("exit {code}");
                 return code;
             }
-            s = state.changed() => match s {
+            s = poll_state(&mut state) => match s {
                 zk::SessionState::Expired => {
                     // The client library also reports Expired when it found no server within the
                     // session timeout; the session may still be alive in the ensemble (ZooKeeper
@@ -255,6 +379,7 @@ async fn run(args: ServerArgs) -> u8 {
                          (still serving meanwhile)",
                         session.id()
                     );
+                    state = None;
                     drop(own_watch.take());
                     drop(list_watch.take());
                     drop(client.take());
@@ -263,7 +388,7 @@ async fn run(args: ServerArgs) -> u8 {
                 zk::SessionState::AuthFailed => {
                     error!("ZooKeeper authentication failed: stopping memcached");
                     drop(client.take());
-                    stop_memcached(&mut child, &probe).await;
+                    stop_memcached(&mut child, &sock).await;
                     return EX_NOPERM;
                 }
                 zk::SessionState::Disconnected => {
@@ -274,21 +399,22 @@ async fn run(args: ServerArgs) -> u8 {
                 }
                 zk::SessionState::Closed => {
                     error!("ZooKeeper session closed unexpectedly: stopping memcached");
-                    stop_memcached(&mut child, &probe).await;
+                    stop_memcached(&mut child, &sock).await;
                     return EX_TEMPFAIL;
                 }
             },
             r = poll_resume(&mut resuming) => match r {
                 Ok(c) => {
                     info!("ZooKeeper session {} resumed: it was not expired", c.session_id());
-                    state = c.state_watcher();
+                    state = Some(c.state_watcher());
                     own_watch = Some(registration::watch_node(c.clone(), own_path.clone(), Duration::ZERO));
                     list_watch = Some(registration::watch_children(c.clone(), list_path.clone(), Duration::ZERO));
                     client = Some(c);
                 }
                 Err(zk::Error::SessionExpired) => {
                     error!("ZooKeeper session expired: stopping memcached and exiting 75 (arcus-memcached with zk_failstop on)");
-                    stop_memcached(&mut child, &probe).await;
+                    status.set_registered(false);
+                    stop_memcached(&mut child, &sock).await;
                     info!("exit {EX_TEMPFAIL}");
                     return EX_TEMPFAIL;
                 }
@@ -299,7 +425,26 @@ async fn run(args: ServerArgs) -> u8 {
             },
             out = poll_watch(&mut own_watch) => {
                 if let Some(c) = &client {
-                    own_watch = handle_own_watch(out, c, &own_path, &mut in_cluster);
+                    match handle_own_watch(out, c, &own_path) {
+                        OwnZnode::Watch(w) => own_watch = w,
+                        OwnZnode::Gone => {
+                            // Like arcus_zk.c (mc_pause, then zookeeper_close): out of the cluster
+                            // for good until `zkensemble rejoin`; memcached keeps serving.
+                            status.set_registered(false);
+                            warn!(
+                                "own znode {own_path} was deleted by someone else: this node LEFT the cluster; \
+                                 closing its ZooKeeper session like arcus-memcached; still serving; \
+                                 `ready` answers NOT_READY until `zkensemble rejoin`"
+                            );
+                            state = None;
+                            drop(list_watch.take());
+                            if let Some(c) = client.take() {
+                                registration::close_session(c, CLOSE_LIMIT).await;
+                            }
+                            status.set_session(false);
+                            info!("waiting for `zkensemble rejoin`");
+                        }
+                    }
                 }
             }
             out = poll_watch(&mut list_watch) => {
@@ -308,11 +453,145 @@ async fn run(args: ServerArgs) -> u8 {
                         WatchOutcome::Children(ev) if ev.event_type == zk::EventType::Session => None,
                         WatchOutcome::Children(_) => Some(registration::watch_children(c.clone(), list_path.clone(), Duration::ZERO)),
                         WatchOutcome::Failed(e) => retry_after_failure(e, || registration::watch_children(c.clone(), list_path.clone(), Duration::from_secs(1))),
-                        WatchOutcome::Node(_) => None,
+                        WatchOutcome::Node(_) | WatchOutcome::NodeMissing => None,
                     };
                 }
             }
+            Some(reply) = rejoin_requests.recv() => {
+                if client.is_some() || resuming.is_some() {
+                    // arcus_zk_rejoin_ensemble's words when main_zk->zh is still set.
+                    warn!("Failed to rejoin ensemble. It's already a member of cloud.");
+                    let _ = reply.send(false);
+                } else if rejoining.is_some() {
+                    warn!("zkensemble rejoin: another rejoin is in progress; this one fails");
+                    let _ = reply.send(false);
+                } else {
+                    info!("zkensemble rejoin: opening a new ZooKeeper session to {ensemble}");
+                    let fut = rejoin(ensemble.clone(), session_timeout, svc.clone(), identity.clone(), args.memlimit_mb());
+                    rejoining = Some((fut, reply));
+                }
+            }
+            (r, reply) = poll_rejoin(&mut rejoining) => match r {
+                Ok(c) => {
+                    session = c.session().clone();
+                    state = Some(c.state_watcher());
+                    own_watch = Some(registration::watch_node(c.clone(), own_path.clone(), Duration::ZERO));
+                    // re-reads cache_list (logged) and watches it, as the real rejoin does
+                    list_watch = Some(registration::watch_children(c.clone(), list_path.clone(), Duration::ZERO));
+                    client = Some(c);
+                    status.set_session(true);
+                    status.set_registered(true);
+                    info!("rejoined the ARCUS cache cloud for service {svc:?} as {}", identity.node_name());
+                    let _ = reply.send(true);
+                }
+                Err((c, msg)) => {
+                    error!("zkensemble rejoin failed: {msg}; still out of the cluster (send `zkensemble rejoin` again)");
+                    if let Some(c) = c {
+                        registration::close_session(c, CLOSE_LIMIT).await;
+                    }
+                    let _ = reply.send(false);
+                }
+            },
         }
+    }
+}
+
+/// Binds every listen address on the proxy runtime and starts accepting there.
+/// Returns the bound addresses.
+async fn start_proxy(
+    rt: &tokio::runtime::Handle,
+    args: &ServerArgs,
+    sock: &Path,
+    status: Arc<NodeStatus>,
+) -> Result<Vec<String>, String> {
+    let addrs = args.listen_addrs();
+    let backlog = args.backlog();
+    let upstream = Arc::new(sock.to_path_buf());
+    // Listeners are created on the runtime that drives them.
+    let bound = rt.spawn(async move {
+        let mut out = Vec::new();
+        for addr in &addrs {
+            match proxy::bind(addr, backlog).await {
+                Ok(l) => out.push(l),
+                Err(e) => {
+                    return Err(format!(
+                        "cannot listen on TCP {addr}: {e} (another server may use this port; choose another -p or -l)"
+                    ))
+                }
+            }
+        }
+        let names = out
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+            .collect();
+        for l in out {
+            tokio::spawn(proxy::accept_loop(l, upstream.clone(), status.clone()));
+        }
+        Ok(names)
+    });
+    bound
+        .await
+        .map_err(|e| format!("the proxy's listener task failed: {e}"))?
+}
+
+type Rejoin = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<zk::Client, (Option<zk::Client>, String)>> + Send>,
+>;
+
+/// `zkensemble rejoin` (arcus_zk_rejoin_ensemble): a new session, the same ephemeral znode
+/// (service code from the start, the mapping is not read again), then a `rejoin` log entry.
+fn rejoin(
+    ensemble: String,
+    timeout: Duration,
+    svc: String,
+    identity: Identity,
+    memlimit_mb: u64,
+) -> Rejoin {
+    Box::pin(async move {
+        let client = registration::connect(&ensemble, timeout)
+            .await
+            .map_err(|e| (None, e))?;
+        info!("ZooKeeper session {} established", client.session_id());
+        let path = match registration::create_cache_list_znode(
+            &client,
+            &svc,
+            &identity,
+            memlimit_mb,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => return Err((Some(client), e)),
+        };
+        info!("created ephemeral {path} with data {memlimit_mb}MB");
+        match registration::log_activity(&client, &identity, "rejoin").await {
+            Ok(p) => info!("logged rejoin at {p}"),
+            Err(e) => warn!("cannot log this activity: {e}"),
+        }
+        Ok(client)
+    })
+}
+
+async fn poll_rejoin(
+    r: &mut Option<(Rejoin, RejoinRequest)>,
+) -> (
+    Result<zk::Client, (Option<zk::Client>, String)>,
+    RejoinRequest,
+) {
+    match r.as_mut() {
+        Some((f, _)) => {
+            let out = f.await;
+            let (_, reply) = r.take().expect("checked above");
+            (out, reply)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_state(s: &mut Option<zk::StateWatcher>) -> zk::SessionState {
+    match s.as_mut() {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -373,44 +652,33 @@ fn retry_after_failure(e: zk::Error, rearm: impl FnOnce() -> Watch) -> Option<Wa
     }
 }
 
-fn handle_own_watch(
-    out: WatchOutcome,
-    client: &zk::Client,
-    own_path: &str,
-    in_cluster: &mut bool,
-) -> Option<Watch> {
+/// What the own-znode watch says.
+enum OwnZnode {
+    /// Still there: the next watch (None once the session is over).
+    Watch(Option<Watch>),
+    /// Deleted by someone else (or found missing when re-arming).
+    Gone,
+}
+
+fn handle_own_watch(out: WatchOutcome, client: &zk::Client, own_path: &str) -> OwnZnode {
     let rearm = |d| {
-        Some(registration::watch_node(
+        OwnZnode::Watch(Some(registration::watch_node(
             client.clone(),
             own_path.to_string(),
             d,
-        ))
+        )))
     };
     match out {
         WatchOutcome::Node(ev) => match ev.event_type {
-            zk::EventType::Session => None,
-            zk::EventType::NodeDeleted => {
-                if *in_cluster {
-                    *in_cluster = false;
-                    warn!(
-                        "own znode {own_path} was deleted by someone else: this node LEFT the cluster but keeps \
-                         serving; the real server would wait for `zkensemble rejoin`, which stock memcached cannot \
-                         answer: restart this node to rejoin"
-                    );
-                }
-                rearm(Duration::ZERO)
-            }
-            zk::EventType::NodeCreated => {
-                *in_cluster = true;
-                warn!("own znode {own_path} was re-created by someone else (not owned by this session)");
-                rearm(Duration::ZERO)
-            }
+            zk::EventType::Session => OwnZnode::Watch(None),
+            zk::EventType::NodeDeleted => OwnZnode::Gone,
             _ => rearm(Duration::ZERO),
         },
-        WatchOutcome::Failed(e) => retry_after_failure(e, || {
+        WatchOutcome::NodeMissing => OwnZnode::Gone,
+        WatchOutcome::Failed(e) => OwnZnode::Watch(retry_after_failure(e, || {
             registration::watch_node(client.clone(), own_path.to_string(), Duration::from_secs(1))
-        }),
-        WatchOutcome::Children(_) => None,
+        })),
+        WatchOutcome::Children(_) => OwnZnode::Watch(None),
     }
 }
 
@@ -468,10 +736,10 @@ async fn register(
     Ok((client, identity, own_path, svc))
 }
 
-fn spawn_memcached(args: &ServerArgs) -> Result<Child, String> {
+fn spawn_memcached(args: &ServerArgs, sock: &Path) -> Result<Child, String> {
     let program =
         std::env::var("ARCUS_STANDIN_MEMCACHED").unwrap_or_else(|_| "/usr/bin/memcached".into());
-    let margs = args.memcached_args();
+    let margs = args.memcached_args(&sock.to_string_lossy());
     info!("starting {program} {}", margs.join(" "));
     let mut cmd = Command::new(&program);
     cmd.args(&margs)
@@ -496,8 +764,9 @@ fn spawn_memcached(args: &ServerArgs) -> Result<Child, String> {
     Ok(child)
 }
 
-/// Ok when something accepts on `addr`; Err(Some) when memcached exited; Err(None) on timeout.
-async fn wait_accepting(child: &mut Child, addr: &str) -> Result<(), Option<ExitStatus>> {
+/// Ok when memcached accepts on its unix socket `sock`; Err(Some) when memcached exited;
+/// Err(None) on timeout.
+async fn wait_accepting(child: &mut Child, sock: &Path) -> Result<(), Option<ExitStatus>> {
     let deadline = Instant::now() + ACCEPT_TIMEOUT;
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -505,7 +774,7 @@ async fn wait_accepting(child: &mut Child, addr: &str) -> Result<(), Option<Exit
         }
         if let Ok(Ok(_)) = tokio::time::timeout(
             Duration::from_millis(500),
-            tokio::net::TcpStream::connect(addr),
+            tokio::net::UnixStream::connect(sock),
         )
         .await
         {
@@ -523,7 +792,7 @@ async fn wait_accepting(child: &mut Child, addr: &str) -> Result<(), Option<Exit
 /// Stock memcached's main thread only notices the signal when its event loop wakes up, which its
 /// clock timer does once a second; a connection to its listener wakes it at once, so it exits in
 /// milliseconds instead of up to a second.
-async fn stop_memcached(child: &mut Child, probe: &str) {
+async fn stop_memcached(child: &mut Child, sock: &Path) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -532,7 +801,7 @@ async fn stop_memcached(child: &mut Child, probe: &str) {
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let _ = tokio::time::timeout(
             Duration::from_millis(200),
-            tokio::net::TcpStream::connect(probe),
+            tokio::net::UnixStream::connect(sock),
         )
         .await;
     }

@@ -223,7 +223,7 @@ pub async fn create_cache_list_znode(
 }
 
 /// Writes a persistent-sequential `/arcus/cache_server_log/<YYYY-MM-DD>/<node name>-` entry with
-/// data `action` (`join`), creating the date znode if missing. Returns the entry's path.
+/// data `action` (`join`, or `rejoin` after `zkensemble rejoin`), creating the date znode if missing. Returns the entry's path.
 pub async fn log_activity(
     client: &zk::Client,
     id: &Identity,
@@ -252,6 +252,8 @@ pub type Watch = std::pin::Pin<Box<dyn std::future::Future<Output = WatchOutcome
 pub enum WatchOutcome {
     /// The node's existence watch fired.
     Node(zk::WatchedEvent),
+    /// The node did not exist when the watch was armed.
+    NodeMissing,
     /// The children watch fired.
     Children(zk::WatchedEvent),
     /// Arming failed (e.g. connection loss); retry later unless the session is over.
@@ -265,7 +267,8 @@ pub fn watch_node(client: zk::Client, path: String, delay: Duration) -> Watch {
         let armed = client.check_and_watch_stat(&path).await;
         drop(client);
         match armed {
-            Ok((_, watcher)) => WatchOutcome::Node(watcher.changed().await),
+            Ok((None, _)) => WatchOutcome::NodeMissing,
+            Ok((Some(_), watcher)) => WatchOutcome::Node(watcher.changed().await),
             Err(e) => WatchOutcome::Failed(e),
         }
     })

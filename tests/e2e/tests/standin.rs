@@ -7,6 +7,7 @@
 //! `cargo build -p arcus-standin` into `<repo>/target/e2e-bins` (a separate target dir, since the
 //! running `cargo test` holds the lock of the main one).
 
+use arcus_client::{AdminClient, Readiness};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -515,6 +516,11 @@ async fn zookeeper_outage_longer_than_timeout_resumes_session() -> anyhow::Resul
         node.log_text()
     );
     set_get(&node.addr(), "outage", "serving")?;
+    // ZooKeeper unreachable, session alive: still a member, as arcus-memcached says
+    assert_eq!(
+        memcached_roundtrip(&node.addr(), "ready\r\n", "\r\n")?,
+        "READY\r\n"
+    );
     zks.restart()?;
     let client = zk::Client::connect(&zks.addr()).await?;
     wait_until(
@@ -548,9 +554,12 @@ async fn zookeeper_outage_longer_than_timeout_resumes_session() -> anyhow::Resul
     Ok(())
 }
 
-/// Its own znode deleted by someone else: it stays up (and serving), logging that it left.
+/// Its own znode deleted by someone else: like arcus-memcached it closes its session, keeps
+/// serving, answers `ready` with NOT_READY, and comes back on `zkensemble rejoin` (new session,
+/// same znode name and data, a `rejoin` log entry); a second rejoin while a member fails with the
+/// real server's reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn own_znode_deleted_stays_up() -> anyhow::Result<()> {
+async fn own_znode_deleted_then_zkensemble_rejoin() -> anyhow::Result<()> {
     let zks = ZkServer::start()?;
     let client = zk::Client::connect(&zks.addr()).await?;
     arcus_tree(&client, &["svc-d"]).await?;
@@ -559,7 +568,10 @@ async fn own_znode_deleted_stays_up() -> anyhow::Result<()> {
     map(&client, &format!("deleted-mc-0:{port}"), "svc-d").await?;
     let mut node = StandIn::start(&zks.addr(), &ip, port, "deleted-mc-0", &[]);
     let path = format!("/arcus/cache_list/svc-d/{}", node.node_name());
-    wait_znode(&client, &path, Duration::from_secs(20)).await?;
+    let (data, before) = wait_znode(&client, &path, Duration::from_secs(20)).await?;
+    let admin = AdminClient::new(node.addr());
+    assert_eq!(admin.ready().await?, Readiness::Ready);
+    assert_eq!(admin.zkensemble_get().await?, zks.addr());
 
     client.delete(&path, None).await?;
     wait_until(
@@ -568,7 +580,13 @@ async fn own_znode_deleted_stays_up() -> anyhow::Result<()> {
         || async { node.log_text().contains("LEFT the cluster").then_some(()) },
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until(
+        Duration::from_secs(5),
+        "ready to answer NOT_READY",
+        || async { (admin.ready().await.ok()? == Readiness::NotReady).then_some(()) },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", node.log_text()))?;
     assert!(
         node.try_wait().is_none(),
         "exited after its znode was deleted:\n{}",
@@ -577,12 +595,155 @@ async fn own_znode_deleted_stays_up() -> anyhow::Result<()> {
     set_get(&node.addr(), "after-delete", "ok")?;
     assert!(
         client.check_stat(&path).await?.is_none(),
-        "the stand-in must not re-create its znode"
+        "the stand-in must not re-create its znode by itself"
     );
+    // no session any more: the real server cannot name its ensemble either
+    assert_eq!(
+        memcached_roundtrip(&node.addr(), "zkensemble get\r\n", "\r\n")?,
+        "ERROR failed to get the ensemble address\r\n"
+    );
+
+    admin
+        .zkensemble_rejoin()
+        .await
+        .map_err(|e| anyhow::anyhow!("zkensemble rejoin: {e}; log:\n{}", node.log_text()))?;
+    let (data_after, after) = client
+        .get_data(&path)
+        .await
+        .map_err(|e| anyhow::anyhow!("{path} after rejoin: {e}"))?;
+    assert_eq!(data_after, data, "same znode data after rejoin");
+    assert_eq!(String::from_utf8_lossy(&data_after), "64MB");
+    assert_ne!(after.ephemeral_owner, 0, "{path} must be ephemeral");
+    assert_ne!(
+        after.ephemeral_owner, before.ephemeral_owner,
+        "rejoin opens a new session"
+    );
+    assert_eq!(admin.ready().await?, Readiness::Ready);
+    assert_eq!(admin.zkensemble_get().await?, zks.addr());
+
+    // a join and a rejoin entry under today's cache_server_log
+    let days = client.list_children("/arcus/cache_server_log").await?;
+    let mut actions = Vec::new();
+    for day in &days {
+        let day = format!("/arcus/cache_server_log/{day}");
+        for entry in client.list_children(&day).await? {
+            if entry.starts_with(&format!("{}-", node.node_name())) {
+                let (d, _) = client.get_data(&format!("{day}/{entry}")).await?;
+                actions.push((entry, String::from_utf8_lossy(&d).into_owned()));
+            }
+        }
+    }
+    actions.sort();
+    let kinds: Vec<&str> = actions.iter().map(|(_, a)| a.as_str()).collect();
+    assert_eq!(kinds, ["join", "rejoin"], "log entries: {actions:?}");
+
+    // already a member: the real server's failure reply
+    assert_eq!(
+        memcached_roundtrip(&node.addr(), "zkensemble rejoin\r\n", "\r\n")?,
+        "ERROR failed to rejoin ensemble\r\n"
+    );
+    assert!(admin.zkensemble_rejoin().await.is_err());
+    assert!(
+        node.log_text()
+            .contains("Failed to rejoin ensemble. It's already a member of cloud."),
+        "{}",
+        node.log_text()
+    );
+    assert_eq!(admin.ready().await?, Readiness::Ready);
+
+    node.guard.signal(15);
+    wait_gone(&client, &path, Duration::from_secs(2)).await?;
+    let st = node.wait_exit(Duration::from_secs(3), "SIGTERM").await?;
+    assert_eq!(st.code(), Some(0));
+    Ok(())
+}
+
+/// Sends `req` in pieces of `piece` bytes and reads exactly `expect.len()` bytes of reply.
+fn pipelined(addr: &str, req: &[u8], piece: usize, expect: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    for chunk in req.chunks(piece) {
+        s.write_all(chunk)?;
+    }
+    let mut out = vec![0u8; expect.len()];
+    s.read_exact(&mut out)
+        .map_err(|e| anyhow::anyhow!("reading {} reply bytes: {e}", expect.len()))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The proxy keeps replies in request order when a client pipelines: intercepted commands
+/// (`ready`, `zkensemble ...`) between memcached commands, the client's own `mn`, and values whose
+/// bytes look like commands (never intercepted), in one write and in small pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_admin_commands_keep_order() -> anyhow::Result<()> {
+    let zks = ZkServer::start()?;
+    let client = zk::Client::connect(&zks.addr()).await?;
+    arcus_tree(&client, &["svc-p"]).await?;
+    let ip = unique_loopback_ip();
+    let port = free_port(&ip);
+    map(&client, &format!("{ip}:{port}"), "svc-p").await?;
+    let mut node = StandIn::start(&zks.addr(), &ip, port, "pipe-mc-0", &[]);
+    let path = format!("/arcus/cache_list/svc-p/{}", node.node_name());
+    wait_znode(&client, &path, Duration::from_secs(20)).await?;
+    wait_until(Duration::from_secs(5), "ready to answer READY", || async {
+        let r = memcached_roundtrip(&node.addr(), "ready\r\n", "\r\n").ok()?;
+        (r == "READY\r\n").then_some(())
+    })
+    .await?;
+
+    let req = "set k 0 0 7\r\nready\r\n\r\n\
+        ready\r\n\
+        get k\r\n\
+        set k2 0 0 19\r\nzkensemble rejoin\r\n\r\n\
+        ready\r\n\
+        mn\r\n\
+        zkensemble rejoin\r\n\
+        get k2 k\r\n\
+        zkensemble get\r\n\
+        set k3 0 0 4 noreply\r\nmn\r\n\r\n\
+        zkensemble set 127.0.0.1:1\r\n\
+        zkensemble bogus\r\n\
+        get k3\r\n\
+        ready\r\n\
+        mn\r\n";
+    let expect = format!(
+        "STORED\r\n\
+        READY\r\n\
+        VALUE k 0 7\r\nready\r\n\r\nEND\r\n\
+        STORED\r\n\
+        READY\r\n\
+        MN\r\n\
+        ERROR failed to rejoin ensemble\r\n\
+        VALUE k2 0 19\r\nzkensemble rejoin\r\n\r\nVALUE k 0 7\r\nready\r\n\r\nEND\r\n\
+        {}\r\n\n\r\n\
+        ERROR failed to set the new ensemble address (check logs)\r\n\
+        CLIENT_ERROR bad command line format\r\n\
+        VALUE k3 0 4\r\nmn\r\n\r\nEND\r\n\
+        READY\r\n\
+        MN\r\n",
+        zks.addr()
+    );
+    for piece in [req.len(), 3, 1] {
+        let got = pipelined(&node.addr(), req.as_bytes(), piece, &expect)?;
+        assert_eq!(got, expect, "written in pieces of {piece} bytes");
+    }
+    // nothing left over on the connection after the last reply
+    let mut s = TcpStream::connect(node.addr())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"ready\r\nquit\r\n")?;
+    let mut rest = String::new();
+    s.read_to_string(&mut rest)?;
+    assert_eq!(rest, "READY\r\n");
 
     node.guard.signal(15);
     let st = node.wait_exit(Duration::from_secs(3), "SIGTERM").await?;
-    assert_eq!(st.code(), Some(0));
+    assert_eq!(st.code(), Some(0), "log:\n{}", node.log_text());
+    assert!(
+        !node.log_text().contains("MN without a queued request"),
+        "{}",
+        node.log_text()
+    );
     Ok(())
 }
 

@@ -307,7 +307,18 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         let now = sts_replicas.unwrap_or(0);
         if now > desired {
             let leaving: Vec<String> = (desired..now).map(|o| valid.pod_hostname(o)).collect();
-            if let Some(p) = migrate::scale_in(&zk_client, svc, &claim, children, &leaving).await? {
+            let operation = format!("scale-in {now}→{desired}");
+            let (reporter, writer) = ProgressWriter::start(ctx, cr);
+            let moved = migrate::scale_in(
+                &zk_client, svc, &claim, children, &leaving, &operation, &reporter,
+            )
+            .await;
+            let done = match &moved {
+                Ok(Some(p)) => Some(migrate::migration_status(&operation, None, p)),
+                _ => None,
+            };
+            writer.stop(reporter, done).await;
+            if let Some(p) = moved? {
                 actions.push(("Migrated", migrated_note("scale-in", &p)));
             }
         } else if now > 0 && plan.conflict.is_none() {
@@ -336,7 +347,8 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
                     ))
                 })
                 .collect();
-            let (target, copied) = migrate::scale_out_step(
+            let (reporter, writer) = ProgressWriter::start(ctx, cr);
+            let step = migrate::scale_out_step(
                 &zk_client,
                 svc,
                 &claim,
@@ -344,8 +356,12 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
                 now,
                 desired,
                 &unregistered,
+                &reporter,
             )
-            .await?;
+            .await;
+            let last = reporter.last();
+            writer.stop(reporter, last).await;
+            let (target, copied) = step?;
             if let Some(p) = copied {
                 actions.push(("Migrated", migrated_note("scale-out", &p)));
             }
@@ -636,10 +652,15 @@ async fn write_status(
     if !ctx.leader.is_leader() {
         return Err(Error::NotLeader);
     }
+    let mut body = serde_json::to_value(&status).expect("status serializes");
+    // Owned by the migration progress writer; a copy from a stale cache must not revert it.
+    if let Some(b) = body.as_object_mut() {
+        b.remove("migration");
+    }
     let patch = serde_json::json!({
         "apiVersion": "jam2in.com/v1",
         "kind": "ArcusMemcached",
-        "status": status,
+        "status": body,
     });
     api.patch_status(
         &cr.name_any(),
@@ -788,6 +809,12 @@ async fn run_day2(
                     .as_ref()
                     .map(secs_since)
                     .unwrap_or(0),
+                running_for_secs: status
+                    .container_statuses
+                    .as_ref()
+                    .and_then(|c| c.iter().find(|c| c.name == build::CONTAINER_NAME))
+                    .and_then(|c| c.state.as_ref()?.running.as_ref())
+                    .map(|r| r.started_at.as_ref().map(secs_since).unwrap_or(0)),
             }
         })
         .collect();
@@ -877,15 +904,20 @@ async fn run_day2(
                 // scale-in of this one node), and come back once it has restarted and registered
                 // (the scale-out copy picks that up).
                 let host = valid.pod_hostname(*ordinal);
-                if let Some(p) = migrate::scale_in(
+                let (reporter, writer) = ProgressWriter::start(ctx, cr);
+                let moved = migrate::scale_in(
                     cache.zk,
                     cache.service_code,
                     cache.claim,
                     cache.children,
                     std::slice::from_ref(&host),
+                    "rolling restart",
+                    &reporter,
                 )
-                .await?
-                {
+                .await;
+                let last = reporter.last();
+                writer.stop(reporter, last).await;
+                if let Some(p) = moved? {
                     publish(
                         ctx,
                         cr,
@@ -919,6 +951,86 @@ async fn run_day2(
         publish(ctx, cr, EventType::Warning, "RollingRestartStuck", stuck).await;
     }
     Ok(plan)
+}
+
+/// Writes a running migration's progress into `status.migration` (a merge patch under a field
+/// manager of its own, so the reconcile's status apply never carries a stale copy back), at
+/// most once a second, and the final record when stopped.
+struct ProgressWriter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    target: ProgressTarget,
+}
+
+#[derive(Clone)]
+struct ProgressTarget {
+    api: Api<ArcusMemcached>,
+    name: String,
+    leader: LeaderGate,
+    metrics: Arc<Metrics>,
+}
+
+impl ProgressTarget {
+    async fn write(&self, value: &crate::crd::MigrationStatus) {
+        if !self.leader.is_leader() {
+            return;
+        }
+        let patch = serde_json::json!({"status": {"migration": value}});
+        let params = PatchParams {
+            field_manager: Some(format!("{FIELD_MANAGER}-progress")),
+            ..PatchParams::default()
+        };
+        match self
+            .api
+            .patch_status(&self.name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.metrics.api_write("ArcusMemcachedStatus"),
+            Err(e) => tracing::warn!(name = %self.name, "writing migration progress: {e}"),
+        }
+    }
+}
+
+impl ProgressWriter {
+    fn start(ctx: &Context, cr: &ArcusMemcached) -> (migrate::Reporter, ProgressWriter) {
+        let (reporter, mut rx) = migrate::Reporter::new();
+        let target = ProgressTarget {
+            api: Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default()),
+            name: cr.name_any(),
+            leader: ctx.leader.clone(),
+            metrics: ctx.metrics.clone(),
+        };
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let t = target.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+                let value = rx.borrow_and_update().clone();
+                if let Some(v) = value {
+                    t.write(&v).await;
+                }
+                // At most one write a second, however fast the copy reports.
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        (reporter, ProgressWriter { stop, task, target })
+    }
+
+    /// Stops the periodic writes, waits for the one in flight, then writes `last`.
+    async fn stop(self, reporter: migrate::Reporter, last: Option<crate::crd::MigrationStatus>) {
+        drop(reporter);
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        if let Some(last) = last {
+            self.target.write(&last).await;
+        }
+    }
 }
 
 fn migrated_note(what: &str, p: &crate::migration::Progress) -> String {

@@ -93,6 +93,12 @@ pub const ZOOKEEPER_SERVER_PATTERN: &str =
         type_ = "string",
         description = "The memcached error message",
         json_path = ".status.message"
+    ),
+    printcolumn(
+        name = "Migration",
+        type_ = "string",
+        description = "The cache migration in flight or last done: operation, node, phase, items moved/to move",
+        json_path = ".status.migration.summary"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -314,6 +320,31 @@ pub struct ArcusMemcachedStatus {
     /// The scale or delete operation in flight, persisted so a new leader can finish it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<OperationStatus>,
+
+    /// The cache migration in flight (updated about once a second while items move) or the
+    /// last one done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// Items moving with the ring: on scale-in, scale-out and around each node of a rolling
+/// restart.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// What moves the items, e.g. `scale-in 5→3`, `scale-out 3→4`, `restart of arcus-4`.
+    pub operation: String,
+    /// The node being rolled or joining, when there is one (pod name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `Pass1`, `Pass2`, `Done` or `Failed`.
+    pub phase: String,
+    /// Items decided and done so far (copied, updated, skipped because expired or newer).
+    pub items_moved: u64,
+    /// Items the listings found to move so far (grows while changed keys are found).
+    pub items_to_move: u64,
+    /// One line for `kubectl get`: `<operation> [<node>]: <phase> <moved>/<to move>`.
+    pub summary: String,
 }
 
 /// A status condition, shaped like Kubernetes' `metav1.Condition`.
@@ -620,6 +651,13 @@ spec:
                     "string",
                     ".status.message",
                     Some("The memcached error message")
+                ),
+                // Ours, after the seed's columns.
+                (
+                    "Migration",
+                    "string",
+                    ".status.migration.summary",
+                    Some("The cache migration in flight or last done: operation, node, phase, items moved/to move")
                 ),
             ]
         );

@@ -4,7 +4,8 @@
 //! - the operator's own rolling restart (the StatefulSet is `OnDelete`): a node whose pod was
 //!   made from an older template is restarted one at a time, highest ordinal first, only while
 //!   every other node is Ready and registered; a node that does not come back stops the roll;
-//! - self-healing: a Ready node whose znode is missing is asked to rejoin, or else restarted.
+//! - self-healing: a running node whose znode has been missing for a while is asked to rejoin,
+//!   or else restarted.
 //!
 //! The executor lives in the controller; nothing here performs I/O.
 
@@ -17,7 +18,7 @@ pub const STARTED_CONFIG: &str = "jam2in.com/started-config";
 /// Pod annotation set by the operator after it changed the configuration of the running node.
 pub const APPLIED_CONFIG: &str = "jam2in.com/applied-config";
 
-/// How long a Ready node may lack its znode before it is healed (it registers right after it
+/// How long a running node may lack its znode before it is healed (it registers right after it
 /// starts; this only covers the gap between listening and registering).
 pub const HEAL_AFTER_SECS: i64 = 10;
 /// How long a restarted node may take to be Ready and registered before the roll stops.
@@ -73,6 +74,8 @@ pub struct NodePod {
     pub ready_for_secs: Option<i64>,
     /// Seconds since the pod object was created.
     pub age_secs: i64,
+    /// Seconds since the cache container last started running (None when not running).
+    pub running_for_secs: Option<i64>,
 }
 
 impl NodePod {
@@ -115,7 +118,22 @@ pub fn plan(desired_hash: &str, desired: LiveConfig, replicas: u32, pods: &[Node
     let in_range: Vec<&NodePod> = pods.iter().filter(|p| p.ordinal < replicas).collect();
 
     for p in &in_range {
-        let Some(ip) = p.ip.clone().filter(|_| p.ready && !p.terminating) else {
+        if p.terminating {
+            continue;
+        }
+        // A node that left the cluster answers `ready` with NOT_READY, so its pod may turn
+        // unready: heal whatever runs unregistered past the grace, Ready or not.
+        if let (Some(ip), Some(running)) = (&p.ip, p.running_for_secs) {
+            if !p.registered && running >= HEAL_AFTER_SECS {
+                out.actions.push(Day2Action::Heal {
+                    pod: p.name.clone(),
+                    ip: ip.clone(),
+                });
+            } else if !p.registered {
+                out.heal_pending = true;
+            }
+        }
+        let Some(ip) = p.ip.clone().filter(|_| p.ready) else {
             continue;
         };
         if p.effective() != Some(desired) {
@@ -125,16 +143,6 @@ pub fn plan(desired_hash: &str, desired: LiveConfig, replicas: u32, pods: &[Node
                 from: p.effective(),
                 to: desired,
             });
-        }
-        match p.ready_for_secs {
-            Some(s) if !p.registered && s >= HEAL_AFTER_SECS => {
-                out.actions.push(Day2Action::Heal {
-                    pod: p.name.clone(),
-                    ip,
-                })
-            }
-            Some(_) if !p.registered => out.heal_pending = true,
-            _ => {}
         }
     }
 
@@ -213,6 +221,7 @@ mod tests {
             terminating: false,
             ready_for_secs: Some(100),
             age_secs: 100,
+            running_for_secs: Some(100),
         }
     }
 
@@ -273,6 +282,7 @@ mod tests {
             registered: false,
             ready_for_secs: None,
             age_secs: 5,
+            running_for_secs: Some(5),
             ..pod(4, "new")
         });
         let p = plan("new", CFG, 5, &pods);
@@ -297,6 +307,7 @@ mod tests {
             registered: false,
             ready_for_secs: None,
             age_secs: ROLL_STUCK_AFTER_SECS + 1,
+            running_for_secs: None,
             ..pod(4, "new")
         });
         let p = plan("new", CFG, 5, &pods);
@@ -311,11 +322,11 @@ mod tests {
     fn a_ready_node_without_znode_is_healed_after_the_grace() {
         let mut pods: Vec<_> = (0..3).map(|o| pod(o, "h1")).collect();
         pods[1].registered = false;
-        pods[1].ready_for_secs = Some(HEAL_AFTER_SECS - 1);
+        pods[1].running_for_secs = Some(HEAL_AFTER_SECS - 1);
         let p = plan("h1", CFG, 3, &pods);
         assert!(p.actions.is_empty());
         assert!(p.heal_pending, "looks again soon");
-        pods[1].ready_for_secs = Some(HEAL_AFTER_SECS);
+        pods[1].running_for_secs = Some(HEAL_AFTER_SECS);
         assert_eq!(
             plan("h1", CFG, 3, &pods).actions,
             vec![Day2Action::Heal {
@@ -330,6 +341,7 @@ mod tests {
         let mut pods: Vec<_> = (0..3).map(|o| pod(o, "old")).collect();
         pods[0].registered = false;
         pods[0].ready_for_secs = Some(1);
+        pods[0].running_for_secs = Some(1);
         let p = plan("new", CFG, 3, &pods);
         assert!(p.actions.is_empty());
         assert!(p.roll_waiting.is_some());

@@ -2,15 +2,24 @@
 //! - scale-in: before the StatefulSet shrinks, pass 1 copies the leaving nodes' items to their
 //!   owners on the ring that remains, the leaving nodes' znodes are deleted (clients switch
 //!   rings; the nodes keep serving us), pass 2 carries over what changed meanwhile;
-//! - scale-out: once every new node has registered, an add-only copy brings the items they now
-//!   own from their previous owners.
+//! - scale-out, one node at a time: a node that answers `zkensemble` (ARCUS) is taken out of
+//!   `cache_list` the moment it registers, filled (pass 1), let in with `zkensemble rejoin`, and
+//!   pass 2 carries over what changed meanwhile; other servers get an add-only copy once they
+//!   registered (a key deleted on the new node before its copy arrived can come back);
+//! - rolling restart of one node: the scale-in of that node before it stops, the scale-out
+//!   copy (`restart_of`) once it is back.
+//!
+//! A [`Reporter`] carries the live counts to `status.migration` (the Migration column).
 //!
 //! What is in flight is recorded in the data of `/arcus/cache_list/<svc>` (our claim, which
 //! servers and clients ignore), so an operator restarted half-way resumes: a scale-in whose
 //! checkpoint was stored finishes the ring change and runs pass 2; an interrupted pass 1 simply
 //! runs again (it is repeatable until the ring changes).
 
-use crate::migration::{Checkpoint, MigrationError, MigrationOptions, Progress, ScaleIn, ScaleOut};
+use crate::crd::MigrationStatus;
+use crate::migration::{
+    Checkpoint, MigrationError, MigrationOptions, Phase, Progress, ScaleIn, ScaleOut,
+};
 use crate::zk::ServiceClaim;
 use crate::zk_plan::{registered_hostname, CACHE_LIST};
 use arcus_client::Ring;
@@ -39,6 +48,14 @@ pub enum Pending {
         to_replicas: u32,
         #[serde(default)]
         early: Vec<String>,
+        /// The pod hostname when this copy brings a restarted node's items back (rolling
+        /// restart) rather than filling a new node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restart_of: Option<String>,
+        /// `cache_list` znodes of joining nodes we took out of the ring to fill them first
+        /// (they wait for `zkensemble rejoin`); a restarted operator finishes and rejoins them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        held: Vec<String>,
     },
 }
 
@@ -55,6 +72,8 @@ struct ClaimRecord {
 pub enum MigrateError {
     #[error("migration: {0}")]
     Migration(#[from] MigrationError),
+    #[error("zkensemble rejoin of {node} failed: {message}; the next reconcile retries (check the node's log)")]
+    Rejoin { node: String, message: String },
     #[error("ZooKeeper: {action} {path}: {source}")]
     Zk {
         action: &'static str,
@@ -116,6 +135,8 @@ pub async fn scale_in(
     claim: &ServiceClaim,
     children: &[String],
     leaving_hosts: &[String],
+    operation: &str,
+    reporter: &Reporter,
 ) -> Result<Option<Progress>, MigrateError> {
     let (client, svc, claim, children, leaving_hosts) = (
         client.clone(),
@@ -124,8 +145,18 @@ pub async fn scale_in(
         children.to_vec(),
         leaving_hosts.to_vec(),
     );
+    let (operation, reporter) = (operation.to_string(), reporter.clone());
     detached(move || async move {
-        scale_in_inner(&client, &svc, &claim, &children, &leaving_hosts).await
+        scale_in_inner(
+            &client,
+            &svc,
+            &claim,
+            &children,
+            &leaving_hosts,
+            &operation,
+            &reporter,
+        )
+        .await
     })
     .await
 }
@@ -150,7 +181,14 @@ async fn scale_in_inner(
     claim: &ServiceClaim,
     children: &[String],
     leaving_hosts: &[String],
+    operation: &str,
+    reporter: &Reporter,
 ) -> Result<Option<Progress>, MigrateError> {
+    // One leaving node (a rolling restart) is named in the status.
+    let node = match leaving_hosts {
+        [one] => Some(pod_of(one).to_string()),
+        _ => None,
+    };
     let list_path = format!("{CACHE_LIST}/{svc}");
     let mut pending = read_pending(client, svc).await?;
     let mut pass1 = Progress::default();
@@ -176,6 +214,7 @@ async fn scale_in_inner(
             &leaving,
             MigrationOptions::default(),
         )?;
+        let _follow = reporter.follow(operation, node.clone(), job.progress());
         let checkpoint = job.pass1().await?;
         pass1 = job.progress().borrow().clone();
         let p = Pending::ScaleIn {
@@ -204,15 +243,22 @@ async fn scale_in_inner(
             Err(e) => return Err(zk_err("delete", &path)(e)),
         }
     }
-    tokio::time::sleep(CLIENTS_FOLLOW).await;
     tracing::info!(%svc, ?leaving, "scale-in: pass 2 (what changed during pass 1)");
-    let mut job = ScaleIn::resume(
+    let job = ScaleIn::resume(
         Ring::new(before),
         &leaving,
-        checkpoint,
+        checkpoint.clone(),
         MigrationOptions::default(),
     )?;
-    let mut progress = job.pass2().await?;
+    let mut progress = pass2_twice(
+        job.migration(),
+        &checkpoint,
+        MigrationOptions::default(),
+        operation,
+        node,
+        reporter,
+    )
+    .await?;
     write_pending(client, svc, claim, None).await?;
     // Pass 2 ran on a fresh job (as after a restart): add what pass 1 did in this process.
     progress.items_total += pass1.items_total;
@@ -229,6 +275,13 @@ async fn scale_in_inner(
 /// nodes joining at once, a key could be written to a node of an intermediate ring and then
 /// be copied over on the final one.) Returns the StatefulSet size to apply in this pass and the
 /// progress of a copy made in this pass.
+///
+/// A joining node that answers `zkensemble` (ARCUS) is filled out of the ring: its znode is
+/// deleted as soon as it registers (it stays up, `NOT_READY`), pass 1 copies its items while
+/// clients still use the old owners, `zkensemble rejoin` puts it in the ring, and pass 2 carries
+/// over what changed meanwhile. No client can delete a key on it before its copy arrived, so no
+/// copy resurrects a deleted key. Other servers get the add-only copy after joining.
+#[allow(clippy::too_many_arguments)]
 pub async fn scale_out_step(
     client: &zk::Client,
     svc: &str,
@@ -237,6 +290,7 @@ pub async fn scale_out_step(
     now: u32,
     desired: u32,
     unregistered: &[String],
+    reporter: &Reporter,
 ) -> Result<(u32, Option<Progress>), MigrateError> {
     let mut now = now;
     let mut progress = None;
@@ -244,71 +298,178 @@ pub async fn scale_out_step(
         before,
         to_replicas,
         early,
+        restart_of,
+        held,
     }) = read_pending(client, svc).await?
     {
+        let operation = match &restart_of {
+            Some(_) => "rolling restart".to_string(),
+            None => format!("scale-out to {to_replicas}"),
+        };
+        let registered_new: Vec<String> = children
+            .iter()
+            .filter(|c| !before.contains(&addr_of(c).to_string()))
+            .cloned()
+            .collect();
+        let held_out: Vec<String> = held
+            .iter()
+            .filter(|z| !children.contains(z))
+            .cloned()
+            .collect();
+        if !held_out.is_empty() {
+            // An operator stopped between taking the new node out and its rejoin: redo the
+            // fill (pass 1 repeats safely while the node is out) and let it in.
+            let (c, s, cl, r) = (
+                client.clone(),
+                svc.to_string(),
+                claim.clone(),
+                reporter.clone(),
+            );
+            let pending = Pending::ScaleOut {
+                before: before.clone(),
+                to_replicas,
+                early: early.clone(),
+                restart_of: restart_of.clone(),
+                held: held.clone(),
+            };
+            progress = detached(move || async move {
+                fill_held_out(&c, &s, &cl, pending, &held_out, &operation, &r, false).await
+            })
+            .await?;
+            return Ok((to_replicas.max(now), progress));
+        }
         if (children.len() as u32) < to_replicas {
-            // The new node has not registered yet. If it already serves, fill it now, while no
-            // client reads from it: once it registers only what changed meanwhile is missing.
-            let fresh: Vec<String> = unregistered
-                .iter()
-                .filter(|a| !early.contains(a))
-                .cloned()
-                .collect();
+            // The new node has not registered yet. A node that can rejoin is taken out of the
+            // ring the moment it registers (we wait for it here) and filled while out. Another
+            // that already serves is filled now, while no client reads from it: once it
+            // registers only what changed meanwhile is missing.
+            let mut fresh = Vec::new();
+            let mut rejoinable = Vec::new();
+            for a in unregistered.iter().filter(|a| !early.contains(a)) {
+                if can_rejoin(a).await {
+                    rejoinable.push(a.clone());
+                } else {
+                    fresh.push(a.clone());
+                }
+            }
+            if !rejoinable.is_empty() && !before.is_empty() {
+                let held = take_out_on_registration(client, svc, &rejoinable).await?;
+                if held.is_empty() {
+                    return Ok((to_replicas.max(now), None));
+                }
+                let pending = Pending::ScaleOut {
+                    before: before.clone(),
+                    to_replicas,
+                    early: early.clone(),
+                    restart_of: restart_of.clone(),
+                    held: held.clone(),
+                };
+                write_pending(client, svc, claim, Some(pending.clone())).await?;
+                let (c, s, cl, r) = (
+                    client.clone(),
+                    svc.to_string(),
+                    claim.clone(),
+                    reporter.clone(),
+                );
+                progress = detached(move || async move {
+                    fill_held_out(&c, &s, &cl, pending, &held, &operation, &r, true).await
+                })
+                .await?;
+                return Ok((to_replicas.max(now), progress));
+            }
             if !fresh.is_empty() && !before.is_empty() {
-                let (c, s, cl, b) = (
+                let (c, s, cl, b, r) = (
                     client.clone(),
                     svc.to_string(),
                     claim.clone(),
                     before.clone(),
+                    reporter.clone(),
                 );
                 let mut early = early.clone();
+                let restart_of = restart_of.clone();
                 detached(move || async move {
                     tracing::info!(svc = %s, joining = ?fresh, "scale-out: filling the new node before it registers");
                     let job = ScaleOut::new(Ring::new(b.clone()), &fresh, MigrationOptions::default())?;
+                    let _follow = r.follow(&operation, None, job.progress());
                     job.copy().await?;
                     early.extend(fresh);
-                    write_pending(&c, &s, &cl, Some(Pending::ScaleOut { before: b, to_replicas, early })).await
+                    write_pending(&c, &s, &cl, Some(Pending::ScaleOut { before: b, to_replicas, early, restart_of, held: vec![] })).await
                 })
                 .await?;
             }
             return Ok((to_replicas.max(now), None));
         }
-        let joining: Vec<String> = children
+        let joining: Vec<String> = registered_new
             .iter()
             .map(|c| addr_of(c).to_string())
-            .filter(|a| !before.contains(a))
             .collect();
-        let (c, s, cl) = (client.clone(), svc.to_string(), claim.clone());
-        progress = detached(move || async move {
-            let mut progress: Option<Progress> = None;
-            if !joining.is_empty() && !before.is_empty() {
-                tracing::info!(svc = %s, ?joining, "scale-out: copying the items the new node now owns");
-                // Moved items are compare-and-deleted on their old owners, so a further round
-                // lists only what an earlier listing missed (stock memcached's LRU crawler can
-                // skip items under load) and never re-adds a key a client deleted meanwhile.
-                let opts = MigrationOptions { delete_moved_from_sources: true, ..MigrationOptions::default() };
-                for round in 1..=3 {
-                    let job = ScaleOut::new(Ring::new(before.clone()), &joining, opts.clone())?;
-                    let p = job.copy().await?;
-                    let moved = p.items_moved;
-                    progress = Some(match progress.take() {
-                        None => p,
-                        Some(mut acc) => {
-                            acc.items_moved += p.items_moved;
-                            acc.items_failed = p.items_failed;
-                            acc
-                        }
-                    });
-                    tracing::info!(svc = %s, round, moved, "scale-out copy round done");
-                    if moved == 0 {
-                        break;
+        let mut rejoinable = !joining.is_empty() && !before.is_empty();
+        for a in &joining {
+            rejoinable = rejoinable && can_rejoin(a).await;
+        }
+        let (c, s, cl, r) = (
+            client.clone(),
+            svc.to_string(),
+            claim.clone(),
+            reporter.clone(),
+        );
+        if rejoinable {
+            let pending = Pending::ScaleOut {
+                before: before.clone(),
+                to_replicas,
+                early: early.clone(),
+                restart_of: restart_of.clone(),
+                held: registered_new.clone(),
+            };
+            progress = detached(move || async move {
+                // Recorded first: a restarted operator must find and rejoin the node.
+                write_pending(&c, &s, &cl, Some(pending.clone())).await?;
+                let list_path = format!("{CACHE_LIST}/{s}");
+                for z in &registered_new {
+                    let path = format!("{list_path}/{z}");
+                    match c.delete(&path, None).await {
+                        Ok(()) | Err(zk::Error::NoNode) => {}
+                        Err(e) => return Err(zk_err("delete", &path)(e)),
                     }
                 }
-            }
-            write_pending(&c, &s, &cl, None).await?;
-            Ok::<_, MigrateError>(progress)
-        })
-        .await?;
+                tracing::info!(svc = %s, ?joining, "scale-out: new node taken out of the ring until it is filled");
+                fill_held_out(&c, &s, &cl, pending, &registered_new, &operation, &r, true).await
+            })
+            .await?;
+        } else {
+            progress = detached(move || async move {
+                let mut progress: Option<Progress> = None;
+                if !joining.is_empty() && !before.is_empty() {
+                    tracing::info!(svc = %s, ?joining, "scale-out: copying the items the new node now owns");
+                    // Moved items are compare-and-deleted on their old owners, so a further round
+                    // lists only what an earlier listing missed (stock memcached's LRU crawler can
+                    // skip items under load) and never re-adds a key a client deleted meanwhile.
+                    let opts = MigrationOptions { delete_moved_from_sources: true, ..MigrationOptions::default() };
+                    for round in 1..=3 {
+                        let job = ScaleOut::new(Ring::new(before.clone()), &joining, opts.clone())?;
+                        let node = restart_of.as_deref().map(|h| pod_of(h).to_string());
+                        let _follow = r.follow(&operation, node, job.progress());
+                        let p = job.copy().await?;
+                        let moved = p.items_moved;
+                        progress = Some(match progress.take() {
+                            None => p,
+                            Some(mut acc) => {
+                                acc.items_moved += p.items_moved;
+                                acc.items_failed = p.items_failed;
+                                acc
+                            }
+                        });
+                        tracing::info!(svc = %s, round, moved, "scale-out copy round done");
+                        if moved == 0 {
+                            break;
+                        }
+                    }
+                }
+                write_pending(&c, &s, &cl, None).await?;
+                Ok::<_, MigrateError>(progress)
+            })
+            .await?;
+        }
         now = now.max(to_replicas);
     }
     if desired > now && now > 0 {
@@ -321,12 +482,215 @@ pub async fn scale_out_step(
                 before,
                 to_replicas: now + 1,
                 early: vec![],
+                restart_of: None,
+                held: vec![],
             }),
         )
         .await?;
         return Ok((now + 1, progress));
     }
     Ok((desired, progress))
+}
+
+/// How long a scale-out step waits for a started node to register before it takes it out.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(20);
+/// How often `cache_list` is read meanwhile (a few hundred cheap reads at most: a node
+/// registers within a fraction of a second of starting).
+const REGISTRATION_POLL: Duration = Duration::from_millis(1);
+
+/// Waits until the nodes at `addrs` (`ip:port`) register and deletes their znodes at once, so
+/// clients see them for a few milliseconds at most (a watch would not be faster, and the
+/// session already holds a recursive watch above this path). Returns the znodes taken out.
+async fn take_out_on_registration(
+    client: &zk::Client,
+    svc: &str,
+    addrs: &[String],
+) -> Result<Vec<String>, MigrateError> {
+    let list_path = format!("{CACHE_LIST}/{svc}");
+    let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+    let mut held: Vec<String> = Vec::new();
+    while held.len() < addrs.len() && tokio::time::Instant::now() < deadline {
+        let (children, _) = client
+            .get_children(&list_path)
+            .await
+            .map_err(zk_err("read", &list_path))?;
+        for z in children {
+            if addrs.iter().any(|a| a == addr_of(&z)) && !held.contains(&z) {
+                let path = format!("{list_path}/{z}");
+                match client.delete(&path, None).await {
+                    Ok(()) | Err(zk::Error::NoNode) => {}
+                    Err(e) => return Err(zk_err("delete", &path)(e)),
+                }
+                tracing::info!(%svc, znode = %z, "scale-out: new node taken out of the ring until it is filled");
+                held.push(z);
+            }
+        }
+        tokio::time::sleep(REGISTRATION_POLL).await;
+    }
+    Ok(held)
+}
+
+/// Whether the node at `addr` is an ARCUS server that can be taken out of the ring and let back
+/// in (it knows `zkensemble`); stock memcached says it does not know the command. A node that
+/// was just started may not listen yet: it is asked again for a few seconds, and counted as
+/// unable when it never answers.
+async fn can_rejoin(addr: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match arcus_client::AdminClient::with_timeout(addr, Duration::from_secs(2))
+            .zkensemble_get()
+            .await
+        {
+            Ok(_) => return true,
+            Err(arcus_client::Error::Connect { .. }) if tokio::time::Instant::now() < deadline => {
+                // Started but not listening yet: ask again shortly (it registers right after
+                // it listens, and the registration must be caught at once).
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // Stock memcached does not know the command.
+            Err(arcus_client::Error::Unsupported { .. }) => return false,
+            // ARCUS knows it but may fail it before its ZooKeeper session is up
+            // (`ERROR failed to get the ensemble address`): it can rejoin.
+            Err(arcus_client::Error::Server { .. }) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The two-pass fill of nodes taken out of the ring (`held`: their znode names): pass 1 while
+/// clients use the old owners, `zkensemble rejoin`, pass 2, then the claim is cleared.
+#[allow(clippy::too_many_arguments)]
+async fn fill_held_out(
+    client: &zk::Client,
+    svc: &str,
+    claim: &ServiceClaim,
+    pending: Pending,
+    held: &[String],
+    operation: &str,
+    reporter: &Reporter,
+    just_taken_out: bool,
+) -> Result<Option<Progress>, MigrateError> {
+    let Pending::ScaleOut { before, .. } = &pending else {
+        unreachable!("fill_held_out takes a scale-out")
+    };
+    let joining: Vec<String> = held.iter().map(|z| addr_of(z).to_string()).collect();
+    let node = held
+        .first()
+        .and_then(|z| registered_hostname(z))
+        .map(|h| pod_of(h).to_string());
+    // Clients may have written to the node in the milliseconds it was visible: those writes
+    // go back to the old owners at once (a scale-in of the node), before pass 1 would take the
+    // node's items for stale leftovers and overwrite them.
+    // (Only right after taking it out: a resumed fill finds our own earlier copies there.)
+    if just_taken_out {
+        let with_new = Ring::new(before.iter().chain(&joining).cloned());
+        let mut give_back = ScaleIn::new(with_new, &joining, MigrationOptions::default())?;
+        let back = give_back.pass1().await?;
+        let given = give_back.progress().borrow().items_moved;
+        if given > 0 {
+            tracing::info!(%svc, ?joining, given, "scale-out: writes made while the node was visible moved to their owners");
+        }
+        drop((give_back, back));
+    }
+    // Clients that saw the node join must have left it before pass 1 treats what it holds as
+    // ours to overwrite.
+    tokio::time::sleep(CLIENTS_FOLLOW).await;
+    let opts = MigrationOptions {
+        delete_moved_from_sources: true,
+        ..MigrationOptions::default()
+    };
+    // Moved items leave the old owners only in the last run of pass 2 (see pass2_twice).
+    let mut job = ScaleOut::new(
+        Ring::new(before.clone()),
+        &joining,
+        MigrationOptions::default(),
+    )?;
+    let _follow = reporter.follow(operation, node.clone(), job.progress());
+    tracing::info!(%svc, ?joining, "scale-out: pass 1 into the node out of the ring");
+    let cp = job.pass1().await?;
+    for a in &joining {
+        let admin = arcus_client::AdminClient::new(a.clone());
+        if let Err(e) = admin.zkensemble_rejoin().await {
+            // Already back (e.g. rejoined by hand) is fine; anything else is retried by the
+            // next reconcile from the recorded `held`.
+            let back = client
+                .get_children(&format!("{CACHE_LIST}/{svc}"))
+                .await
+                .map(|(c, _)| c.iter().any(|z| addr_of(z) == a))
+                .unwrap_or(false);
+            if !back {
+                return Err(MigrateError::Rejoin {
+                    node: a.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    tracing::info!(%svc, ?joining, "scale-out: node rejoined; pass 2");
+    let p = pass2_twice(job.migration(), &cp, opts, operation, node, reporter).await?;
+    write_pending(client, svc, claim, None).await?;
+    Ok(Some(p))
+}
+
+/// Pass 2 twice after the ring change. First at once, with `first` (the job that ran pass 1,
+/// or one resumed from its checkpoint): a key written on a source after pass 1's last listing
+/// reaches its new owner before most clients could delete it there (such a delete would be
+/// undone by the copy: the ascii protocol has no tombstone). Then, once clients have followed
+/// the change, on a fresh job from a checkpoint taken around the first (source marks before it,
+/// target marks of pass 1), for what stragglers still wrote to the sources: keys the first run
+/// handled count as copied, so a client's delete of them since is kept. `first` must not
+/// delete moved items from the sources (the second would take them for deleted ones); `opts`
+/// (the second run's) may.
+async fn pass2_twice(
+    first: &crate::migration::Migration,
+    cp: &Checkpoint,
+    opts: MigrationOptions,
+    operation: &str,
+    node: Option<String>,
+    reporter: &Reporter,
+) -> Result<Progress, MigrateError> {
+    let mut sources = std::collections::BTreeMap::new();
+    for s in first.sources() {
+        sources.insert(s.clone(), first.watermark(s).await?);
+    }
+    let early = {
+        let _follow = reporter.follow(operation, node.clone(), first.progress());
+        first.pass2(cp).await?
+    };
+    // Target marks stay pass 1's: whatever landed on a target after the ring change (clients'
+    // writes, and our copies just made) is not ours to update or delete any more.
+    let settled = Checkpoint {
+        sources,
+        targets: cp.targets.clone(),
+        complete: early.items_failed == 0,
+    };
+    tokio::time::sleep(CLIENTS_FOLLOW).await;
+    let second = crate::migration::Migration::new(
+        first.ring_before().clone(),
+        first.ring_after().clone(),
+        opts,
+    )?;
+    let _follow = reporter.follow(operation, node, second.progress());
+    let late = second.pass2(&settled).await?;
+    let mut p = early;
+    p.phase = late.phase;
+    p.items_total += late.items_total;
+    p.items_done += late.items_done;
+    p.items_moved += late.items_moved;
+    p.items_updated += late.items_updated;
+    p.items_deleted += late.items_deleted;
+    p.items_skipped_expired += late.items_skipped_expired;
+    p.items_skipped_newer += late.items_skipped_newer;
+    p.items_skipped_deleted += late.items_skipped_deleted;
+    p.items_failed += late.items_failed;
+    p.bytes += late.bytes;
+    p.source_items_deleted += late.source_items_deleted;
+    Ok(p)
+}
+
+/// The pod name in a node hostname `<pod>.<namespace>`.
+fn pod_of(host: &str) -> &str {
+    host.split('.').next().unwrap_or(host)
 }
 
 /// A cache-aware restart of the node `host`: once it is back in the ring (as `expected` nodes),
@@ -352,7 +716,175 @@ pub async fn copy_back_after_restart(
             before,
             to_replicas: expected,
             early: vec![],
+            restart_of: Some(host.to_string()),
+            held: vec![],
         }),
     )
     .await
+}
+
+/// Where a running migration reports its progress; the controller writes it to the status
+/// about once a second. Cheap to clone; a reporter nobody listens to costs nothing.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: std::sync::Arc<tokio::sync::watch::Sender<Option<MigrationStatus>>>,
+}
+
+impl Reporter {
+    pub fn new() -> (
+        Reporter,
+        tokio::sync::watch::Receiver<Option<MigrationStatus>>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (
+            Reporter {
+                tx: std::sync::Arc::new(tx),
+            },
+            rx,
+        )
+    }
+
+    /// The latest progress record, if any job reported.
+    pub fn last(&self) -> Option<MigrationStatus> {
+        self.tx.borrow().clone()
+    }
+
+    /// Follows a job's progress until the returned guard is dropped (which reports the
+    /// job's final counts).
+    fn follow(
+        &self,
+        operation: &str,
+        node: Option<String>,
+        progress: tokio::sync::watch::Receiver<Progress>,
+    ) -> Following {
+        // `ended` orders the forwarding task's sends before the guard's final one: an aborted
+        // task may still be running on another thread.
+        let ended = std::sync::Arc::new(std::sync::Mutex::new(false));
+        let (tx, op, who, mut rx, stop) = (
+            self.tx.clone(),
+            operation.to_string(),
+            node.clone(),
+            progress.clone(),
+            ended.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let p = rx.borrow_and_update().clone();
+                {
+                    let ended = stop.lock().unwrap();
+                    if *ended {
+                        break;
+                    }
+                    tx.send_replace(Some(migration_status(&op, who.as_deref(), &p)));
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Following {
+            task,
+            ended,
+            tx: self.tx.clone(),
+            operation: operation.to_string(),
+            node,
+            progress,
+        }
+    }
+}
+
+struct Following {
+    task: tokio::task::JoinHandle<()>,
+    ended: std::sync::Arc<std::sync::Mutex<bool>>,
+    tx: std::sync::Arc<tokio::sync::watch::Sender<Option<MigrationStatus>>>,
+    operation: String,
+    node: Option<String>,
+    progress: tokio::sync::watch::Receiver<Progress>,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.task.abort();
+        let mut ended = self.ended.lock().unwrap();
+        *ended = true;
+        let p = self.progress.borrow().clone();
+        self.tx.send_replace(Some(migration_status(
+            &self.operation,
+            self.node.as_deref(),
+            &p,
+        )));
+    }
+}
+
+/// The status record of a migration's progress (pure).
+pub fn migration_status(operation: &str, node: Option<&str>, p: &Progress) -> MigrationStatus {
+    let phase = match p.phase {
+        Phase::Idle => "Starting",
+        Phase::Pass1 { .. } => "Pass1",
+        Phase::RingChange => "RingChange",
+        Phase::Pass2 => "Pass2",
+        Phase::Done => "Done",
+    };
+    let who = node.map(|n| format!(" {n}")).unwrap_or_default();
+    MigrationStatus {
+        operation: operation.to_string(),
+        node: node.map(str::to_string),
+        phase: phase.to_string(),
+        items_moved: p.items_done,
+        items_to_move: p.items_total,
+        summary: format!(
+            "{operation}{who}: {phase} {}/{}",
+            p.items_done, p.items_total
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_status_names_operation_node_phase_and_counts() {
+        let p = Progress {
+            phase: Phase::Pass1 { round: 2 },
+            items_total: 40_000,
+            items_done: 12_345,
+            ..Progress::default()
+        };
+        let m = migration_status("rolling restart", Some("mc-4"), &p);
+        assert_eq!(m.summary, "rolling restart mc-4: Pass1 12345/40000");
+        assert_eq!((m.items_moved, m.items_to_move), (12_345, 40_000));
+        assert_eq!(m.node.as_deref(), Some("mc-4"));
+        let done = Progress {
+            phase: Phase::Done,
+            ..p
+        };
+        assert_eq!(
+            migration_status("scale-in 5→3", None, &done).summary,
+            "scale-in 5→3: Done 12345/40000"
+        );
+    }
+
+    #[test]
+    fn old_pending_records_still_parse() {
+        // Written by an operator before `restart_of` and `held` existed.
+        let old = r#"{"kind":"scaleOut","before":["127.1.0.2:11211"],"to_replicas":4,"early":[]}"#;
+        let p: Pending = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            p,
+            Pending::ScaleOut {
+                before: vec!["127.1.0.2:11211".into()],
+                to_replicas: 4,
+                early: vec![],
+                restart_of: None,
+                held: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn pod_of_takes_the_first_label() {
+        assert_eq!(pod_of("mc-3.ns-a"), "mc-3");
+        assert_eq!(pod_of("mc-3"), "mc-3");
+    }
 }

@@ -150,6 +150,9 @@ pub fn compute(cr: &ArcusMemcached, input: &StatusInput, now: Time) -> ArcusMemc
         registered_nodes: input.registered_nodes.clone(),
         service_code: input.service_code.clone().or(old.service_code),
         operation: input.operation.clone(),
+        // Written only by the migration progress writer (a merge patch of its own): kept here
+        // so a steady state compares equal, and left out of the status apply.
+        migration: old.migration,
     }
 }
 

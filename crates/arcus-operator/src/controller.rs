@@ -302,6 +302,8 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     // Move the cache with the ring: before a scale-in shrinks anything; during a scale-out,
     // one new node at a time, each receiving its items before the next is let in.
     let mut sts_target = plan.statefulset_replicas;
+    // A migration takes a while: what this pass read about the nodes is stale afterwards.
+    let mut migrated = false;
     if !deleting {
         let children = &observed.cache_list_children;
         let now = sts_replicas.unwrap_or(0);
@@ -320,6 +322,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             writer.stop(reporter, done).await;
             if let Some(p) = moved? {
                 actions.push(("Migrated", migrated_note("scale-in", &p)));
+                migrated = true;
             }
         } else if now > 0 && plan.conflict.is_none() {
             // New nodes that serve but have not registered yet (can be filled before they do).
@@ -356,6 +359,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
                 now,
                 desired,
                 &unregistered,
+                &|o| valid.pod_hostname(o),
                 &reporter,
             )
             .await;
@@ -364,6 +368,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             let (target, copied) = step?;
             if let Some(p) = copied {
                 actions.push(("Migrated", migrated_note("scale-out", &p)));
+                migrated = true;
             }
             sts_target = sts_target.map(|t| t.min(target));
         }
@@ -421,7 +426,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     }
 
     // Day-2 work on running nodes, only while no scale is in flight.
-    let day2 = if plan.ops.is_empty() && plan.waiting_for.is_none() {
+    let day2 = if plan.ops.is_empty() && plan.waiting_for.is_none() && !migrated {
         let cache = CacheRing {
             zk: &zk_client,
             service_code: svc,
@@ -887,6 +892,27 @@ async fn run_day2(
                         .await
                     }
                     Err(e) => {
+                        // "Already a member": it registered meanwhile (our view is a moment
+                        // old). Restart only a node that is still out.
+                        let list = format!("{}/{}", zk_plan::CACHE_LIST, cache.service_code);
+                        let host = valid.pod_hostname(
+                            pod.rsplit('-')
+                                .next()
+                                .and_then(|o| o.parse().ok())
+                                .unwrap_or(u32::MAX),
+                        );
+                        let back = cache
+                            .zk
+                            .get_children(&list)
+                            .await
+                            .map(|(c, _)| {
+                                c.iter()
+                                    .any(|z| zk_plan::registered_hostname(z) == Some(host.as_str()))
+                            })
+                            .unwrap_or(false);
+                        if back {
+                            continue;
+                        }
                         pod_api
                             .delete(pod, &Default::default())
                             .await

@@ -261,8 +261,9 @@ async fn scale_in_inner(
     .await?;
     write_pending(client, svc, claim, None).await?;
     // Pass 2 ran on a fresh job (as after a restart): add what pass 1 did in this process.
-    progress.items_total += pass1.items_total;
-    progress.items_done += pass1.items_done;
+    // Each pass lists the same moving keys again: "to move" is the largest listing, not a sum.
+    progress.items_total = progress.items_total.max(pass1.items_total);
+    progress.items_done = progress.items_done.max(pass1.items_done);
     progress.items_moved += pass1.items_moved;
     progress.items_skipped_expired += pass1.items_skipped_expired;
     progress.items_skipped_newer += pass1.items_skipped_newer;
@@ -290,6 +291,7 @@ pub async fn scale_out_step(
     now: u32,
     desired: u32,
     unregistered: &[String],
+    hostname_of: &(dyn Fn(u32) -> String + Sync),
     reporter: &Reporter,
 ) -> Result<(u32, Option<Progress>), MigrateError> {
     let mut now = now;
@@ -339,21 +341,22 @@ pub async fn scale_out_step(
             return Ok((to_replicas.max(now), progress));
         }
         if (children.len() as u32) < to_replicas {
-            // The new node has not registered yet. A node that can rejoin is taken out of the
-            // ring the moment it registers (we wait for it here) and filled while out. Another
-            // that already serves is filled now, while no client reads from it: once it
-            // registers only what changed meanwhile is missing.
+            // The new node has not registered yet. One that serves already and cannot rejoin
+            // (stock memcached) is filled now, while no client reads from it: once it registers
+            // only what changed meanwhile is missing. One that can rejoin (ARCUS) is waited for
+            // here and taken out of the ring the moment it registers, then filled while out.
             let mut fresh = Vec::new();
-            let mut rejoinable = Vec::new();
             for a in unregistered.iter().filter(|a| !early.contains(a)) {
-                if can_rejoin(a).await {
-                    rejoinable.push(a.clone());
-                } else {
+                if can_rejoin(a).await == Some(false) {
                     fresh.push(a.clone());
                 }
             }
-            if !rejoinable.is_empty() && !before.is_empty() {
-                let held = take_out_on_registration(client, svc, &rejoinable).await?;
+            if fresh.is_empty() && !before.is_empty() {
+                let expected = match &restart_of {
+                    Some(host) => host.clone(),
+                    None => hostname_of(to_replicas - 1),
+                };
+                let held = take_out_on_registration(client, svc, &expected).await?;
                 if held.is_empty() {
                     return Ok((to_replicas.max(now), None));
                 }
@@ -405,7 +408,7 @@ pub async fn scale_out_step(
             .collect();
         let mut rejoinable = !joining.is_empty() && !before.is_empty();
         for a in &joining {
-            rejoinable = rejoinable && can_rejoin(a).await;
+            rejoinable = rejoinable && can_rejoin(a).await == Some(true);
         }
         let (c, s, cl, r) = (
             client.clone(),
@@ -498,62 +501,56 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(20);
 /// registers within a fraction of a second of starting).
 const REGISTRATION_POLL: Duration = Duration::from_millis(1);
 
-/// Waits until the nodes at `addrs` (`ip:port`) register and deletes their znodes at once, so
-/// clients see them for a few milliseconds at most (a watch would not be faster, and the
-/// session already holds a recursive watch above this path). Returns the znodes taken out.
+/// Waits until the node with hostname `host` registers and, when it can rejoin, deletes its
+/// znode at once, so clients see it for a few milliseconds at most (a watch would not be
+/// faster, and the session already holds a recursive watch above this path). Returns the znode
+/// taken out, or nothing (not registered in time, or it cannot rejoin: it then stays in).
 async fn take_out_on_registration(
     client: &zk::Client,
     svc: &str,
-    addrs: &[String],
+    host: &str,
 ) -> Result<Vec<String>, MigrateError> {
     let list_path = format!("{CACHE_LIST}/{svc}");
     let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
-    let mut held: Vec<String> = Vec::new();
-    while held.len() < addrs.len() && tokio::time::Instant::now() < deadline {
+    while tokio::time::Instant::now() < deadline {
         let (children, _) = client
             .get_children(&list_path)
             .await
             .map_err(zk_err("read", &list_path))?;
-        for z in children {
-            if addrs.iter().any(|a| a == addr_of(&z)) && !held.contains(&z) {
-                let path = format!("{list_path}/{z}");
-                match client.delete(&path, None).await {
-                    Ok(()) | Err(zk::Error::NoNode) => {}
-                    Err(e) => return Err(zk_err("delete", &path)(e)),
-                }
-                tracing::info!(%svc, znode = %z, "scale-out: new node taken out of the ring until it is filled");
-                held.push(z);
+        if let Some(z) = children
+            .into_iter()
+            .find(|z| registered_hostname(z) == Some(host))
+        {
+            if can_rejoin(addr_of(&z)).await != Some(true) {
+                return Ok(vec![]);
             }
+            let path = format!("{list_path}/{z}");
+            match client.delete(&path, None).await {
+                Ok(()) | Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(zk_err("delete", &path)(e)),
+            }
+            tracing::info!(%svc, znode = %z, "scale-out: new node taken out of the ring until it is filled");
+            return Ok(vec![z]);
         }
         tokio::time::sleep(REGISTRATION_POLL).await;
     }
-    Ok(held)
+    Ok(vec![])
 }
 
 /// Whether the node at `addr` is an ARCUS server that can be taken out of the ring and let back
-/// in (it knows `zkensemble`); stock memcached says it does not know the command. A node that
-/// was just started may not listen yet: it is asked again for a few seconds, and counted as
-/// unable when it never answers.
-async fn can_rejoin(addr: &str) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match arcus_client::AdminClient::with_timeout(addr, Duration::from_secs(2))
-            .zkensemble_get()
-            .await
-        {
-            Ok(_) => return true,
-            Err(arcus_client::Error::Connect { .. }) if tokio::time::Instant::now() < deadline => {
-                // Started but not listening yet: ask again shortly (it registers right after
-                // it listens, and the registration must be caught at once).
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            // Stock memcached does not know the command.
-            Err(arcus_client::Error::Unsupported { .. }) => return false,
-            // ARCUS knows it but may fail it before its ZooKeeper session is up
-            // (`ERROR failed to get the ensemble address`): it can rejoin.
-            Err(arcus_client::Error::Server { .. }) => return true,
-            Err(_) => return false,
-        }
+/// in (it knows `zkensemble`): Some(false) when it says it does not know the command (stock
+/// memcached), None when it does not answer (not listening yet).
+async fn can_rejoin(addr: &str) -> Option<bool> {
+    match arcus_client::AdminClient::with_timeout(addr, Duration::from_secs(2))
+        .zkensemble_get()
+        .await
+    {
+        Ok(_) => Some(true),
+        Err(arcus_client::Error::Unsupported { .. }) => Some(false),
+        // ARCUS knows it but fails it while it has no ZooKeeper session
+        // (`ERROR failed to get the ensemble address`): it can rejoin.
+        Err(arcus_client::Error::Server { .. }) => Some(true),
+        Err(_) => None,
     }
 }
 
@@ -674,8 +671,9 @@ async fn pass2_twice(
     let late = second.pass2(&settled).await?;
     let mut p = early;
     p.phase = late.phase;
-    p.items_total += late.items_total;
-    p.items_done += late.items_done;
+    // Both runs list the same moving keys: "to move" is the larger listing, not a sum.
+    p.items_total = p.items_total.max(late.items_total);
+    p.items_done = p.items_done.max(late.items_done);
     p.items_moved += late.items_moved;
     p.items_updated += late.items_updated;
     p.items_deleted += late.items_deleted;

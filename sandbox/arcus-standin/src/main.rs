@@ -429,8 +429,10 @@ async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
                         OwnZnode::Watch(w) => own_watch = w,
                         OwnZnode::Gone => {
                             // Like arcus_zk.c (mc_pause, then zookeeper_close): out of the cluster
-                            // for good until `zkensemble rejoin`; memcached keeps serving.
+                            // for good until `zkensemble rejoin`; memcached keeps serving. The
+                            // handle counts as gone at once (`zkensemble get` fails from here on).
                             status.set_registered(false);
+                            status.set_session(false);
                             warn!(
                                 "own znode {own_path} was deleted by someone else: this node LEFT the cluster; \
                                  closing its ZooKeeper session like arcus-memcached; still serving; \

@@ -650,10 +650,19 @@ async fn pass2_twice(
     for s in first.sources() {
         sources.insert(s.clone(), first.watermark(s).await?);
     }
-    let early = {
+    // `first` may hold pass 1's counts already (its counters are cumulative).
+    let before_first = first.progress_now();
+    let mut early = {
         let _follow = reporter.follow(operation, node.clone(), first.progress());
         first.pass2(cp).await?
     };
+    // Every run lists the same moving keys again: "to move" is the largest listing, not a sum.
+    early.items_total = before_first
+        .items_total
+        .max(early.items_total - before_first.items_total);
+    early.items_done = before_first
+        .items_done
+        .max(early.items_done - before_first.items_done);
     // Target marks stay pass 1's: whatever landed on a target after the ring change (clients'
     // writes, and our copies just made) is not ours to update or delete any more.
     let settled = Checkpoint {
@@ -671,7 +680,6 @@ async fn pass2_twice(
     let late = second.pass2(&settled).await?;
     let mut p = early;
     p.phase = late.phase;
-    // Both runs list the same moving keys: "to move" is the larger listing, not a sum.
     p.items_total = p.items_total.max(late.items_total);
     p.items_done = p.items_done.max(late.items_done);
     p.items_moved += late.items_moved;

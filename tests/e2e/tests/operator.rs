@@ -1124,6 +1124,92 @@ async fn operator_killed_during_scale_in_migration_resumes_and_loses_nothing() -
             }
             eprintln!("after the interrupted 5→3: {lost} of {KEYS} keys lost");
             assert_eq!(lost, 0, "keys lost across the operator restart");
+
+            // Scale out 3→4, and kill the operator while the new node is held out of the ring
+            // (taken out as it registered, being filled): the restarted operator fills it and
+            // lets it in with `zkensemble rejoin`.
+            let operator = pods
+                .list(&ListParams::default().labels("name=arcus-operator"))
+                .await?
+                .items
+                .remove(0);
+            let pid = container_pid(&operator).expect("operator pid");
+            let restarts_before = operator
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map(|c| c[0].restart_count)
+                .unwrap_or(0);
+            crs.patch(
+                "rs",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 4}})),
+            )
+            .await?;
+            wait_until(
+                Duration::from_secs(120),
+                "the new node held out of the ring",
+                || async {
+                    let data = zk
+                        .get_data(&format!("/arcus/cache_list/{svc}"))
+                        .await
+                        .ok()?
+                        .0;
+                    String::from_utf8_lossy(&data)
+                        .contains("\"held\":[\"")
+                        .then_some(())
+                },
+            )
+            .await?;
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()?;
+            eprintln!("killed the operator (pid {pid}) while node 3 was held out");
+            wait_until(
+                Duration::from_secs(180),
+                "scale-out finished after the restart",
+                || async {
+                    let data = zk
+                        .get_data(&format!("/arcus/cache_list/{svc}"))
+                        .await
+                        .ok()?
+                        .0;
+                    let settled = !String::from_utf8_lossy(&data).contains("\"pending\"");
+                    let four = children(&zk, &format!("/arcus/cache_list/{svc}"))
+                        .await
+                        .len()
+                        == 4;
+                    (settled && four).then_some(())
+                },
+            )
+            .await?;
+            let restarts = pods
+                .get(&operator.name_any())
+                .await?
+                .status
+                .unwrap()
+                .container_statuses
+                .unwrap()[0]
+                .restart_count;
+            assert!(restarts > restarts_before, "the operator was restarted");
+            wait_until(Duration::from_secs(10), "client ring of 4", || async {
+                (client.nodes().len() == 4).then_some(())
+            })
+            .await?;
+            let mut lost = 0;
+            for i in 0..KEYS {
+                let got = client.get(&format!("k:{i}")).await?;
+                if got.map(|g| (g.value, g.flags))
+                    != Some((format!("v{i}").into_bytes(), (i % 65536) as u32))
+                {
+                    lost += 1;
+                }
+            }
+            eprintln!("after the interrupted 3→4: {lost} of {KEYS} keys lost");
+            assert_eq!(
+                lost, 0,
+                "keys lost across the operator restart during the scale-out"
+            );
             Ok(())
         }
         .await;

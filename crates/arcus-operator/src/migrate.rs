@@ -9,12 +9,18 @@
 //! - rolling restart of one node: the scale-in of that node before it stops, the scale-out
 //!   copy (`restart_of`) once it is back.
 //!
+//! Pass 2 runs twice: at once after the ring change, then after clients followed it (see
+//! `pass2_twice`). What remains is a short window, not a guarantee: a key written on its old
+//! owner after pass 1's last listing and deleted by a client on its new owner before pass 2
+//! reaches it comes back (the ascii protocol has no tombstone).
+//!
 //! A [`Reporter`] carries the live counts to `status.migration` (the Migration column).
 //!
 //! What is in flight is recorded in the data of `/arcus/cache_list/<svc>` (our claim, which
 //! servers and clients ignore), so an operator restarted half-way resumes: a scale-in whose
 //! checkpoint was stored finishes the ring change and runs pass 2; an interrupted pass 1 simply
-//! runs again (it is repeatable until the ring changes).
+//! runs again (it is repeatable until the ring changes); a new node held out of the ring is
+//! filled again and let in.
 
 use crate::crd::MigrationStatus;
 use crate::migration::{

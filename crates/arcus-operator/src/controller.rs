@@ -582,18 +582,31 @@ async fn apply_objects(
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
     let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
-    if live_replicas == Some(replicas) && live_hash.as_deref() == Some(set_hash.as_str()) {
-        return Ok(());
-    }
-    apply(
-        ctx,
-        &Api::<Service>::namespaced(client.clone(), &ns),
-        &svc,
-        "Service",
-    )
-    .await?;
+    let svc_api = Api::<Service>::namespaced(client.clone(), &ns);
     let pdb_api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
+    if live_replicas == Some(replicas) && live_hash.as_deref() == Some(set_hash.as_str()) {
+        // The StatefulSet's hash covers the set; the Service and PDB it does not live on may
+        // have been deleted by hand since (two metadata reads, no write).
+        let svc_name = svc.name_any();
+        let there = svc_api
+            .get_metadata_opt(&svc_name)
+            .await
+            .map_err(kube_err("read", format!("Service {svc_name}")))?
+            .is_some()
+            && pdb_api
+                .get_metadata_opt(&pdb.name_any())
+                .await
+                .map_err(kube_err(
+                    "read",
+                    format!("PodDisruptionBudget {}", pdb.name_any()),
+                ))?
+                .is_some();
+        if there {
+            return Ok(());
+        }
+    }
+    apply(ctx, &svc_api, &svc, "Service").await?;
     apply(ctx, &pdb_api, &pdb, "PodDisruptionBudget").await?;
     if let Some(sm) = &sm {
         let sm_api: Api<DynamicObject> =

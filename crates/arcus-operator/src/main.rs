@@ -8,7 +8,8 @@ use arcus_operator::{build, leader};
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::DynamicObject;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -190,6 +191,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Api::namespaced(client.clone(), ns),
             ),
         };
+        // A Service or PDB deleted by hand brings its owner back at once to re-apply it.
+        let services: Api<Service> = match &ns {
+            None => Api::all(client.clone()),
+            Some(ns) => Api::namespaced(client.clone(), ns),
+        };
+        let pdb_resource = ctx.capabilities.pdb.api_resource();
+        let pdbs: Api<DynamicObject> = match &ns {
+            None => Api::all_with(client.clone(), &pdb_resource),
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &pdb_resource),
+        };
         let rx = trigger_tx.subscribe();
         let wanted = ns.clone();
         let triggers = futures::stream::unfold(rx, |mut rx| async move {
@@ -206,6 +217,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_config(ControllerConfig::default().concurrency(args.concurrency))
             .owns(
                 stss,
+                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
+            )
+            .owns(
+                services,
+                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
+            )
+            .owns_with(
+                pdbs,
+                pdb_resource,
                 watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
             )
             .watches(

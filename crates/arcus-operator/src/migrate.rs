@@ -36,6 +36,11 @@ use zookeeper_client as zk;
 /// How long clients get to follow a ring change through their ZooKeeper watch before pass 2
 /// (ARCUS clients rebuild their ring on the watch event, within milliseconds).
 const CLIENTS_FOLLOW: Duration = Duration::from_secs(1);
+/// How long the first pass 2 waits after a ring change: long enough for clients to have
+/// switched (a write a client still sends to a source after the first pass 2 read that key is
+/// not carried over), short enough that a key written on a source just before the change
+/// reaches its new owner before clients delete it there.
+const CLIENTS_SWITCH: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
@@ -635,9 +640,9 @@ async fn fill_held_out(
     Ok(Some(p))
 }
 
-/// Pass 2 twice after the ring change. First at once, with `first` (the job that ran pass 1,
-/// or one resumed from its checkpoint): a key written on a source after pass 1's last listing
-/// reaches its new owner before most clients could delete it there (such a delete would be
+/// Pass 2 twice after the ring change. First almost at once (`CLIENTS_SWITCH`), with `first`
+/// (the job that ran pass 1, or one resumed from its checkpoint): a key written on a source
+/// after pass 1's last listing reaches its new owner before most clients could delete it there (such a delete would be
 /// undone by the copy: the ascii protocol has no tombstone). Then, once clients have followed
 /// the change, on a fresh job from a checkpoint taken around the first (source marks before it,
 /// target marks of pass 1), for what stragglers still wrote to the sources: keys the first run
@@ -652,6 +657,7 @@ async fn pass2_twice(
     node: Option<String>,
     reporter: &Reporter,
 ) -> Result<Progress, MigrateError> {
+    tokio::time::sleep(CLIENTS_SWITCH).await;
     let mut sources = std::collections::BTreeMap::new();
     for s in first.sources() {
         sources.insert(s.clone(), first.watermark(s).await?);

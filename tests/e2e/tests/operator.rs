@@ -5,7 +5,7 @@
 use arcus_operator::crd::ArcusMemcached;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
     PostParams,
@@ -152,7 +152,7 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
-    with_namespace("walk", 3, |_sandbox, ns| async move {
+    with_namespace("walk", 3, |sandbox, ns| async move {
         let r = async {
             let zk = zk_client().await?;
             let svc = service_code(&ns);
@@ -180,6 +180,37 @@ async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
                 Some("jam2in/arcus-memcached:1.11.7")
             );
             assert_eq!(mappings_of(&zk, &svc, &ns.name).await.len(), 3);
+
+            // The headless Service and the PDB deleted by hand come back (1.20 serves PDBs as
+            // policy/v1beta1).
+            let services: Api<Service> = ns.api();
+            let pdbs: Api<DynamicObject> = Api::namespaced_with(
+                sandbox.client.clone(),
+                &ns.name,
+                &arcus_operator::build::PdbApi::V1Beta1.api_resource(),
+            );
+            let svc_uid = services.get("test-arcus-mc").await?.metadata.uid;
+            let pdb_uid = pdbs.get("test-arcus-mc").await?.metadata.uid;
+            services
+                .delete("test-arcus-mc", &DeleteParams::default())
+                .await?;
+            pdbs.delete("test-arcus-mc", &DeleteParams::default())
+                .await?;
+            let deleted_at = std::time::Instant::now();
+            wait_until(
+                Duration::from_secs(30),
+                "Service and PDB re-created",
+                || async {
+                    let s = services.get_opt("test-arcus-mc").await.ok()??;
+                    let p = pdbs.get_opt("test-arcus-mc").await.ok()??;
+                    (s.metadata.uid != svc_uid && p.metadata.uid != pdb_uid).then_some(())
+                },
+            )
+            .await?;
+            eprintln!(
+                "Service and PDB re-created {:?} after they were deleted",
+                deleted_at.elapsed()
+            );
 
             // Scale out: the mappings must exist by the time the StatefulSet asks for 5, and the
             // new nodes must never have exited for want of a mapping (exit 76 → restarts).

@@ -180,13 +180,21 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
 
         // A deleted pod leaves the cluster at once and comes back under the same name.
         let old_uid = pods.get("mc-1").await?.metadata.uid;
+        // The old process's znode by its full name (the new pod gets another IP): the new one
+        // may register within the polling period, so "no mc-1 at all" might never be seen.
+        let old_znode = zk
+            .list_children(&format!("/arcus/cache_list/{svc}"))
+            .await?
+            .into_iter()
+            .find(|z| z.ends_with(&format!("-mc-1.{}", ns.name)))
+            .expect("mc-1 registered");
         pods.delete("mc-1", &DeleteParams::default()).await?;
         wait_until(Duration::from_secs(30), "mc-1's znode gone", || async {
             let c = zk
                 .list_children(&format!("/arcus/cache_list/{svc}"))
                 .await
                 .ok()?;
-            (!c.iter().any(|z| z.ends_with(&format!("-mc-1.{}", ns.name)))).then_some(())
+            (!c.contains(&old_znode)).then_some(())
         })
         .await?;
         wait_until(

@@ -6,11 +6,11 @@ use crate::discovery::{self, DiscoveryState, RingSink};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Item, StoreCommand, StoreStatus};
 use crate::ring::{self, Ring};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info};
 use zookeeper_client as zk;
 
 /// Client settings. `ClientOptions::default()` gives the values documented per field.
@@ -37,6 +37,12 @@ pub struct ClientOptions {
     /// Hash only the `{...}` part of a key when present (ARCUS shard keys). Default off, as in
     /// the Java client.
     pub shard_key: bool,
+    /// For this long after a ring change, `delete` also goes to the key's owners on the rings
+    /// replaced within that time (best effort, in the same call). A cache migration copies a
+    /// moved key from its previous owner for a while after the change; without this, a key
+    /// deleted on its new owner before the copy reached it would come back. Default 60 s
+    /// (longer than a migration's pass 2 and ARCUS's scrub-stale window); zero turns it off.
+    pub delete_previous_owners_for: Duration,
 }
 
 impl Default for ClientOptions {
@@ -51,14 +57,59 @@ impl Default for ClientOptions {
             zk_session_timeout: Duration::from_secs(15),
             zk_connect_timeout: Duration::from_secs(10),
             shard_key: false,
+            delete_previous_owners_for: Duration::from_secs(60),
         }
     }
 }
 
-/// The ring and one pool per node on it (same order as `ring.nodes()`).
+/// Rings replaced less than `delete_previous_owners_for` ago, at most this many.
+const MAX_RETIRED_RINGS: usize = 8;
+
+/// A ring the client routed by until `at`, with the pools it used then.
+struct Retired {
+    at: Instant,
+    ring: Arc<Ring>,
+    pools: Vec<Arc<NodePool>>,
+    /// Nodes a follow-up delete could not reach: gone for good, most likely, so they are not
+    /// tried again (each try could cost a connect timeout).
+    unreachable: Mutex<HashSet<String>>,
+}
+
+impl Retired {
+    fn pool(&self, addr: &str) -> Option<&Arc<NodePool>> {
+        let i = self
+            .ring
+            .nodes()
+            .binary_search_by(|n| n.as_str().cmp(addr))
+            .ok()?;
+        Some(&self.pools[i])
+    }
+}
+
+/// The distinct owners of `key` on `previous` rings (newest first) other than `current_owner`.
+/// Pure: unit-tested below.
+pub(crate) fn previous_owners<'r>(
+    previous: impl IntoIterator<Item = &'r Ring>,
+    key: &str,
+    current_owner: &str,
+) -> Vec<&'r str> {
+    let mut out: Vec<&str> = Vec::new();
+    for ring in previous {
+        if let Some(owner) = ring.node_for_key(key) {
+            if owner != current_owner && !out.contains(&owner) {
+                out.push(owner);
+            }
+        }
+    }
+    out
+}
+
+/// The ring and one pool per node on it (same order as `ring.nodes()`), and the rings it
+/// replaced recently (oldest first).
 struct Topology {
     ring: Arc<Ring>,
     pools: Vec<Arc<NodePool>>,
+    retired: Vec<Arc<Retired>>,
 }
 
 impl Topology {
@@ -82,6 +133,7 @@ enum Session {
 struct Shared {
     service_code: String,
     limits: PoolLimits,
+    keep_retired_for: Duration,
     topology: RwLock<Arc<Topology>>,
     ring_tx: watch::Sender<Arc<Ring>>,
     session: Mutex<Session>,
@@ -97,9 +149,11 @@ impl Shared {
         Shared {
             service_code,
             limits,
+            keep_retired_for: opts.delete_previous_owners_for,
             topology: RwLock::new(Arc::new(Topology {
                 ring: ring.clone(),
                 pools: Vec::new(),
+                retired: Vec::new(),
             })),
             ring_tx: watch::Sender::new(ring),
             session: Mutex::new(session),
@@ -139,10 +193,28 @@ impl Shared {
             .filter(|n| !ring.contains(n))
             .collect();
         info!(service_code = %self.service_code, nodes = ring.len(), ?added, ?removed, "ring changed");
+        let now = Instant::now();
+        let mut retired: Vec<Arc<Retired>> = slot
+            .retired
+            .iter()
+            .filter(|r| now.duration_since(r.at) < self.keep_retired_for)
+            .cloned()
+            .collect();
+        if !self.keep_retired_for.is_zero() && !slot.ring.is_empty() {
+            retired.push(Arc::new(Retired {
+                at: now,
+                ring: slot.ring.clone(),
+                pools: slot.pools.clone(),
+                unreachable: Mutex::new(HashSet::new()),
+            }));
+        }
+        let excess = retired.len().saturating_sub(MAX_RETIRED_RINGS);
+        retired.drain(..excess);
         let ring = Arc::new(ring);
         *slot = Arc::new(Topology {
             ring: ring.clone(),
             pools,
+            retired,
         });
         drop(slot);
         self.ring_tx.send_replace(ring);
@@ -285,6 +357,17 @@ impl ArcusClient {
                 discovery: None,
             }),
         }
+    }
+
+    /// Replaces the node list of a client made by [`ArcusClient::with_nodes`]: a ring change,
+    /// as discovery makes when `cache_list` changes (deletes then follow moved keys to their
+    /// previous owners). On a client that watches ZooKeeper the next change there overrides it.
+    pub fn set_nodes<I, S>(&self, nodes: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.inner.shared.install(Ring::new(nodes));
     }
 
     pub fn service_code(&self) -> &str {
@@ -554,13 +637,82 @@ impl ArcusClient {
             .await
     }
 
-    /// `delete`: `true` if the item existed.
+    /// `delete`: `true` if the item existed on its owner. Within
+    /// [`ClientOptions::delete_previous_owners_for`] of a ring change, the key's previous
+    /// owners get the delete too, in the same call (their replies and failures do not change
+    /// the result), so a migration still copying from them cannot bring the key back.
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        let pool = self.route(key)?;
-        with_connection(&pool, "delete", self.inner.opts.op_timeout, async |c| {
-            c.yes_no(&["delete", key], b"DELETED", b"NOT_FOUND").await
-        })
-        .await
+        self.check_key(key)?;
+        let topo = self.inner.shared.topology();
+        let hashed = self.hash_key(key);
+        let owner = topo
+            .ring
+            .node_for_key(hashed)
+            .ok_or_else(|| self.no_nodes())?;
+        let pool = topo
+            .pool(owner)
+            .expect("every ring node has a pool")
+            .clone();
+        let timeout = self.inner.opts.op_timeout;
+        let delete_on = async |pool: &Arc<NodePool>| {
+            with_connection(pool, "delete", timeout, async |c| {
+                c.yes_no(&["delete", key], b"DELETED", b"NOT_FOUND").await
+            })
+            .await
+        };
+        let followers = self.previous_owner_pools(&topo, hashed, owner);
+        if followers.is_empty() {
+            return delete_on(&pool).await;
+        }
+        let follow = futures::future::join_all(followers.iter().map(|(retired, pool)| async {
+            if let Err(e) = delete_on(pool).await {
+                debug!(node = pool.addr(), error = %e, "previous owner unreachable; not followed again");
+                retired
+                    .unreachable
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(pool.addr().to_string());
+            }
+        }));
+        let (result, _) = futures::future::join(delete_on(&pool), follow).await;
+        result
+    }
+
+    /// Pools of the owners of `key` on the rings replaced within the grace period, other than
+    /// `owner`, skipping nodes found unreachable. Reuses the current pool of a node that is
+    /// still on the ring.
+    fn previous_owner_pools(
+        &self,
+        topo: &Topology,
+        key: &str,
+        owner: &str,
+    ) -> Vec<(Arc<Retired>, Arc<NodePool>)> {
+        let grace = self.inner.opts.delete_previous_owners_for;
+        let live: Vec<&Arc<Retired>> = topo
+            .retired
+            .iter()
+            .rev()
+            .filter(|r| r.at.elapsed() < grace)
+            .collect();
+        if live.is_empty() {
+            return Vec::new();
+        }
+        previous_owners(live.iter().map(|r| &*r.ring), key, owner)
+            .into_iter()
+            .filter_map(|node| {
+                let retired = live.iter().find(|r| r.ring.contains(node))?;
+                if retired
+                    .unreachable
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(node)
+                {
+                    return None;
+                }
+                let pool = topo.pool(node).or_else(|| retired.pool(node))?.clone();
+                Some((Arc::clone(retired), pool))
+            })
+            .collect()
     }
 
     /// `touch`: sets a new exptime; `true` if the item existed.
@@ -602,5 +754,43 @@ impl ArcusClient {
             .pool(node)
             .map(|p| p.idle_count())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::previous_owners;
+    use crate::ring::Ring;
+
+    #[test]
+    fn previous_owners_are_distinct_and_exclude_the_current_owner() {
+        let r3 = Ring::new(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let r5 = Ring::new([
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:3",
+            "127.0.0.1:4",
+            "127.0.0.1:5",
+        ]);
+        let (mut moved, mut stayed) = (0, 0);
+        for i in 0..2000 {
+            let key = format!("k:{i}");
+            let now = r5.node_for_key(&key).unwrap();
+            let before = r3.node_for_key(&key).unwrap();
+            // The ring went 3 -> 5, then flapped 5 -> 3 -> 5 (a node held out of the ring).
+            let got = previous_owners([&r3, &r5, &r3], &key, now);
+            if before == now {
+                stayed += 1;
+                assert!(got.is_empty(), "{key}: owner unchanged, nothing to follow");
+            } else {
+                moved += 1;
+                assert_eq!(got, vec![before], "{key}: the old owner, once");
+            }
+        }
+        assert!(
+            moved > 400 && stayed > 400,
+            "moved {moved}, stayed {stayed}"
+        );
+        assert!(previous_owners([], "k", "127.0.0.1:1").is_empty());
     }
 }

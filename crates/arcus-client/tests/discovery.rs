@@ -240,3 +240,81 @@ async fn unreachable_zookeeper_fails_within_the_connect_timeout() -> anyhow::Res
     );
     Ok(())
 }
+
+/// After a ring change a delete also reaches the key's previous owner, where a cache migration
+/// may still be copying the key from; a client with the option off leaves the old copy (the
+/// window the option closes); a previous owner that is gone does not fail deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_follow_moved_keys_to_their_previous_owner() -> anyhow::Result<()> {
+    let zk = start_zk()?;
+    let svc = "svc-follow-deletes";
+    let reg = Registrar::new(&zk.addr(), svc, Duration::from_secs(10)).await?;
+    let mut mcs: Vec<Memcached> = (0..4)
+        .map(|_| Memcached::start(16))
+        .collect::<anyhow::Result<_>>()?;
+    let addrs: Vec<String> = mcs.iter().map(|m| m.addr()).collect();
+    for a in &addrs[..3] {
+        reg.register(a).await?;
+    }
+    let follow = ArcusClient::connect(&zk.addr(), svc, common::opts()).await?;
+    let plain_opts = ClientOptions {
+        delete_previous_owners_for: Duration::ZERO,
+        ..common::opts()
+    };
+    let plain = ArcusClient::connect(&zk.addr(), svc, plain_opts).await?;
+    wait_ring(&follow, &addrs[..3], RING_WAIT).await?;
+    wait_ring(&plain, &addrs[..3], RING_WAIT).await?;
+    let keys: Vec<String> = (0..400).map(|i| format!("fd:{i}")).collect();
+    let mut old_owner = std::collections::HashMap::new();
+    for k in &keys {
+        follow.set(k, "v", 0, 0).await?;
+        old_owner.insert(k.clone(), follow.node_for_key(k)?);
+    }
+
+    // A fourth node joins; nothing copies the moved keys, so their old copies stay behind.
+    reg.register(&addrs[3]).await?;
+    wait_ring(&follow, &addrs, RING_WAIT).await?;
+    wait_ring(&plain, &addrs, RING_WAIT).await?;
+    let moved: Vec<&String> = keys
+        .iter()
+        .filter(|k| follow.node_for_key(k).ok().as_deref() == Some(addrs[3].as_str()))
+        .collect();
+    assert!(moved.len() >= 20, "only {} keys moved", moved.len());
+    let (by_follow, by_plain) = moved.split_at(moved.len() / 2);
+    let on_old_owner = |k: &String| {
+        let direct = ArcusClient::with_nodes([old_owner[k].clone()], common::opts());
+        let k = k.clone();
+        async move { anyhow::Ok(direct.get(&k).await?.is_some()) }
+    };
+    for k in by_follow {
+        assert!(!follow.delete(k).await?, "{k} was never on the new node");
+        assert!(
+            !on_old_owner(k).await?,
+            "{k}: the delete reached its previous owner"
+        );
+    }
+    for k in by_plain {
+        assert!(!plain.delete(k).await?);
+        assert!(
+            on_old_owner(k).await?,
+            "{k}: with the option off the old copy stays"
+        );
+    }
+
+    // A previous owner that left and stopped: deletes of the keys it owned still succeed.
+    let gone = addrs[0].clone();
+    reg.unregister(&gone).await?;
+    let rest: Vec<String> = addrs[1..].to_vec();
+    wait_ring(&follow, &rest, RING_WAIT).await?;
+    drop(mcs.remove(0));
+    let was_on_gone: Vec<&String> = keys
+        .iter()
+        .filter(|k| old_owner[*k] == gone && !moved.contains(k))
+        .collect();
+    assert!(!was_on_gone.is_empty());
+    for k in &was_on_gone {
+        follow.delete(k).await?;
+        assert!(follow.get(k).await?.is_none());
+    }
+    Ok(())
+}

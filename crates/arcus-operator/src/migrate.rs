@@ -9,10 +9,12 @@
 //! - rolling restart of one node: the scale-in of that node before it stops, the scale-out
 //!   copy (`restart_of`) once it is back.
 //!
-//! Pass 2 runs twice: at once after the ring change, then after clients followed it (see
-//! `pass2_twice`). What remains is a short window, not a guarantee: a key written on its old
-//! owner after pass 1's last listing and deleted by a client on its new owner before pass 2
-//! reaches it comes back (the ascii protocol has no tombstone).
+//! Pass 2 runs twice: shortly after the ring change, then after clients followed it (see
+//! `pass2_twice`). A key written on its old owner after pass 1's last listing and deleted by a
+//! client on its new owner before pass 2 reaches it would come back (the ascii protocol has no
+//! tombstone). A client that sends such a delete to the key's previous owner too closes that
+//! window (arcus-client does, `ClientOptions::delete_previous_owners_for`); for other clients
+//! it stays open for about the first pass 2's duration after the change.
 //!
 //! A [`Reporter`] carries the live counts to `status.migration` (the Migration column).
 //!
@@ -91,6 +93,49 @@ pub enum MigrateError {
         path: String,
         source: zk::Error,
     },
+}
+
+/// Deletes those of `znodes` still under `list_path` in one ZooKeeper transaction, so clients
+/// go from the ring before straight to the ring after. One at a time, a client could route by
+/// a ring in between, where a key of the first node to leave belongs to another leaving node:
+/// a write made there would not be carried over (pass 2 copies each source's keys by the ring
+/// before).
+async fn delete_znodes_at_once(
+    client: &zk::Client,
+    list_path: &str,
+    znodes: &[String],
+) -> Result<(), MigrateError> {
+    let mut last = zk::Error::NoNode;
+    // A node can leave by itself between our listing and the transaction: list again.
+    for _ in 0..5 {
+        let children = client
+            .list_children(list_path)
+            .await
+            .map_err(zk_err("list", list_path))?;
+        let present: Vec<String> = znodes
+            .iter()
+            .filter(|z| children.contains(z))
+            .map(|z| format!("{list_path}/{z}"))
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        let mut multi = client.new_multi_writer();
+        for path in &present {
+            multi
+                .add_delete(path, None)
+                .map_err(zk_err("delete", path))?;
+        }
+        match multi.commit().await {
+            Ok(_) => return Ok(()),
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::NoNode,
+                ..
+            }) => last = zk::Error::NoNode,
+            Err(e) => return Err(zk_err("delete", &present.join(", "))(e.into())),
+        }
+    }
+    Err(zk_err("delete", list_path)(last))
 }
 
 fn zk_err(action: &'static str, path: &str) -> impl FnOnce(zk::Error) -> MigrateError {
@@ -247,13 +292,7 @@ async fn scale_in_inner(
         unreachable!()
     };
     // The ring change: the leaving nodes leave cache_list (they keep serving our reads).
-    for z in &leaving_znodes {
-        let path = format!("{list_path}/{z}");
-        match client.delete(&path, None).await {
-            Ok(()) | Err(zk::Error::NoNode) => {}
-            Err(e) => return Err(zk_err("delete", &path)(e)),
-        }
-    }
+    delete_znodes_at_once(client, &list_path, &leaving_znodes).await?;
     tracing::info!(%svc, ?leaving, "scale-in: pass 2 (what changed during pass 1)");
     let job = ScaleIn::resume(
         Ring::new(before),
@@ -291,8 +330,10 @@ async fn scale_in_inner(
 /// A joining node that answers `zkensemble` (ARCUS) is filled out of the ring: its znode is
 /// deleted as soon as it registers (it stays up, `NOT_READY`), pass 1 copies its items while
 /// clients still use the old owners, `zkensemble rejoin` puts it in the ring, and pass 2 carries
-/// over what changed meanwhile. No client can delete a key on it before its copy arrived, so no
-/// copy resurrects a deleted key. Other servers get the add-only copy after joining.
+/// over what changed meanwhile. Clients see the node only for the milliseconds between its
+/// registration and our taking it out: what they wrote there is moved back to the old owners,
+/// and a delete they sent there also reached the old owner if they follow deletes (see the
+/// module docs). Other servers get the add-only copy after joining.
 #[allow(clippy::too_many_arguments)]
 pub async fn scale_out_step(
     client: &zk::Client,
@@ -642,8 +683,9 @@ async fn fill_held_out(
 
 /// Pass 2 twice after the ring change. First almost at once (`CLIENTS_SWITCH`), with `first`
 /// (the job that ran pass 1, or one resumed from its checkpoint): a key written on a source
-/// after pass 1's last listing reaches its new owner before most clients could delete it there (such a delete would be
-/// undone by the copy: the ascii protocol has no tombstone). Then, once clients have followed
+/// after pass 1's last listing reaches its new owner before most clients could delete it there
+/// (such a delete would be undone by the copy, unless the client also sent it to the old owner:
+/// the ascii protocol has no tombstone). Then, once clients have followed
 /// the change, on a fresh job from a checkpoint taken around the first (source marks before it,
 /// target marks of pass 1), for what stragglers still wrote to the sources: keys the first run
 /// handled count as copied, so a client's delete of them since is kept. `first` must not

@@ -544,35 +544,100 @@ async fn scale_out_3_to_5_two_pass() {
     assert_clean(&v, "3->5 two-pass");
 }
 
-/// The documented window, shown: a key first written on a leaving node after pass 1 and
-/// deleted by a client on its new owner before pass 2 comes back; the same delete of a key
-/// pass 1 had copied does not.
+/// The window between pass 1 and pass 2, and what closes it: a key first written on a leaving
+/// node after pass 1's listing, then deleted by a client on its new owner before pass 2. A
+/// client that moved to the new ring sends that delete to the leaving node too
+/// (`delete_previous_owners_for`, on by default), so pass 2 finds nothing to copy; a client
+/// with it off shows what happens otherwise: no tombstone tells "deleted" from "not copied
+/// yet", and the key comes back. A key pass 1 had copied stays deleted either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_key_written_after_pass1_then_deleted() {
     let (_mcs, addrs) = start(2);
     let before = Ring::new(addrs.clone());
     let leaving = vec![addrs[1].clone()];
-    let c_before = client(&addrs);
-    let c_after = client(&addrs[..1]);
+    let following = client(&addrs);
+    let not_following = ArcusClient::with_nodes(
+        addrs[..1].to_vec(),
+        ClientOptions {
+            delete_previous_owners_for: Duration::ZERO,
+            ..following.options().clone()
+        },
+    );
     let owned: Vec<String> = (0..)
         .map(|i| format!("w:{i}"))
         .filter(|k| before.node_for_key(k) == Some(addrs[1].as_str()))
-        .take(2)
+        .take(3)
         .collect();
-    c_before.set(&owned[0], "copied", 0, 0).await.unwrap();
+    following.set(&owned[0], "copied", 0, 0).await.unwrap();
     let mut m = ScaleIn::new(before, &leaving, MigrationOptions::default()).unwrap();
     m.pass1().await.unwrap();
-    c_before.set(&owned[1], "late", 0, 0).await.unwrap();
-    // ring change; a client deletes both on the new owner before pass 2
-    assert!(c_after.delete(&owned[0]).await.unwrap());
-    assert!(!c_after.delete(&owned[1]).await.unwrap());
+    following.set(&owned[1], "late", 0, 0).await.unwrap();
+    following.set(&owned[2], "late", 0, 0).await.unwrap();
+    // The ring change; clients delete on the new owner before pass 2.
+    following.set_nodes(addrs[..1].to_vec());
+    assert!(following.delete(&owned[0]).await.unwrap());
+    assert!(!following.delete(&owned[1]).await.unwrap());
+    assert!(!not_following.delete(&owned[2]).await.unwrap());
     let p = m.pass2().await.unwrap();
-    assert_eq!(c_after.get(&owned[0]).await.unwrap(), None);
-    assert!(
-        c_after.get(&owned[1]).await.unwrap().is_some(),
-        "the window: no tombstone tells 'deleted' from 'not copied yet'"
+    assert_eq!(following.get(&owned[0]).await.unwrap(), None);
+    assert_eq!(
+        following.get(&owned[1]).await.unwrap(),
+        None,
+        "the delete reached the leaving node: nothing to resurrect"
     );
-    assert_eq!(p.items_skipped_deleted, 1, "{p:?}");
+    assert!(
+        following.get(&owned[2]).await.unwrap().is_some(),
+        "without the follow-up delete the late key comes back"
+    );
+    // The copied key's delete reached both nodes: pass 2 sees it gone, not "kept deleted".
+    assert_eq!((p.items_gone, p.items_skipped_deleted), (1, 0), "{p:?}");
+}
+
+/// A client's delete that follows a key to a former owner can remove pass 1's copy from its
+/// target before the ring change (a node held out of the ring was its owner for the
+/// milliseconds it was registered). A key written again on its source after that must still
+/// reach the target in pass 2, not be taken for one a client deleted after the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_deleted_on_its_target_before_the_change_is_copied_again() {
+    let (_mcs, addrs) = start(2);
+    let after = Ring::new(addrs.clone());
+    let on_old = client(&addrs[..1]);
+    let on_new = client(&addrs[1..]);
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("f:{i}"))
+        .filter(|k| after.node_for_key(k) == Some(addrs[1].as_str()))
+        .take(2)
+        .collect();
+    for k in &keys {
+        on_old.set(k, "old", 0, 0).await.unwrap();
+    }
+    let mut m = ScaleOut::new(
+        Ring::new(addrs[..1].to_vec()),
+        &addrs[1..],
+        MigrationOptions::default(),
+    )
+    .unwrap();
+    m.pass1().await.unwrap();
+    // Deletes that reach both the owner and the node being filled; one key is written again.
+    for k in &keys {
+        assert!(on_old.delete(k).await.unwrap());
+        assert!(on_new.delete(k).await.unwrap(), "{k}: pass 1 had copied it");
+    }
+    on_old.set(&keys[0], "new", 0, 0).await.unwrap();
+    assert_eq!(m.migration().recheck_copies().await.unwrap(), 2);
+    // The new node joins the ring.
+    let p = m.pass2().await.unwrap();
+    let c_after = client(&addrs);
+    assert_eq!(
+        c_after.get(&keys[0]).await.unwrap().map(|i| i.value),
+        Some(b"new".to_vec()),
+        "the write after the delete arrived: {p:?}"
+    );
+    assert_eq!(
+        c_after.get(&keys[1]).await.unwrap(),
+        None,
+        "the deleted key stays deleted"
+    );
 }
 
 /// Migration's building blocks on a real server: the watermark grows with every store, and the

@@ -204,6 +204,8 @@ pub struct Migration {
     /// Pass 1's memory: per source, the keys it stored on their target. `None` until a pass 1
     /// of this object completed.
     copied: Mutex<Option<HashMap<String, HashSet<String>>>>,
+    /// Collections among `copied` (not readable with `gets`).
+    copied_collections: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Migration {
@@ -247,6 +249,7 @@ impl Migration {
             listings: Mutex::new(HashMap::new()),
             progress: watch::Sender::new(Progress::default()),
             copied: Mutex::new(None),
+            copied_collections: Mutex::new(HashSet::new()),
         })
     }
 
@@ -448,6 +451,7 @@ impl Migration {
                 break;
             }
         }
+        self.recheck_copies().await?;
         let mut targets = BTreeMap::new();
         for t in &self.targets {
             targets.insert(t.clone(), self.watermark(t).await?);
@@ -458,6 +462,68 @@ impl Migration {
             targets,
             complete: !failed,
         })
+    }
+
+    /// Drops from pass 1's memory the key-value copies no longer on their target, so pass 2
+    /// copies those keys again if their source still has them, instead of taking the absence
+    /// for a client's delete after the ring change. Before the change no client writes these
+    /// keys to the target, but a client's delete can still reach it: arcus-client sends a delete
+    /// to the key's owners on recent rings too, and a node held out of the ring, or a new node
+    /// on a reused address, was such an owner. Pass 1 calls this last, just before the ring
+    /// changes; returns how many copies were gone.
+    pub async fn recheck_copies(&self) -> Result<u64> {
+        let Some(memory) = self.copied.lock().unwrap().clone() else {
+            return Ok(0);
+        };
+        let collections = self.copied_collections.lock().unwrap().clone();
+        let mut jobs: Vec<(String, String, Vec<String>)> = Vec::new();
+        for (source, keys) in &memory {
+            let mut per_target: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for k in keys.iter().filter(|k| !collections.contains(*k)) {
+                if let Some(t) = plan::owner(&self.after, k, self.opts.hashing) {
+                    per_target.entry(t).or_default().push(k.clone());
+                }
+            }
+            for (target, keys) in per_target {
+                for chunk in keys.chunks(self.opts.batch) {
+                    jobs.push((source.clone(), target.to_string(), chunk.to_vec()));
+                }
+            }
+        }
+        let results: Vec<Result<(String, Vec<String>)>> = stream::iter(jobs)
+            .map(|(source, target, keys)| async move {
+                let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let found = self
+                    .retry("copy check", || async {
+                        self.pool(&target)
+                            .run("gets", async |c| c.gets_many(&names).await)
+                            .await
+                    })
+                    .await?;
+                let gone = keys.iter().filter(|k| !found.contains_key(*k)).cloned();
+                Ok((source, gone.collect()))
+            })
+            .buffer_unordered(self.opts.concurrency_per_node)
+            .collect()
+            .await;
+        let mut gone = 0;
+        let mut memory = self.copied.lock().unwrap();
+        for r in results {
+            let (source, keys) = r?;
+            if let Some(copied) = memory.as_mut().and_then(|m| m.get_mut(&source)) {
+                for k in keys {
+                    copied.remove(&k);
+                    gone += 1;
+                }
+            }
+        }
+        if gone > 0 {
+            info!(
+                gone,
+                "copies deleted on their target before the ring change; pass 2 copies them again"
+            );
+        }
+        Ok(gone)
     }
 
     /// One round on one source: (its mark taken before listing, keys stored, any failure).
@@ -1066,6 +1132,10 @@ impl Migration {
                 t.bytes += bytes;
                 stored = 1;
                 self.remember(source, [key.key.clone()]);
+                self.copied_collections
+                    .lock()
+                    .unwrap()
+                    .insert(key.key.clone());
             }
             CollectionCopy::Exists => t.newer += 1,
             CollectionCopy::Gone => t.gone += 1,

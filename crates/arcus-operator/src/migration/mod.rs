@@ -42,7 +42,8 @@
 //! from the previous owners. It keeps every client write (an `add` never overwrites), but a key
 //! a client DELETES on the new node between the node joining and our copy reaching that key is
 //! copied back (resurrected) — there is no tombstone in the ascii protocol to tell "deleted"
-//! from "not copied yet". The window is the copy's duration; keep it short (the copy starts as
+//! from "not copied yet" — unless the client sent the delete to the previous owner too (see
+//! Window 1 below). The window is the copy's duration; keep it short (the copy starts as
 //! soon as the node is in the ring, runs batched and pipelined at tens of thousands of keys/s)
 //! or avoid it with the two-pass form: start the new node, keep it out of `cache_list`
 //! (delete its znode; ARCUS keeps serving and answers `NOT_READY`), `pass1()`, then
@@ -57,6 +58,10 @@
 //!   pass 1 (a restarted operator passes the saved [`Checkpoint`]; the rules then use `C_S`).
 //! - Window 1 (rare): a key first written on a source after pass 1's last round listed it and
 //!   deleted by a client on the target after the change, before pass 2 reaches it, comes back.
+//!   Closed by clients that also send a delete to the key's previous owner for a while after a
+//!   ring change (arcus-client's `delete_previous_owners_for`): pass 2 then finds the source
+//!   item gone. What is left is the delete landing inside one batch's read-then-write on the
+//!   pass-2 side (sub-millisecond).
 //! - Window 2: a client with a stale ring writing to a source after pass 2 read that key loses
 //!   the write (clients switch rings within their ZooKeeper watch latency; wait for it).
 //! - A node restarted between the passes (new process start time) loses its watermark: its items

@@ -33,7 +33,9 @@
 //! The one case these rules get wrong: a key created (or first written) on `S` after pass 1's
 //! last round listed `S`, then deleted by a client on `T` after the ring change and before
 //! pass 2 reaches it — pass 2 cannot tell "deleted on T" from "never copied" and adds it back.
-//! Pass 1 ends with a catch-up round to keep that window short (milliseconds to a second).
+//! Pass 1 ends with a catch-up round to keep that window short (milliseconds to a second), and
+//! a client that sends the delete to `S` too (arcus-client does after a ring change) leaves
+//! `s` absent, so the rules see nothing to copy.
 
 /// What we know about the source item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

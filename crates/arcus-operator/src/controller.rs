@@ -892,8 +892,7 @@ async fn run_day2(
                 .await;
             }
             Day2Action::Heal { pod, ip } => {
-                let admin = arcus_client::AdminClient::new(format!("{ip}:{}", valid.port));
-                match admin.zkensemble_rejoin().await {
+                match crate::migrate::rejoin(&format!("{ip}:{}", valid.port)).await {
                     Ok(()) => {
                         publish(
                             ctx,

@@ -138,6 +138,28 @@ async fn delete_znodes_at_once(
     Err(zk_err("delete", list_path)(last))
 }
 
+/// `zkensemble rejoin` on `addr`, tried again for up to 2 s. An ARCUS node that has just seen
+/// its znode deleted answers `NOT_READY` at once but closes its ZooKeeper handle only on its
+/// next state-machine turn (about 100 ms later); a rejoin before that fails with "already a
+/// member of cloud" (`ERROR failed to rejoin ensemble`), and the same rejoin a moment later
+/// succeeds.
+pub(crate) async fn rejoin(addr: &str) -> Result<(), arcus_client::Error> {
+    const TRIES: u32 = 10;
+    let admin = arcus_client::AdminClient::new(addr.to_string());
+    let mut attempt = 1;
+    loop {
+        match admin.zkensemble_rejoin().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < TRIES => {
+                tracing::debug!(node = addr, attempt, error = %e, "zkensemble rejoin failed; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn zk_err(action: &'static str, path: &str) -> impl FnOnce(zk::Error) -> MigrateError {
     let path = path.to_string();
     move |source| MigrateError::Zk {
@@ -658,8 +680,7 @@ async fn fill_held_out(
     tracing::info!(%svc, ?joining, "scale-out: pass 1 into the node out of the ring");
     let cp = job.pass1().await?;
     for a in &joining {
-        let admin = arcus_client::AdminClient::new(a.clone());
-        if let Err(e) = admin.zkensemble_rejoin().await {
+        if let Err(e) = rejoin(a).await {
             // Already back (e.g. rejoined by hand) is fine; anything else is retried by the
             // next reconcile from the recorded `held`.
             let back = client

@@ -34,6 +34,11 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 const MEMCACHED_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait for ZooKeeper to confirm closing the session.
 const CLOSE_LIMIT: Duration = Duration::from_millis(1000);
+/// How long arcus-memcached keeps its ZooKeeper handle after it saw its own znode deleted:
+/// it pauses at once (`ready` answers NOT_READY) and closes the handle on the state machine's
+/// next turn, a 100 ms retry (`sm_set_retry_ms(retry_ms, 100)` in arcus_zk.c). A rejoin in
+/// between fails: "already a member of cloud".
+const MC_PAUSE_CLOSE: Duration = Duration::from_millis(100);
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -331,6 +336,8 @@ async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
     let mut client = Some(client);
     let mut resuming: Option<Resume> = None;
     let mut rejoining: Option<(Rejoin, RejoinRequest)> = None;
+    // Set while paused after the own znode was deleted, until the session is closed.
+    let mut pausing: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     info!("serving as {} in {list_path}", identity.node_name());
 
     loop {
@@ -338,6 +345,7 @@ async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
             biased;
             sig = signals.recv() => {
                 status.set_registered(false);
+                drop(pausing.take());
                 drop(own_watch.take());
                 drop(list_watch.take());
                 drop(resuming.take());
@@ -428,26 +436,30 @@ async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
                     match handle_own_watch(out, c, &own_path) {
                         OwnZnode::Watch(w) => own_watch = w,
                         OwnZnode::Gone => {
-                            // Like arcus_zk.c (mc_pause, then zookeeper_close): out of the cluster
-                            // for good until `zkensemble rejoin`; memcached keeps serving. The
-                            // handle counts as gone at once (`zkensemble get` fails from here on).
+                            // Like arcus_zk.c: mc_pause at once (NOT_READY), zookeeper_close on
+                            // the next state-machine turn; out of the cluster for good until
+                            // `zkensemble rejoin`; memcached keeps serving.
                             status.set_registered(false);
-                            status.set_session(false);
                             warn!(
                                 "own znode {own_path} was deleted by someone else: this node LEFT the cluster; \
-                                 closing its ZooKeeper session like arcus-memcached; still serving; \
-                                 `ready` answers NOT_READY until `zkensemble rejoin`"
+                                 My ephemeral znode in cache_list is deleted. Please check and rejoin. \
+                                 Still serving; `ready` answers NOT_READY until `zkensemble rejoin`"
                             );
-                            state = None;
                             drop(list_watch.take());
-                            if let Some(c) = client.take() {
-                                registration::close_session(c, CLOSE_LIMIT).await;
-                            }
-                            status.set_session(false);
-                            info!("waiting for `zkensemble rejoin`");
+                            pausing = Some(Box::pin(tokio::time::sleep(MC_PAUSE_CLOSE)));
                         }
                     }
                 }
+            }
+            () = poll_pause(&mut pausing) => {
+                pausing = None;
+                state = None;
+                if let Some(c) = client.take() {
+                    registration::close_session(c, CLOSE_LIMIT).await;
+                }
+                status.set_session(false);
+                warn!("zk connection closed by mc_pause.");
+                info!("waiting for `zkensemble rejoin`");
             }
             out = poll_watch(&mut list_watch) => {
                 if let Some(c) = &client {
@@ -586,6 +598,13 @@ async fn poll_rejoin(
             let (_, reply) = r.take().expect("checked above");
             (out, reply)
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_pause(p: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match p.as_mut() {
+        Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }

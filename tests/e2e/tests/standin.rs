@@ -554,8 +554,9 @@ async fn zookeeper_outage_longer_than_timeout_resumes_session() -> anyhow::Resul
     Ok(())
 }
 
-/// Its own znode deleted by someone else: like arcus-memcached it closes its session, keeps
-/// serving, answers `ready` with NOT_READY, and comes back on `zkensemble rejoin` (new session,
+/// Its own znode deleted by someone else: like arcus-memcached it answers `ready` with NOT_READY
+/// at once, closes its session 100 ms later (a rejoin before that fails), keeps serving, and
+/// comes back on `zkensemble rejoin` (new session,
 /// same znode name and data, a `rejoin` log entry); a second rejoin while a member fails with the
 /// real server's reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,6 +598,16 @@ async fn own_znode_deleted_then_zkensemble_rejoin() -> anyhow::Result<()> {
         client.check_stat(&path).await?.is_none(),
         "the stand-in must not re-create its znode by itself"
     );
+    wait_until(
+        Duration::from_secs(5),
+        "the session closed by mc_pause",
+        || async {
+            node.log_text()
+                .contains("zk connection closed by mc_pause.")
+                .then_some(())
+        },
+    )
+    .await?;
     // no session any more: the real server cannot name its ensemble either
     assert_eq!(
         memcached_roundtrip(&node.addr(), "zkensemble get\r\n", "\r\n")?,

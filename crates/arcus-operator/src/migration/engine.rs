@@ -554,6 +554,9 @@ impl Migration {
                 .iter()
                 .filter(|k| match (prev, k.cas) {
                     (Some(p), Some(c)) => c > p || !known.contains(&k.key),
+                    // No CAS tells whether a collection changed: each is copied once per
+                    // pass 1 (see the module docs), not again in every round.
+                    (Some(_), None) if k.item_type != ItemType::KeyValue => !known.contains(&k.key),
                     _ => true,
                 })
                 .partition(|k| k.item_type == ItemType::KeyValue);
@@ -581,8 +584,7 @@ impl Migration {
                         .await
                     }
                     Job::Collection(target, key) => {
-                        self.copy_collection(source, target, key, true, prev.is_none())
-                            .await
+                        self.copy_collection(source, target, key, true, true).await
                     }
                 }
             })

@@ -898,6 +898,8 @@ async fn live_config_rolling_restart_and_self_healing() -> anyhow::Result<()> {
 struct ChurnLog {
     deleted: Vec<String>,
     live: Vec<(String, String)>,
+    /// Failed operations; their keys are in neither list (their state is unknown).
+    errors: u64,
 }
 
 /// A bounded writer of short-lived keys (sessions, locks): creates `<tag>:<n>` and deletes each
@@ -917,14 +919,19 @@ fn churn_writer(
                 break;
             }
             let (key, value) = (format!("{tag}:{n}"), format!("c{n}"));
-            client.set(&key, &value, 3, 0).await?;
-            queue.push_back((tokio::time::Instant::now(), key, value));
-            while let Some((at, key, _)) = queue.front() {
+            match client.set(&key, &value, 3, 0).await {
+                Ok(_) => queue.push_back((tokio::time::Instant::now(), key, value)),
+                Err(_) => log.errors += 1,
+            }
+            while let Some((at, _, _)) = queue.front() {
                 if at.elapsed() < Duration::from_millis(30) {
                     break;
                 }
-                client.delete(key).await?;
-                log.deleted.push(queue.pop_front().expect("front exists").1);
+                let (_, key, _) = queue.pop_front().expect("front exists");
+                match client.delete(&key).await {
+                    Ok(_) => log.deleted.push(key),
+                    Err(_) => log.errors += 1,
+                }
             }
             tokio::time::sleep(Duration::from_millis(2)).await; // the writer's pace, not a wait
         }
@@ -987,9 +994,10 @@ async fn scale_in_and_out_migrate_the_cache_while_a_client_writes() -> anyhow::R
                     let (resurrected, lost) = churn_check(&c, &following).await?;
                     let (plain_resurrected, plain_lost) = churn_check(&c, &plain).await?;
                     eprintln!(
-                        "{phase}, short-lived keys: following client {resurrected} of {} deletes resurrected, {lost} of {} live lost; \
-                         client without follow-up deletes {plain_resurrected} of {} resurrected, {plain_lost} of {} lost",
-                        following.deleted.len(), following.live.len(), plain.deleted.len(), plain.live.len()
+                        "{phase}, short-lived keys: following client {resurrected} of {} deletes resurrected, {lost} of {} live lost, {} errors; \
+                         client without follow-up deletes {plain_resurrected} of {} resurrected, {plain_lost} of {} lost, {} errors",
+                        following.deleted.len(), following.live.len(), following.errors,
+                        plain.deleted.len(), plain.live.len(), plain.errors
                     );
                     assert!(following.deleted.len() > 100, "{phase}: the churn writer ran");
                     assert_eq!((resurrected, lost, plain_lost), (0, 0, 0), "{phase}: short-lived keys");

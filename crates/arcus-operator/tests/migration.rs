@@ -456,7 +456,9 @@ async fn scale_in_resumes_from_the_checkpoint_alone() {
 /// 3 → 5 after the new nodes joined (add-only copy), with a writer from the moment they
 /// joined. Keys no client touched all arrive; client writes are never reverted; a key a client
 /// deleted on a new node before the copy reached it may come back (the documented window), and
-/// only such keys. The moved items are removed from their old owners.
+/// only such keys. The moved items are removed from their old owners. Copy rounds run until
+/// one moves nothing, as the operator runs them: stock memcached's LRU crawler can skip an
+/// item under load, and a later round's listing finds it (seen once in CI with one round).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_3_to_5_after_join() {
     let (_mcs, addrs) = start(5);
@@ -469,12 +471,22 @@ async fn scale_out_3_to_5_after_join() {
         delete_moved_from_sources: true,
         ..MigrationOptions::default()
     };
-    let m = ScaleOut::new(before.clone(), &addrs[3..], opts).unwrap();
     // Joined: clients use the ring after from now on.
     let writer = Writer::new(c_after.clone());
     writer.changed.store(true, Ordering::Relaxed);
     let task = writer.spawn(20_000, 4_000, 5);
+    let m = ScaleOut::new(before.clone(), &addrs[3..], opts.clone()).unwrap();
     let p = tokio::time::timeout(STEP, m.copy()).await.unwrap().unwrap();
+    for _ in 2..=3 {
+        let again = ScaleOut::new(before.clone(), &addrs[3..], opts.clone()).unwrap();
+        let more = tokio::time::timeout(STEP, again.copy())
+            .await
+            .unwrap()
+            .unwrap();
+        if more.items_moved == 0 {
+            break;
+        }
+    }
     writer.stop.store(true, Ordering::Relaxed);
     tokio::time::timeout(STEP, task).await.unwrap().unwrap();
     check_progress(&p);

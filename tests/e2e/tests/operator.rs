@@ -829,11 +829,28 @@ async fn live_config_rolling_restart_and_self_healing() -> anyhow::Result<()> {
             // A restarted node is taken out of the ring the moment it registers, filled, and let
             // back in with `zkensemble rejoin`, so its keys keep hitting on the other nodes.
             assert!(ratio >= 0.99, "hit ratio during the roll {ratio:.4} < 0.99");
-            let migration = crs.get("d2").await?.status.and_then(|s| s.migration);
-            let summary = migration
-                .as_ref()
-                .map(|m| m.summary.clone())
-                .unwrap_or_default();
+            // The final record follows the claim's clearing (one status write later).
+            let done = wait_until(
+                Duration::from_secs(10),
+                "the roll's final Migration record",
+                || async {
+                    let summary = crs.get("d2").await.ok()?.status?.migration?.summary;
+                    summary
+                        .starts_with("rolling restart d2-arcus-mc-0: Done")
+                        .then_some(summary)
+                },
+            )
+            .await;
+            let summary = match done {
+                Ok(s) => s,
+                Err(_) => crs
+                    .get("d2")
+                    .await?
+                    .status
+                    .and_then(|s| s.migration)
+                    .map(|m| m.summary)
+                    .unwrap_or_default(),
+            };
             eprintln!("status.migration after the roll: {summary}");
             assert!(
                 summary.starts_with("rolling restart d2-arcus-mc-0: Done"),

@@ -751,10 +751,35 @@ async fn pass2_twice(
         first.ring_after().clone(),
         opts,
     )?;
-    let _follow = reporter.follow(operation, node, second.progress());
-    let late = second.pass2(&settled).await?;
-    let mut p = early;
-    p.phase = late.phase;
+    // Users see both runs as one: the second's counts go on top of the first's.
+    let (merged_tx, merged_rx) =
+        tokio::sync::watch::channel(both_runs(&early, &second.progress_now()));
+    let forward = {
+        let (mut late_rx, early, tx) = (second.progress(), early.clone(), merged_tx.clone());
+        tokio::spawn(async move {
+            while late_rx.changed().await.is_ok() {
+                let late = late_rx.borrow_and_update().clone();
+                tx.send_replace(both_runs(&early, &late));
+            }
+        })
+    };
+    let _follow = reporter.follow(operation, node, merged_rx);
+    let late = second.pass2(&settled).await;
+    forward.abort();
+    let p = both_runs(&early, &late?);
+    merged_tx.send_replace(p.clone());
+    Ok(p)
+}
+
+/// The progress of pass 2's two runs as one (pure): counts add up; "to move" and "moved" are
+/// the larger of the two (each run lists the same moving keys); the phase is the second run's
+/// once it started.
+fn both_runs(early: &Progress, late: &Progress) -> Progress {
+    let mut p = early.clone();
+    p.phase = match late.phase {
+        Phase::Idle => Phase::Pass2,
+        phase => phase,
+    };
     p.items_total = p.items_total.max(late.items_total);
     p.items_done = p.items_done.max(late.items_done);
     p.items_moved += late.items_moved;
@@ -766,7 +791,7 @@ async fn pass2_twice(
     p.items_failed += late.items_failed;
     p.bytes += late.bytes;
     p.source_items_deleted += late.source_items_deleted;
-    Ok(p)
+    p
 }
 
 /// The pod name in a node hostname `<pod>.<namespace>`.
@@ -923,6 +948,37 @@ pub fn migration_status(operation: &str, node: Option<&str>, p: &Progress) -> Mi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_pass2_runs_read_as_one() {
+        let early = Progress {
+            phase: Phase::Done,
+            items_total: 38_000,
+            items_done: 38_000,
+            items_moved: 120,
+            items_skipped_deleted: 3,
+            ..Progress::default()
+        };
+        // The second run has not listed anything yet: the first run's counts, in Pass2.
+        let starting = both_runs(&early, &Progress::default());
+        assert_eq!(starting.phase, Phase::Pass2);
+        assert_eq!(
+            (starting.items_done, starting.items_total),
+            (38_000, 38_000)
+        );
+        let late = Progress {
+            phase: Phase::Done,
+            items_total: 38_010,
+            items_done: 38_010,
+            items_moved: 7,
+            items_skipped_deleted: 1,
+            ..Progress::default()
+        };
+        let done = both_runs(&early, &late);
+        assert_eq!(done.phase, Phase::Done);
+        assert_eq!((done.items_done, done.items_total), (38_010, 38_010));
+        assert_eq!((done.items_moved, done.items_skipped_deleted), (127, 4));
+    }
 
     #[test]
     fn migration_status_names_operation_node_phase_and_counts() {

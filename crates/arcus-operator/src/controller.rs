@@ -15,6 +15,7 @@ use crate::zk::{self, ObserveRequest, ServiceClaim, ZkError, ZkPool};
 use crate::zk_plan::{self, PlanInput, ZkPlan};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -68,10 +69,10 @@ fn kube_err(action: &'static str, object: impl Into<String>) -> impl FnOnce(kube
     }
 }
 
-/// Which PodDisruptionBudget API the server serves (policy/v1 from 1.21, v1beta1 before).
+/// Optional APIs the server serves, discovered at start.
 #[derive(Clone, Debug)]
 pub struct Capabilities {
-    pub pdb: build::PdbApi,
+    /// ServiceMonitor (`monitoring.coreos.com/v1`): the Prometheus Operator is installed.
     pub service_monitor: bool,
 }
 
@@ -575,7 +576,7 @@ async fn apply_objects(
     let client = &ctx.client;
     let mut sts = build::statefulset(valid, replicas);
     let svc = build::headless_service(valid);
-    let pdb = build::pdb(valid, ctx.capabilities.pdb);
+    let pdb = build::pdb(valid);
     let sm = build::service_monitor(valid).filter(|_| ctx.capabilities.service_monitor);
     let set_hash = build::content_hash(&(&sts, &svc, &pdb, &sm));
     let live_replicas = live_sts
@@ -583,8 +584,7 @@ async fn apply_objects(
         .and_then(|s| s.replicas);
     let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
     let svc_api = Api::<Service>::namespaced(client.clone(), &ns);
-    let pdb_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &ctx.capabilities.pdb.api_resource());
+    let pdb_api = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
     if live_replicas == Some(replicas) && live_hash.as_deref() == Some(set_hash.as_str()) {
         // The StatefulSet's hash covers the set; the Service and PDB it does not live on may
         // have been deleted by hand since (two metadata reads, no write).

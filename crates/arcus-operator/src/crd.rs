@@ -5,10 +5,11 @@
 //! and group/kind/plural/short name are kept exactly. Must not hold logic: rules the schema cannot
 //! express live in `validate`, objects derived from the spec in `build`.
 //!
-//! Compatibility: the CRD is `apiextensions.k8s.io/v1` with a structural schema and uses nothing
-//! newer than Kubernetes 1.20 (no CEL rules, no `selectableFields`). Embedded Kubernetes types
-//! (resources, affinity, tolerations) get hand-written schemas because k8s-openapi is built
-//! without its `schemars` feature; that also keeps newer-than-1.20 fields out of them.
+//! Compatibility: the CRD is `apiextensions.k8s.io/v1` with a structural schema for Kubernetes
+//! 1.33 and later: CEL rules (`x-kubernetes-validations`, see [`rules`]) refuse bad input at
+//! `kubectl apply`, each rule bounded (`maxItems`, `maxLength`) so the API server's cost
+//! estimator accepts it. Embedded Kubernetes types (resources, affinity, tolerations) get
+//! hand-written schemas because k8s-openapi is built without its `schemars` feature.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+
+use crate::build::labels;
 
 /// Bounds shared by the schema (as literals in attributes) and by `validate` (as constants).
 pub mod limits {
@@ -44,10 +47,172 @@ pub mod limits {
 /// The pattern of `spec.serviceCode`: a znode name (no `/`) that ARCUS's mapping parser keeps
 /// whole (no `^`), starting with a letter or digit.
 pub const SERVICE_CODE_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]*$";
-/// The pattern of one `spec.zookeeperServers` item: `host:port`, host a DNS name, an IPv4
-/// address or a bracketed IPv6 address. Port range and name lengths are checked by `validate`.
-pub const ZOOKEEPER_SERVER_PATTERN: &str =
-    r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):[0-9]{1,5}$";
+/// The shape of one `spec.zookeeperServers` item (RE2, checked by a CEL rule): `host:port`, host
+/// a DNS name of RFC 1123 labels (either case) or an IPv4 address, or a bracketed IPv6 address.
+/// What a regex cannot say well (an IPv4-looking host that is no address, a valid IPv6 address,
+/// a name over 253 characters) is left to `validate`.
+pub const ZOOKEEPER_SERVER_PATTERN: &str = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*):[0-9]{1,5}$";
+
+/// The CEL validation rules of the CRD (`x-kubernetes-validations`), attached to the schema by
+/// the `on_*` transforms: the API server refuses an object breaking one on create or update with
+/// `<field path>: Invalid value: ...: <message>`. `validate` checks the same things again, with
+/// messages to the same effect, for objects stored before a rule existed.
+///
+/// Left to `validate` (too costly or too loose in CEL): labels' and annotations' syntax, image
+/// references, quantities' syntax, IPv4/IPv6 address validity, a DNS name's total length, a
+/// port written with leading zeros repeating another item, and that `spec.serviceCode` keeps the
+/// code recorded in `status.serviceCode`.
+pub mod rules {
+    use kube::core::{Message, Rule};
+    use schemars::Schema;
+
+    use super::{labels, limits, ZOOKEEPER_SERVER_PATTERN};
+    use crate::validate::NAME_MAX_LEN;
+
+    pub const SERVICE_CODE_IMMUTABLE_MSG: &str = "serviceCode is immutable: the cache nodes and \
+        their clients find this cluster in ZooKeeper under it (delete and re-create the resource \
+        to change it)";
+    pub const ZOOKEEPER_SERVER_SHAPE_MSG: &str = "must be <host>:<port>, host a DNS name, an IPv4 \
+        address or a bracketed IPv6 address, e.g. zk-0.zk:2181 or [fd00::1]:2181";
+    pub const ZOOKEEPER_SERVER_PORT_MSG: &str =
+        "has a port out of range: a ZooKeeper client port is 1 to 65535 (usually 2181)";
+    pub const ZOOKEEPER_SERVERS_UNIQUE_MSG: &str = "lists a ZooKeeper server twice (host names \
+        compare case-insensitively); list each ensemble member once";
+    pub const EXPORTER_PORT_CLASH_MSG: &str =
+        "equals spec.port; give the exporter its own port (default 9150)";
+    pub const MEMLIMIT_FITS_MSG: &str = "leaves too little of spec.resources.limits.memory: \
+        arcus-memcached also needs memory for connections and its hash table and would be \
+        OOM-killed; keep memlimit at most 90% of the limit or raise the limit";
+    pub const RESERVED_POD_LABELS_MSG: &str = "must not set the operator's own labels \
+        (app.kubernetes.io/name, app.kubernetes.io/instance, app.kubernetes.io/managed-by, \
+        jam2in.com/service-code), which select the cache pods; remove them";
+    pub const NAME_DNS1035_MSG: &str = "metadata.name cannot name a Service: it must be a \
+        DNS-1035 label (lower-case letters, digits and '-', starting with a letter, ending with a \
+        letter or digit); create the resource under such a name";
+    pub const NAME_LENGTH_MSG: &str = "metadata.name is longer than 43 characters: the \
+        StatefulSet <name>-arcus-mc and its pods' labels would exceed Kubernetes' 63-character \
+        limits; create the resource with a shorter name";
+
+    fn rule(expression: impl Into<String>, message: &str) -> Rule {
+        Rule::new(expression).message(Message::Message(message.into()))
+    }
+
+    fn attach(schema: &mut Schema, rule: Rule) {
+        kube::core::validate(schema, rule).expect("a CEL rule serializes");
+    }
+
+    /// `spec.serviceCode`: a transition rule, so checked on update only.
+    pub fn service_code_immutable() -> Rule {
+        rule("self == oldSelf", SERVICE_CODE_IMMUTABLE_MSG)
+    }
+
+    /// Each `spec.zookeeperServers` item: [`ZOOKEEPER_SERVER_PATTERN`].
+    pub fn zookeeper_server_shape() -> Rule {
+        rule(
+            format!("self.matches(r'{ZOOKEEPER_SERVER_PATTERN}')"),
+            ZOOKEEPER_SERVER_SHAPE_MSG,
+        )
+    }
+
+    /// Each `spec.zookeeperServers` item: the port, where it is 1 to 5 digits after the last
+    /// `:` (so `int()` cannot fail; the shape rule reports the rest).
+    pub fn zookeeper_server_port() -> Rule {
+        let port = "int(self.substring(self.lastIndexOf(':') + 1))";
+        rule(
+            format!(
+                "!self.matches(r'^.*:[0-9]{{1,5}}$') || ({port} >= {} && {port} <= {})",
+                limits::PORT_MIN,
+                limits::PORT_MAX
+            ),
+            ZOOKEEPER_SERVER_PORT_MSG,
+        )
+    }
+
+    /// `spec.zookeeperServers`: no item twice, host names compared case-insensitively as
+    /// `validate` does (`ZK-0:2181` repeats `zk-0:2181`).
+    pub fn zookeeper_servers_unique() -> Rule {
+        rule(
+            "self.all(x, self.exists_one(y, y.lowerAscii() == x.lowerAscii()))",
+            ZOOKEEPER_SERVERS_UNIQUE_MSG,
+        )
+    }
+
+    /// `spec`, reported at `spec.metricsExporter.port` (both ports have defaults, so both exist).
+    pub fn exporter_port_clash() -> Rule {
+        rule(
+            "!has(self.metricsExporter) || self.metricsExporter.port != self.port",
+            EXPORTER_PORT_CLASH_MSG,
+        )
+        .field_path(".metricsExporter.port")
+    }
+
+    /// `spec`, reported at `spec.configuration.memlimit`: memlimit at most 90% of the memory
+    /// limit, a quantity given as an integer or a string. For an integer memlimit,
+    /// `memlimit <= floor(0.9 * limit / 1 MiB)` (what `validate` computes) is
+    /// `memlimit * 1 MiB <= 0.9 * limit`, so no rounding is needed.
+    pub fn memlimit_fits() -> Rule {
+        let limit = "string(self.resources.limits['memory'])";
+        rule(
+            format!(
+                "!has(self.resources) || !has(self.resources.limits) \
+                 || !('memory' in self.resources.limits) || !isQuantity({limit}) \
+                 || double(self.configuration.memlimit) * 1048576.0 \
+                 <= 0.9 * quantity({limit}).asApproximateFloat()"
+            ),
+            MEMLIMIT_FITS_MSG,
+        )
+        .field_path(".configuration.memlimit")
+    }
+
+    /// `spec.podLabels`: none of [`labels::RESERVED`] (map lookups, cheap for any map size).
+    pub fn pod_labels_not_reserved() -> Rule {
+        let keys: Vec<String> = labels::RESERVED.iter().map(|k| format!("'{k}'")).collect();
+        rule(
+            format!("[{}].all(k, !(k in self))", keys.join(", ")),
+            RESERVED_POD_LABELS_MSG,
+        )
+    }
+
+    /// The resource: `metadata.name` names a Service (`<name>-arcus-mc`).
+    pub fn name_dns1035() -> Rule {
+        rule(
+            "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            NAME_DNS1035_MSG,
+        )
+    }
+
+    /// The resource: at most [`NAME_MAX_LEN`] characters.
+    pub fn name_length() -> Rule {
+        rule(
+            format!("self.metadata.name.size() <= {NAME_MAX_LEN}"),
+            NAME_LENGTH_MSG,
+        )
+    }
+
+    pub(super) fn on_spec(schema: &mut Schema) {
+        attach(schema, exporter_port_clash());
+        attach(schema, memlimit_fits());
+    }
+
+    pub(super) fn on_service_code(schema: &mut Schema) {
+        attach(schema, service_code_immutable());
+    }
+
+    pub(super) fn on_zookeeper_servers(schema: &mut Schema) {
+        attach(schema, zookeeper_servers_unique());
+        let items = schema
+            .get_mut("items")
+            .and_then(|v| Schema::try_from(v.take()).ok());
+        let mut items = items.expect("spec.zookeeperServers has an items schema");
+        attach(&mut items, zookeeper_server_shape());
+        attach(&mut items, zookeeper_server_port());
+        schema.insert("items".into(), items.into());
+    }
+
+    pub(super) fn on_pod_labels(schema: &mut Schema) {
+        attach(schema, pod_labels_not_reserved());
+    }
+}
 
 /// Specification of an ARCUS cache cluster: a set of arcus-memcached nodes that register
 /// themselves in ZooKeeper under one service code.
@@ -99,9 +264,12 @@ pub const ZOOKEEPER_SERVER_PATTERN: &str =
         type_ = "string",
         description = "The cache migration in flight or last done: operation, node, phase, items moved/to move",
         json_path = ".status.migration.summary"
-    )
+    ),
+    validation = rules::name_dns1035(),
+    validation = rules::name_length()
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::on_spec)]
 pub struct ArcusMemcachedSpec {
     /// Number of cache nodes (pods `<name>-arcus-mc-0..N-1`). Scaling out registers the new
     /// nodes in ZooKeeper before their pods start; scaling in removes the surplus nodes'
@@ -112,9 +280,13 @@ pub struct ArcusMemcachedSpec {
 
     /// The ARCUS service code clients use to find this cluster in ZooKeeper
     /// (`/arcus/cache_list/<serviceCode>`). Letters, digits, `_`, `.` and `-`, starting with a
-    /// letter or digit, at most 128 characters. Immutable: the operator refuses a change, and
-    /// refuses a service code that another resource or a manual setup already uses.
-    #[schemars(length(min = 1, max = 128), regex(pattern = SERVICE_CODE_PATTERN))]
+    /// letter or digit, at most 128 characters. Immutable (the API server refuses a change), and
+    /// the operator refuses a service code that another resource or a manual setup already uses.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = SERVICE_CODE_PATTERN),
+        transform = rules::on_service_code
+    )]
     pub service_code: String,
 
     /// The ZooKeeper ensemble that holds the ARCUS cluster metadata, as `host:port` items
@@ -122,7 +294,8 @@ pub struct ArcusMemcachedSpec {
     /// node registers there (`-z`). At most 9 servers, no duplicates.
     #[schemars(
         length(min = 1, max = 9),
-        inner(length(min = 3, max = 261), regex(pattern = ZOOKEEPER_SERVER_PATTERN))
+        inner(length(min = 3, max = 261)),
+        transform = rules::on_zookeeper_servers
     )]
     pub zookeeper_servers: Vec<String>,
 
@@ -174,6 +347,7 @@ pub struct ArcusMemcachedSpec {
     /// `app.kubernetes.io/instance`, `app.kubernetes.io/managed-by`, `jam2in.com/service-code`)
     /// cannot be overridden.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = rules::on_pod_labels)]
     pub pod_labels: BTreeMap<String, String>,
 
     /// Seconds a cache pod gets to stop. On SIGTERM arcus-memcached closes its ZooKeeper
@@ -521,6 +695,7 @@ pub fn crd_yaml() -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use kube::core::Rule;
     use serde_json::Value;
 
     /// The seed's `arcus_memcached.yaml`, verbatim (comments included).
@@ -696,7 +871,9 @@ spec:
             (zk["minItems"].clone(), zk["maxItems"].clone()),
             (1.into(), 9.into())
         );
-        assert_eq!(zk["items"]["pattern"], ZOOKEEPER_SERVER_PATTERN);
+        // The shape is a CEL rule with a message (`cel_rules_are_in_the_schema`), not a pattern
+        // whose error would only repeat the regex.
+        assert!(zk["items"].get("pattern").is_none());
         assert_eq!(zk["items"]["maxLength"], 261);
 
         for (field, min, max, default) in [
@@ -731,6 +908,121 @@ spec:
         assert_eq!(spec_prop(&["image", "name"])["minLength"], 1);
     }
 
+    /// The rules (expression and message) at `v["x-kubernetes-validations"]`.
+    fn rules_at(v: &Value) -> Vec<(String, String, Option<String>)> {
+        v["x-kubernetes-validations"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no x-kubernetes-validations in {v}"))
+            .iter()
+            .map(|r| {
+                (
+                    r["rule"].as_str().unwrap().to_string(),
+                    r["message"].as_str().unwrap().to_string(),
+                    r["fieldPath"].as_str().map(String::from),
+                )
+            })
+            .collect()
+    }
+
+    fn as_tuple(r: Rule) -> (String, String, Option<String>) {
+        let kube::core::Message::Message(m) = r.message.expect("every rule has a message") else {
+            panic!("static messages only")
+        };
+        (r.rule, m, r.field_path)
+    }
+
+    #[test]
+    fn cel_rules_are_in_the_schema() {
+        let root = schema();
+        assert_eq!(
+            rules_at(&root),
+            [rules::name_dns1035(), rules::name_length()].map(as_tuple)
+        );
+        assert_eq!(
+            rules_at(&root["properties"]["spec"]),
+            [rules::exporter_port_clash(), rules::memlimit_fits()].map(as_tuple)
+        );
+        assert_eq!(
+            rules_at(&spec_prop(&["serviceCode"])),
+            [rules::service_code_immutable()].map(as_tuple)
+        );
+        assert_eq!(
+            rules_at(&spec_prop(&["zookeeperServers"])),
+            [rules::zookeeper_servers_unique()].map(as_tuple)
+        );
+        assert_eq!(
+            rules_at(&spec_prop(&["zookeeperServers", "items"])),
+            [
+                rules::zookeeper_server_shape(),
+                rules::zookeeper_server_port()
+            ]
+            .map(as_tuple)
+        );
+        assert_eq!(
+            rules_at(&spec_prop(&["podLabels"])),
+            [rules::pod_labels_not_reserved()].map(as_tuple)
+        );
+    }
+
+    #[test]
+    fn cel_rules_say_what_they_check() {
+        let r = |rule: Rule| as_tuple(rule).0;
+        assert_eq!(r(rules::service_code_immutable()), "self == oldSelf");
+        assert_eq!(
+            r(rules::zookeeper_server_shape()),
+            format!("self.matches(r'{ZOOKEEPER_SERVER_PATTERN}')")
+        );
+        let port = r(rules::zookeeper_server_port());
+        assert!(
+            port.contains(">= 1 &&") && port.contains("<= 65535"),
+            "{port}"
+        );
+        assert!(r(rules::zookeeper_servers_unique()).contains("lowerAscii()"));
+        assert_eq!(
+            r(rules::name_length()),
+            format!(
+                "self.metadata.name.size() <= {}",
+                crate::validate::NAME_MAX_LEN
+            )
+        );
+        assert!(rules::NAME_LENGTH_MSG.contains(&format!(
+            "longer than {} characters",
+            crate::validate::NAME_MAX_LEN
+        )));
+        let reserved = r(rules::pod_labels_not_reserved());
+        for key in labels::RESERVED {
+            assert!(reserved.contains(&format!("'{key}'")), "{reserved}");
+            assert!(rules::RESERVED_POD_LABELS_MSG.contains(key), "{key}");
+        }
+        assert!(r(rules::memlimit_fits()).contains("0.9 * quantity("));
+        // A message is shown after the field's path, on one line.
+        for (_, msg, _) in [
+            rules::service_code_immutable(),
+            rules::zookeeper_server_shape(),
+            rules::zookeeper_server_port(),
+            rules::zookeeper_servers_unique(),
+            rules::exporter_port_clash(),
+            rules::memlimit_fits(),
+            rules::pod_labels_not_reserved(),
+            rules::name_dns1035(),
+            rules::name_length(),
+        ]
+        .map(as_tuple)
+        {
+            assert!(!msg.contains('\n') && !msg.contains("  "), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn cel_rules_over_lists_and_strings_are_bounded() {
+        // The API server estimates each rule's cost from these bounds and refuses a CRD whose
+        // rules could cost too much (`matches` over unbounded strings, `exists_one` over an
+        // unbounded list).
+        let zk = spec_prop(&["zookeeperServers"]);
+        assert_eq!(zk["maxItems"], limits::ZOOKEEPER_SERVERS_MAX);
+        assert_eq!(zk["items"]["maxLength"], limits::ZOOKEEPER_SERVER_MAX_LEN);
+    }
+
     #[test]
     fn schema_is_structural() {
         // The structural rules that matter here: every node has a type (or is int-or-string /
@@ -750,7 +1042,8 @@ spec:
                 "{path}: no type"
             );
             assert!(!o.contains_key("anyOf"), "{path}: anyOf");
-            // Kubernetes 1.20 rejects an empty-string default ("in body must be of type string: null").
+            // An empty-string default says nothing an absent field does not, and API servers
+            // have refused it ("in body must be of type string: null").
             assert_ne!(
                 o.get("default"),
                 Some(&Value::String(String::new())),
@@ -865,7 +1158,7 @@ spec:
             serde_saphyr::from_str(include_str!("../../../deploy/samples/arcus_memcached.yaml"))
                 .unwrap();
         assert_eq!(cr.metadata.name.as_deref(), Some("test"));
-        assert_eq!(cr.spec.zookeeper_servers, ["127.0.0.1:2181"]);
+        assert_eq!(cr.spec.zookeeper_servers, ["10.244.0.1:2181"]);
         assert_eq!(cr.spec.replicas, 3);
     }
 

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::DynamicObject;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -196,10 +196,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None => Api::all(client.clone()),
             Some(ns) => Api::namespaced(client.clone(), ns),
         };
-        let pdb_resource = ctx.capabilities.pdb.api_resource();
-        let pdbs: Api<DynamicObject> = match &ns {
-            None => Api::all_with(client.clone(), &pdb_resource),
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &pdb_resource),
+        let pdbs: Api<PodDisruptionBudget> = match &ns {
+            None => Api::all(client.clone()),
+            Some(ns) => Api::namespaced(client.clone(), ns),
         };
         let rx = trigger_tx.subscribe();
         let wanted = ns.clone();
@@ -223,9 +222,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 services,
                 watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
             )
-            .owns_with(
+            .owns(
                 pdbs,
-                pdb_resource,
                 watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
             )
             .watches(
@@ -264,16 +262,8 @@ async fn discover(client: &Client) -> Capabilities {
                 .unwrap_or(false)
         }
     };
-    let pdb = if served("policy/v1", "poddisruptionbudgets").await {
-        build::PdbApi::V1
-    } else {
-        build::PdbApi::V1Beta1
-    };
     let service_monitor = served("monitoring.coreos.com/v1", "servicemonitors").await;
-    Capabilities {
-        pdb,
-        service_monitor,
-    }
+    Capabilities { service_monitor }
 }
 
 async fn shutdown_signal() {

@@ -1,8 +1,8 @@
-//! Validation of an `ArcusMemcached` beyond what its OpenAPI schema can say: duplicate
-//! ZooKeeper servers, ports and name lengths inside `host:port`, object names too long for the
-//! pods' names, label syntax, memlimit against the memory limit, the immutability of
-//! `spec.serviceCode`. The schema's own bounds are checked again, so an object stored under an
-//! older or hand-edited CRD is refused here rather than half-applied.
+//! Validation of an `ArcusMemcached`: what the CRD's schema and CEL rules (`crd::rules`) refuse at
+//! the API server, checked again so an object stored under an older or hand-edited CRD is
+//! refused here rather than half-applied, plus what they cannot say: label and annotation syntax,
+//! image references, IPv4/IPv6 address validity, a DNS name's total length, and that
+//! `spec.serviceCode` keeps the code this resource owns in ZooKeeper (`status.serviceCode`).
 //!
 //! Pure: reads only the resource. Produces a [`ValidSpec`] that the builders consume, so no
 //! builder can be handed an unchecked spec. Must not look at the cluster or ZooKeeper (a service
@@ -852,7 +852,7 @@ mod tests {
         cr.metadata.namespace = Some("default".into());
         cr.metadata.uid = Some("uid".into());
         let v = validate(&cr).unwrap();
-        assert_eq!(v.zk_connect_string(), "127.0.0.1:2181");
+        assert_eq!(v.zk_connect_string(), "10.244.0.1:2181");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! client's current nodes as JSON.
 //!
 //! Environment: `ARCUS_ADDRESS` (ZooKeeper, `host:port,...`), `ARCUS_SERVICE_CODE`,
-//! `PORT` (default 80), `BIND_ADDRESS` (default 0.0.0.0).
+//! `PORT` (default 8080: the seed's Service sends its port 8080 to the pod's 8080, having no
+//! `targetPort`), `BIND_ADDRESS` (default 0.0.0.0).
 
 mod http;
 
@@ -24,6 +25,9 @@ const FALLBACK_VALUE: &str = "hello spring!";
 const TTL_SECS: i64 = 10;
 /// How long in-flight requests may finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
+/// The seed's Service `port: 8080` without a `targetPort` reaches the pod on 8080.
+const DEFAULT_PORT: u16 = 8080;
+const DEFAULT_BIND: &str = "0.0.0.0";
 
 struct Config {
     zk: String,
@@ -34,7 +38,12 @@ struct Config {
 
 impl Config {
     fn from_env() -> anyhow::Result<Config> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// From `var` (the environment); unset and blank variables are the same.
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
         let zk = var("ARCUS_ADDRESS")
             .ok_or_else(|| anyhow::anyhow!("ARCUS_ADDRESS (ZooKeeper host:port,...) is not set"))?;
         let service_code = var("ARCUS_SERVICE_CODE")
@@ -44,9 +53,9 @@ impl Config {
                 .trim()
                 .parse()
                 .map_err(|_| anyhow::anyhow!("PORT={p:?} is not a port number"))?,
-            None => 80,
+            None => DEFAULT_PORT,
         };
-        let bind = var("BIND_ADDRESS").unwrap_or_else(|| "0.0.0.0".to_string());
+        let bind = var("BIND_ADDRESS").unwrap_or_else(|| DEFAULT_BIND.to_string());
         Ok(Config {
             zk: zk.trim().to_string(),
             service_code: service_code.trim().to_string(),
@@ -249,4 +258,82 @@ async fn main() -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        Config::from_vars(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn listens_on_all_addresses_port_8080_by_default() {
+        let cfg = config(&[
+            ("ARCUS_ADDRESS", "10.244.0.1:2181"),
+            ("ARCUS_SERVICE_CODE", "test"),
+        ])
+        .unwrap();
+        assert_eq!((cfg.bind.as_str(), cfg.port), ("0.0.0.0", 8080));
+        assert_eq!(
+            (cfg.zk.as_str(), cfg.service_code.as_str()),
+            ("10.244.0.1:2181", "test")
+        );
+    }
+
+    #[test]
+    fn bind_address_and_port_override_the_defaults() {
+        let cfg = config(&[
+            ("ARCUS_ADDRESS", "zk:2181"),
+            ("ARCUS_SERVICE_CODE", "test"),
+            ("BIND_ADDRESS", "127.0.0.1"),
+            ("PORT", "9000"),
+        ])
+        .unwrap();
+        assert_eq!((cfg.bind.as_str(), cfg.port), ("127.0.0.1", 9000));
+        let blank = config(&[
+            ("ARCUS_ADDRESS", "zk:2181"),
+            ("ARCUS_SERVICE_CODE", "test"),
+            ("BIND_ADDRESS", " "),
+        ])
+        .unwrap();
+        assert_eq!(blank.bind, "0.0.0.0");
+    }
+
+    #[test]
+    fn missing_or_bad_settings_say_which() {
+        let e = config(&[("ARCUS_SERVICE_CODE", "test")]).err().unwrap();
+        assert!(e.to_string().contains("ARCUS_ADDRESS"), "{e}");
+        let e = config(&[("ARCUS_ADDRESS", "zk:2181")]).err().unwrap();
+        assert!(e.to_string().contains("ARCUS_SERVICE_CODE"), "{e}");
+        let e = config(&[
+            ("ARCUS_ADDRESS", "zk:2181"),
+            ("ARCUS_SERVICE_CODE", "test"),
+            ("PORT", "http"),
+        ])
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("PORT=\"http\""), "{e}");
+    }
+
+    /// deploy/samples/application.yaml: the seed's Service (port 8080, no targetPort) reaches
+    /// the app's default port.
+    #[test]
+    fn the_sample_manifest_reaches_the_default_port() {
+        let yaml = include_str!("../../../deploy/samples/application.yaml");
+        let service = yaml
+            .split("\n---\n")
+            .find(|doc| doc.contains("kind: Service"))
+            .expect("a Service in application.yaml");
+        assert!(
+            service.contains(&format!("port: {DEFAULT_PORT}")),
+            "{service}"
+        );
+        assert!(!service.contains("targetPort"), "{service}");
+    }
 }

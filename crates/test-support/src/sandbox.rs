@@ -10,8 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
-/// The sandbox's ZooKeeper, reachable from tests and from pods.
-pub const ZOOKEEPER: &str = "127.0.0.1:2181";
+/// The sandbox's ZooKeeper, on the host's address on the sandbox bridge: reachable from tests
+/// (the host) and from pods (`scripts/sandbox env` prints it as `ARCUS_ZK`).
+pub const ZOOKEEPER: &str = "10.244.0.1:2181";
 
 pub struct Sandbox {
     pub client: Client,
@@ -57,22 +58,15 @@ impl Sandbox {
         Api::<Namespace>::all(self.client.clone())
             .create(&PostParams::default(), &ns)
             .await?;
-        // Pods are refused until the token controller has given `default` its token Secret.
+        // Pods are refused until the ServiceAccount controller has made `default`.
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(self.client.clone(), &name);
         crate::wait_until(
             Duration::from_secs(30),
-            &format!("a token for {name}/default"),
+            &format!("the ServiceAccount {name}/default"),
             || {
                 let sas = sas.clone();
-                async move {
-                    sas.get_opt("default")
-                        .await
-                        .ok()??
-                        .secrets
-                        .filter(|s| !s.is_empty())
-                        .map(|_| ())
-                }
+                async move { sas.get_opt("default").await.ok()?.map(|_| ()) }
             },
         )
         .await?;
@@ -85,7 +79,7 @@ impl Sandbox {
 
     /// Runs kubectl against the sandbox; returns stdout, fails with stderr.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("kubectl")
+        let out = Command::new(self.kubectl_path())
             .env("KUBECONFIG", &self.kubeconfig)
             .args(args)
             .output()?;
@@ -96,6 +90,17 @@ impl Sandbox {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The kubectl of the sandbox's Kubernetes version (`scripts/sandbox up` links it), else the
+    /// one on the PATH.
+    pub fn kubectl_path(&self) -> PathBuf {
+        let own = self.dir.join("bin/kubectl");
+        if own.exists() {
+            own
+        } else {
+            PathBuf::from("kubectl")
+        }
     }
 
     /// Where the workspace's binaries are (what the node agent runs for our images).

@@ -1,7 +1,7 @@
-//! The agent's shared context and the pod dispatcher: routes watch events to the scheduler and
-//! to one worker task per pod bound to this node.
+//! The agent's shared context and the pod dispatcher: routes watch events to one worker task per
+//! pod bound (by kube-scheduler) to one of the agent's nodes.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -13,15 +13,38 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::DnsSettings;
 use crate::images::ImageTable;
 use crate::ipam::IpAllocator;
-use crate::scheduler::{self, Decision};
+use crate::netns::NetConfig;
+use crate::node::NodeInfo;
 use crate::serviceaccount::ServerTls;
+
+/// One of the agent's nodes and the allocator of its podCIDR.
+pub struct NodeCtx {
+    pub info: NodeInfo,
+    pub ips: Mutex<IpAllocator>,
+}
+
+/// How the agent is configured (from the command line).
+pub struct Settings {
+    pub nodes: Vec<NodeInfo>,
+    pub sandbox_dir: PathBuf,
+    pub bin_dir: String,
+    pub repo_dir: String,
+    pub api_server: String,
+    pub tls: ServerTls,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub net: NetConfig,
+    pub dns: DnsSettings,
+}
 
 pub struct Agent {
     pub client: Client,
-    pub node_name: String,
-    pub node_labels: BTreeMap<String, String>,
+    pub nodes: Vec<NodeCtx>,
+    pub net: NetConfig,
+    pub dns: DnsSettings,
     pub sandbox_dir: PathBuf,
     pub images_path: PathBuf,
     pub bin_dir: String,
@@ -32,47 +55,52 @@ pub struct Agent {
     pub backoff_max: Duration,
     /// How long a pod start waits for its ServiceAccount's token Secret.
     pub token_wait: Duration,
-    pub ips: Mutex<IpAllocator>,
     pub shutdown: CancellationToken,
     pub events: crate::events::Events,
     images: Mutex<(Option<SystemTime>, Arc<ImageTable>)>,
 }
 
-#[allow(clippy::too_many_arguments)]
 impl Agent {
-    pub fn new(
-        client: Client,
-        node_name: String,
-        sandbox_dir: PathBuf,
-        images: ImageTable,
-        bin_dir: String,
-        repo_dir: String,
-        api_server: String,
-        tls: ServerTls,
-        backoff_base: Duration,
-        backoff_max: Duration,
-    ) -> Self {
+    pub fn new(client: Client, images: ImageTable, settings: Settings) -> Self {
         let mtime = std::fs::metadata(&images.path)
             .and_then(|m| m.modified())
             .ok();
         Self {
-            events: crate::events::Events::new(client.clone(), &node_name),
+            events: crate::events::Events::new(client.clone()),
             client,
-            node_labels: crate::node::labels(&node_name),
-            node_name,
-            sandbox_dir,
+            nodes: settings
+                .nodes
+                .into_iter()
+                .map(|info| NodeCtx {
+                    ips: Mutex::new(IpAllocator::for_pod_cidr(info.pod_cidr_base)),
+                    info,
+                })
+                .collect(),
+            net: settings.net,
+            dns: settings.dns,
+            sandbox_dir: settings.sandbox_dir,
             images_path: images.path.clone(),
-            bin_dir,
-            repo_dir,
-            api_server,
-            tls,
-            backoff_base,
-            backoff_max,
+            bin_dir: settings.bin_dir,
+            repo_dir: settings.repo_dir,
+            api_server: settings.api_server,
+            tls: settings.tls,
+            backoff_base: settings.backoff_base,
+            backoff_max: settings.backoff_max,
             token_wait: Duration::from_secs(30),
-            ips: Mutex::new(IpAllocator::default()),
             shutdown: CancellationToken::new(),
             images: Mutex::new((mtime, Arc::new(images))),
         }
+    }
+
+    /// The agent's node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeCtx> {
+        self.nodes.iter().find(|n| n.info.name == name)
+    }
+
+    /// The node a pod is bound to, when it is one of the agent's.
+    pub fn node_of(&self, pod: &Pod) -> Option<&NodeCtx> {
+        let name = pod.spec.as_ref()?.node_name.as_deref()?;
+        self.node(name)
     }
 
     pub fn pods_dir(&self) -> PathBuf {
@@ -132,19 +160,10 @@ pub struct Manager {
     workers: Mutex<HashMap<String, Worker>>,
     /// UIDs whose worker has finished (stale watch events for them are ignored).
     finished: Mutex<VecDeque<String>>,
-    binding: Mutex<HashSet<String>>,
 }
 
 fn uid_of(pod: &Pod) -> String {
     pod.metadata.uid.clone().unwrap_or_default()
-}
-
-fn key_of(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or_default(),
-        pod.metadata.name.as_deref().unwrap_or_default()
-    )
 }
 
 impl Manager {
@@ -153,30 +172,14 @@ impl Manager {
             agent,
             workers: Mutex::new(HashMap::new()),
             finished: Mutex::new(VecDeque::new()),
-            binding: Mutex::new(HashSet::new()),
         })
     }
 
-    /// A pod was added or changed.
+    /// A pod was added or changed. Only pods bound to one of the agent's nodes are run;
+    /// unbound pods are kube-scheduler's.
     pub fn apply(self: &Arc<Self>, pod: Pod) {
         let uid = uid_of(&pod);
-        match scheduler::decide(&pod, &self.agent.node_labels) {
-            Decision::Skip => {}
-            Decision::Bind => self.bind(pod.clone()),
-            Decision::Unschedulable(msg) => {
-                let client = self.agent.client.clone();
-                let p = pod.clone();
-                tokio::spawn(async move {
-                    tracing::warn!(pod = %key_of(&p), %msg, "pod cannot be scheduled on this node");
-                    if let Err(e) = scheduler::mark_unschedulable(&client, &p, &msg).await {
-                        tracing::warn!(pod = %key_of(&p), error = %e, "reporting Unschedulable");
-                    }
-                });
-            }
-        }
-        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
-            != Some(self.agent.node_name.as_str())
-        {
+        if self.agent.node_of(&pod).is_none() {
             return;
         }
         let mut workers = self.workers.lock().expect("workers lock");
@@ -214,44 +217,6 @@ impl Manager {
                 handle: Some(handle),
             },
         );
-    }
-
-    fn bind(self: &Arc<Self>, pod: Pod) {
-        let uid = uid_of(&pod);
-        if !self
-            .binding
-            .lock()
-            .expect("binding lock")
-            .insert(uid.clone())
-        {
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let key = key_of(&pod);
-            for attempt in 0..5 {
-                match scheduler::bind(&me.agent.client, &pod, &me.agent.node_name).await {
-                    Ok(()) => {
-                        tracing::info!(pod = %key, node = %me.agent.node_name, "bound pod to node");
-                        me.agent.events.normal(
-                            &pod,
-                            "Scheduled",
-                            format!("Successfully assigned {key} to {}", me.agent.node_name),
-                        );
-                        break;
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
-                        tracing::debug!(pod = %key, reason = %e.message, "binding not needed");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %key, attempt, error = %e, "binding failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-            me.binding.lock().expect("binding lock").remove(&uid);
-        });
     }
 
     /// A pod's object was deleted.

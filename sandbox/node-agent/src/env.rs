@@ -365,7 +365,7 @@ mod tests {
                 ..Default::default()
             },
             spec: Some(PodSpec {
-                node_name: Some("sandbox-node".into()),
+                node_name: Some("sandbox-a".into()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -399,9 +399,9 @@ mod tests {
         let pod = pod();
         let facts = PodFacts {
             pod: &pod,
-            pod_ip: "127.1.0.9",
-            host_ip: "127.0.0.1",
-            node_name: "sandbox-node",
+            pod_ip: "10.244.1.9",
+            host_ip: "10.244.0.11",
+            node_name: "sandbox-a",
         };
         let c = Container {
             name: "c".into(),
@@ -461,17 +461,17 @@ mod tests {
             Some([("pw".to_string(), "secret".to_string())].into()),
         );
         let env = resolve_env(&c, &facts, &data).unwrap();
-        assert_eq!(env["IP"], "127.1.0.9");
+        assert_eq!(env["IP"], "10.244.1.9");
         assert_eq!(env["NAME"], "p");
         assert_eq!(env["NS"], "ns");
         assert_eq!(env["APP"], "x");
         assert_eq!(env["CM_k"], "v");
-        assert_eq!(env["ADDR"], "127.1.0.9:11211 $(LATER) v");
+        assert_eq!(env["ADDR"], "10.244.1.9:11211 $(LATER) v");
         assert_eq!(env["PW"], "secret");
         assert!(!env.contains_key("OPT"));
         assert_eq!(
             expand_all(&["--ip=$(IP)".to_string(), "$$(IP)".to_string()], &env),
-            vec!["--ip=127.1.0.9", "$(IP)"]
+            vec!["--ip=10.244.1.9", "$(IP)"]
         );
 
         data.secrets.insert("s".into(), None);

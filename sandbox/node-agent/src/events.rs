@@ -1,5 +1,5 @@
-//! Kubernetes Events about pods (Scheduled, Started, Killing, BackOff, Unhealthy, Failed,
-//! FailedMount), as kubelet and the scheduler record them, so `kubectl describe` and test dumps
+//! Kubernetes Events about pods (Started, Killing, BackOff, Unhealthy, Failed, FailedMount,
+//! FailedCreatePodSandBox), as kubelet records them, so `kubectl describe` and test dumps
 //! say what happened. Published in the background; failures are only logged at debug level.
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
@@ -24,10 +24,11 @@ pub fn pod_ref(pod: &Pod) -> ObjectReference {
 }
 
 impl Events {
-    pub fn new(client: Client, node_name: &str) -> Self {
+    pub fn new(client: Client) -> Self {
+        // One reporter for all of the agent's nodes: the events name the pod, and the pod its node.
         let reporter = Reporter {
             controller: "sandbox-node-agent".into(),
-            instance: Some(node_name.into()),
+            instance: std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()),
         };
         Self {
             recorder: Recorder::new(client, reporter),

@@ -257,7 +257,7 @@ mod tests {
         Templates {
             bin_dir: "/b",
             repo: "/r",
-            pod_ip: "127.1.0.5",
+            pod_ip: "10.244.1.5",
             pod_dir: "/p",
             agent_env: env,
         }
@@ -298,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn memcached_default_is_the_standin_with_listen_ip() {
+    fn memcached_default_is_the_standin_on_all_addresses() {
         let l = table()
             .resolve(
                 "jam2in/arcus-memcached:1.11.7",
@@ -310,14 +310,7 @@ mod tests {
         assert_eq!(l.program, "/b/arcus-standin");
         assert_eq!(
             l.args,
-            s(&[
-                "-m",
-                "64",
-                "-E",
-                "/arcus/lib/default_engine.so",
-                "-l",
-                "127.1.0.5"
-            ])
+            s(&["-m", "64", "-E", "/arcus/lib/default_engine.so"])
         );
     }
 
@@ -337,10 +330,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(l.program, "/opt/arcus/bin/memcached");
-        assert_eq!(
-            l.args,
-            s(&["-E", "/opt/arcus/lib/default_engine.so", "-l", "127.1.0.5"])
-        );
+        assert_eq!(l.args, s(&["-E", "/opt/arcus/lib/default_engine.so"]));
     }
 
     #[test]
@@ -362,19 +352,21 @@ mod tests {
     }
 
     #[test]
-    fn sample_gets_bind_address_env() {
+    fn sample_binds_its_default_and_zookeeper_gets_the_pod_ip() {
         let l = table()
             .resolve("jam2in/arcus-application-sample:0.1", &[], &[], &t(&no_env))
             .unwrap();
         assert_eq!(l.program, "/b/arcus-sample");
-        assert_eq!(
-            l.env,
-            vec![("BIND_ADDRESS".to_string(), "127.1.0.5".to_string())]
-        );
+        assert_eq!(l.env, vec![], "the sample binds 0.0.0.0:8080 by default");
         let z = table()
             .resolve("zookeeper:3.8", &[], &[], &t(&no_env))
             .unwrap();
         assert_eq!(z.program, "/r/sandbox/images/zookeeper-run");
+        assert_eq!(
+            z.env,
+            vec![("POD_IP".to_string(), "10.244.1.5".to_string())],
+            "{{pod_ip}} templating"
+        );
     }
 
     #[test]

@@ -1,22 +1,24 @@
-//! arcus-node-agent: the sandbox's kubelet and scheduler for one Node. Registers the Node, binds
-//! unscheduled pods to it, and runs each pod's containers as local processes on their own
-//! 127.1.x.y IP (see sandbox/README.md).
+//! arcus-node-agent: the sandbox's kubelet for several Nodes in one process. Registers the
+//! Nodes and runs the containers of each pod kube-scheduler bound to one of them as local
+//! processes in the pod's own network namespace (see sandbox/node-agent/README.md).
 
 mod agent;
+mod dns;
 mod env;
 mod events;
 mod images;
 mod ipam;
+mod netns;
 mod node;
 mod pod;
 mod probe;
 mod runtime;
-mod scheduler;
 mod serviceaccount;
 mod status;
 mod volumes;
 
 use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,14 +35,36 @@ use kube::Api;
 #[derive(Debug, Parser)]
 #[command(
     name = "arcus-node-agent",
-    about = "Sandbox kubelet + scheduler for one Node (pods run as local processes)"
+    about = "Sandbox kubelet for several Nodes (pods run as local processes in their own network namespaces)"
 )]
 struct Cli {
     /// Admin kubeconfig of the sandbox cluster.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: PathBuf,
-    #[arg(long, default_value = "sandbox-node")]
-    node_name: String,
+    /// How many Nodes to play: <prefix>-a, <prefix>-b, … (InternalIP 10.244.0.<11+i>,
+    /// podCIDR 10.244.<i+1>.0/24, zone a, b, …).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=9))]
+    nodes: u8,
+    /// Node names are <prefix>-<letter>.
+    #[arg(long, default_value = "sandbox")]
+    node_prefix: String,
+    /// Bridge the pods' veths are attached to (created by scripts/sandbox, with --gateway on it).
+    #[arg(long, default_value = "arcus0")]
+    bridge: String,
+    /// The bridge's address: pods route the Service CIDR via it.
+    #[arg(long, default_value = "10.244.0.1")]
+    gateway: Ipv4Addr,
+    /// Routed from pods via the gateway (kube-proxy's rules on the host).
+    #[arg(long, default_value = "10.96.0.0/16")]
+    service_cidr: String,
+    /// Prefix length of pod addresses on the bridge (the pod network 10.244.0.0/16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(8..=30))]
+    pod_prefix_len: u8,
+    /// Nameserver in pods' resolv.conf (dnsPolicy ClusterFirst).
+    #[arg(long, default_value = "10.244.0.1")]
+    cluster_dns: String,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
     /// Sandbox dir (pod dirs under pods/, container logs under logs/pods/).
     #[arg(
         long,
@@ -57,8 +81,8 @@ struct Cli {
     /// Repository root ({repo} in the image table; default: found above this binary).
     #[arg(long, env = "ARCUS_REPO_DIR")]
     repo_dir: Option<PathBuf>,
-    /// API server address written into pods' kubeconfigs.
-    #[arg(long, default_value = "https://127.0.0.1:6443")]
+    /// API server address written into pods' kubeconfigs (reachable from inside the pods).
+    #[arg(long, default_value = "https://10.244.0.1:6443")]
     api_server: String,
     #[arg(long, default_value_t = 1)]
     backoff_base_secs: u64,
@@ -129,9 +153,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         std::fs::create_dir_all(cli.sandbox_dir.join(d))
             .with_context(|| format!("creating {}", cli.sandbox_dir.join(d).display()))?;
     }
-    tracing::info!(node = %cli.node_name, sandbox = %cli.sandbox_dir.display(), images = %images_path.display(),
+    let nodes = node::nodes(&cli.node_prefix, usize::from(cli.nodes));
+    let net = netns::NetConfig {
+        bridge: cli.bridge.clone(),
+        gateway: cli.gateway,
+        prefix_len: cli.pod_prefix_len,
+        service_cidr: cli.service_cidr.clone(),
+    };
+    tracing::info!(nodes = %nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(","),
+        bridge = %net.bridge, gateway = %net.gateway, service_cidr = %net.service_cidr,
+        cluster_dns = %cli.cluster_dns, sandbox = %cli.sandbox_dir.display(), images = %images_path.display(),
         bin_dir = %bin_dir.display(), repo = %repo.display(), api_server = %cli.api_server, known_images = %table.known(),
         "starting");
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!("not running as root: pod network namespaces cannot be created, pods will wait in ContainerCreating");
+    }
     let leftovers =
         runtime::kill_leftovers(&cli.sandbox_dir.join("pods"), Duration::from_secs(5)).await;
     if leftovers > 0 {
@@ -140,18 +177,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "stopped container processes of a previous agent run"
         );
     }
+    // No pod of this run has a network yet: every agent-named netns/veth is a leftover.
+    match netns::remove_all_own().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            count = n,
+            "removed network namespaces and veths of a previous agent run"
+        ),
+        Err(e) => tracing::warn!(error = %e, "removing a previous run's pod networks"),
+    }
 
     let agent = Arc::new(agent::Agent::new(
         client.clone(),
-        cli.node_name.clone(),
-        cli.sandbox_dir.clone(),
         table,
-        bin_dir.to_string_lossy().to_string(),
-        repo.to_string_lossy().to_string(),
-        cli.api_server.clone(),
-        tls,
-        Duration::from_secs(cli.backoff_base_secs.max(1)),
-        Duration::from_secs(cli.backoff_max_secs.max(cli.backoff_base_secs).max(1)),
+        agent::Settings {
+            nodes: nodes.clone(),
+            sandbox_dir: cli.sandbox_dir.clone(),
+            bin_dir: bin_dir.to_string_lossy().to_string(),
+            repo_dir: repo.to_string_lossy().to_string(),
+            api_server: cli.api_server.clone(),
+            tls,
+            backoff_base: Duration::from_secs(cli.backoff_base_secs.max(1)),
+            backoff_max: Duration::from_secs(
+                cli.backoff_max_secs.max(cli.backoff_base_secs).max(1),
+            ),
+            net,
+            dns: dns::DnsSettings {
+                cluster_dns: cli.cluster_dns.clone(),
+                cluster_domain: cli.cluster_domain.clone(),
+            },
+        },
     ));
     let shutdown = agent.shutdown.clone();
     tokio::spawn({
@@ -170,24 +225,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     });
 
-    // Register the node, waiting (bounded) for the API server.
+    // Register the nodes, waiting (bounded) for the API server.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let since = loop {
-        match node::register(&client, &cli.node_name).await {
-            Ok(t) => break t,
-            Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %e, "registering node; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in &nodes {
+        let since = loop {
+            match node::register(&client, n).await {
+                Ok(t) => break t,
+                Err(e) if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() => {
+                    tracing::warn!(node = %n.name, error = %e, "registering node; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.context(format!("registering node {}", n.name))),
             }
-            Err(e) => return Err(e.context("registering the node")),
-        }
-    };
-    tokio::spawn(node::heartbeat(
-        client.clone(),
-        cli.node_name.clone(),
-        since,
-        shutdown.clone(),
-    ));
+        };
+        tokio::spawn(node::heartbeat(
+            client.clone(),
+            n.clone(),
+            since,
+            shutdown.clone(),
+        ));
+    }
 
     let manager = agent::Manager::new(agent.clone());
     let mut events = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())

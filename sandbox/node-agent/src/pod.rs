@@ -1,6 +1,7 @@
-//! One worker per pod bound to this node: IP and pod dir, ServiceAccount kubeconfig and volumes,
-//! init containers then containers (each supervised: probes, restarts with back-off), status
-//! reports, and graceful termination on deletion or agent shutdown.
+//! One worker per pod bound to one of the agent's nodes: IP and pod dir, network namespace,
+//! ServiceAccount kubeconfig, DNS files and volumes, init containers then containers (each
+//! supervised: probes, restarts with back-off), status reports, and graceful termination on
+//! deletion or agent shutdown (then the network namespace is removed).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -19,10 +20,12 @@ use tracing::{info, warn};
 use crate::agent::{finish_deletion, pod_dir, Agent, PodEvent};
 use crate::env::{self, ObjectData, PodFacts};
 use crate::images::{ImageError, Mode, Templates};
+use crate::netns;
 use crate::probe::{self, Settings, Tracker};
+use crate::runtime::Mount;
 use crate::runtime::{self, PidRecord, SpawnSpec};
 use crate::serviceaccount;
-use crate::status::{self, ContainerRt, PodRt, RunState, Termination, HOST_IP};
+use crate::status::{self, ContainerRt, PodRt, RunState, Termination};
 
 /// Variables of the agent's own environment that container processes inherit.
 const INHERITED_ENV: &[&str] = &[
@@ -61,6 +64,12 @@ struct PodCtx {
     uid: String,
     dir: PathBuf,
     ip: Ipv4Addr,
+    node_name: String,
+    /// The node's InternalIP (the pod's hostIP).
+    host_ip: Ipv4Addr,
+    /// hostNetwork: no namespace of its own, pod IP = node IP.
+    host_network: bool,
+    hostname: String,
     pod: Mutex<Arc<Pod>>,
     rt: Mutex<PodRt>,
     changed: Notify,
@@ -128,6 +137,20 @@ impl PodCtx {
             .unwrap_or_else(|| "Always".into())
     }
 
+    /// The pod's network namespace file (`None` for hostNetwork pods).
+    fn netns_path(&self) -> Option<PathBuf> {
+        (!self.host_network).then(|| netns::ns_path(&netns::ns_name(&self.uid)))
+    }
+
+    fn facts<'a>(&'a self, pod: &'a Pod, pod_ip: &'a str, host_ip: &'a str) -> PodFacts<'a> {
+        PodFacts {
+            pod,
+            pod_ip,
+            host_ip,
+            node_name: &self.node_name,
+        }
+    }
+
     fn termination_grace(&self) -> Duration {
         let secs = self
             .pod()
@@ -151,7 +174,7 @@ fn containers_of(pod: &Pod, kind: Kind) -> Vec<Container> {
 
 /// Container runtime state at pod start; restart counts continue from the reported status
 /// (the agent restarted) so they never go backwards.
-fn initial_rt(pod: &Pod, ip: Ipv4Addr) -> PodRt {
+fn initial_rt(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr) -> PodRt {
     let status = pod.status.as_ref();
     let counts = |statuses: Option<&Vec<k8s_openapi::api::core::v1::ContainerStatus>>| -> BTreeMap<String, i32> {
         statuses.into_iter().flatten().map(|s| (s.name.clone(), s.restart_count)).collect()
@@ -184,6 +207,7 @@ fn initial_rt(pod: &Pod, ip: Ipv4Addr) -> PodRt {
             .and_then(|s| s.restart_policy.clone())
             .unwrap_or_else(|| "Always".into()),
         pod_ip: Some(ip.to_string()),
+        host_ip: Some(host_ip.to_string()),
         start_time: Some(
             status
                 .and_then(|s| s.start_time.as_ref())
@@ -212,6 +236,15 @@ pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<Pod
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
+    let Some(node) = agent.node_of(&first) else {
+        return; // the dispatcher only starts workers for pods on the agent's nodes
+    };
+    let (node_name, host_ip) = (node.info.name.clone(), node.info.ip);
+    let host_network = first
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     let wanted = std::fs::read_to_string(dir.join("ip"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -222,18 +255,28 @@ pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<Pod
                 .and_then(|s| s.pod_ip.as_ref())
                 .and_then(|ip| ip.parse().ok())
         });
-    let Some(ip) = agent.ips.lock().expect("ips lock").allocate(wanted) else {
-        warn!(pod = %key, "no free pod IP in 127.1.0.0/16; the pod stays Pending");
-        return;
+    let ip = if host_network {
+        host_ip
+    } else {
+        let mut ips = node.ips.lock().expect("ips lock");
+        let Some(ip) = ips.allocate(wanted) else {
+            warn!(pod = %key, node = %node_name, range = %ips.range(), "no free pod IP on the node; the pod stays Pending");
+            return;
+        };
+        ip
     };
     if let Err(e) =
         std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("ip"), ip.to_string()))
     {
         warn!(pod = %key, error = %e, "creating pod dir {}", dir.display());
     }
-    info!(pod = %key, %uid, %ip, dir = %dir.display(), "pod accepted");
+    info!(pod = %key, %uid, node = %node_name, %ip, host_network, dir = %dir.display(), "pod accepted");
     let ctx = Arc::new(PodCtx {
-        rt: Mutex::new(initial_rt(&first, ip)),
+        rt: Mutex::new(initial_rt(&first, ip, host_ip)),
+        node_name,
+        host_ip,
+        host_network,
+        hostname: crate::dns::pod_hostname(&first),
         agent: agent.clone(),
         key: key.clone(),
         ns,
@@ -307,13 +350,19 @@ pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<Pod
     status_stop.cancel();
     let _ = status_task.await;
     ctx.record_pids();
+    // Also after a shutdown: the next agent run makes a fresh namespace.
+    remove_network(&ctx).await;
     match end {
         End::Shutdown => info!(pod = %key, "pod processes stopped for agent shutdown"),
         End::Deleting(_) | End::Gone(_) => {
             if matches!(end, End::Deleting(_)) {
                 finish_deletion(&agent.client, &ctx.pod()).await;
             }
-            agent.ips.lock().expect("ips lock").release(ip);
+            if !ctx.host_network {
+                if let Some(node) = agent.node(&ctx.node_name) {
+                    node.ips.lock().expect("ips lock").release(ip);
+                }
+            }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 warn!(pod = %key, error = %e, "removing pod dir");
             }
@@ -404,13 +453,11 @@ async fn setup(ctx: &PodCtx) -> Result<(), String> {
     );
     serviceaccount::write_kubeconfig(&ctx.dir.join("kubeconfig"), &doc)
         .map_err(|e| format!("writing kubeconfig: {e}"))?;
-    let ip = ctx.ip.to_string();
-    let facts = PodFacts {
-        pod: &pod,
-        pod_ip: &ip,
-        host_ip: HOST_IP,
-        node_name: &ctx.agent.node_name,
-    };
+    let (ip, host_ip) = (ctx.ip.to_string(), ctx.host_ip.to_string());
+    let facts = ctx.facts(&pod, &ip, &host_ip);
+    if !ctx.host_network {
+        write_dns_files(ctx, &pod)?;
+    }
     let volumes = crate::volumes::prepare(
         &ctx.agent.client,
         &pod,
@@ -423,7 +470,88 @@ async fn setup(ctx: &PodCtx) -> Result<(), String> {
     Ok(())
 }
 
+/// Creates the pod's network namespace (not for hostNetwork pods), retrying with back-off while
+/// it fails (e.g. the bridge is missing); the containers wait in ContainerCreating meanwhile.
+/// Not raced against `stop`: an `ip` command cut short could leave half a namespace behind.
+async fn create_network(ctx: &PodCtx, stop: &CancellationToken) -> bool {
+    if ctx.host_network {
+        return true;
+    }
+    let mut attempt = 0;
+    loop {
+        if stop.is_cancelled() {
+            return false;
+        }
+        match netns::create(&ctx.agent.net, &ctx.uid, ctx.ip).await {
+            Ok(net) => {
+                info!(pod = %ctx.key, netns = %net.ns, veth = %net.veth, ip = %net.ip, "pod network created");
+                return true;
+            }
+            Err(msg) => {
+                let msg = format!("creating the pod's network namespace: {msg}");
+                warn!(pod = %ctx.key, error = %msg, "pod sandbox failed; retrying");
+                ctx.agent.events.warning(
+                    &ctx.pod(),
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {msg}"),
+                );
+                set_all_waiting(ctx, "ContainerCreating", &msg);
+                let delay = ctx.agent.backoff(attempt);
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return false,
+                }
+            }
+        }
+    }
+}
+
+/// Removes the pod's veth and namespace (also when creating them was cut short).
+async fn remove_network(ctx: &PodCtx) {
+    if ctx.host_network {
+        return;
+    }
+    let (ns, veth) = (netns::ns_name(&ctx.uid), netns::veth_name(&ctx.uid));
+    match netns::delete(&ns, &veth).await {
+        Ok(()) => tracing::debug!(pod = %ctx.key, %ns, "pod network removed"),
+        Err(e) => {
+            warn!(pod = %ctx.key, error = %e, "removing the pod's network namespace failed; the next agent start removes it")
+        }
+    }
+}
+
+/// Writes `<pod dir>/resolv.conf` and `<pod dir>/hosts`, bind-mounted into every container.
+fn write_dns_files(ctx: &PodCtx, pod: &Pod) -> Result<(), String> {
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv = crate::dns::resolv_conf(pod, &ctx.agent.dns, &host_resolv);
+    let hosts = crate::dns::hosts_file(pod, &ctx.ip.to_string(), &ctx.agent.dns);
+    for (file, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+        let path = ctx.dir.join(file);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The pod's resolv.conf and hosts over /etc's, unless the container mounts something there.
+fn with_dns_mounts(pod_dir: &std::path::Path, volume_mounts: Vec<Mount>) -> Vec<Mount> {
+    let mut mounts: Vec<Mount> = [("resolv.conf", "/etc/resolv.conf"), ("hosts", "/etc/hosts")]
+        .into_iter()
+        .map(|(file, target)| Mount {
+            source: pod_dir.join(file),
+            target: PathBuf::from(target),
+            read_only: false,
+        })
+        .filter(|m| !volume_mounts.iter().any(|v| v.target == m.target))
+        .collect();
+    mounts.extend(volume_mounts);
+    mounts
+}
+
 async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
+    if !create_network(&ctx, &stop).await {
+        return;
+    }
     let mut attempt = 0;
     loop {
         let result = tokio::select! {
@@ -471,13 +599,8 @@ async fn refresh_volumes(ctx: Arc<PodCtx>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         let pod = ctx.pod();
-        let ip = ctx.ip.to_string();
-        let facts = PodFacts {
-            pod: &pod,
-            pod_ip: &ip,
-            host_ip: HOST_IP,
-            node_name: &ctx.agent.node_name,
-        };
+        let (ip, host_ip) = (ctx.ip.to_string(), ctx.host_ip.to_string());
+        let facts = ctx.facts(&pod, &ip, &host_ip);
         if let Err(e) = crate::volumes::prepare(
             &ctx.agent.client,
             &pod,
@@ -558,13 +681,8 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
         retry: ctx.agent.backoff(2),
     };
     let data = fetch_objects(ctx, c).await.map_err(config_err)?;
-    let ip = ctx.ip.to_string();
-    let facts = PodFacts {
-        pod: &pod,
-        pod_ip: &ip,
-        host_ip: HOST_IP,
-        node_name: &ctx.agent.node_name,
-    };
+    let (ip, host_ip) = (ctx.ip.to_string(), ctx.host_ip.to_string());
+    let facts = ctx.facts(&pod, &ip, &host_ip);
     let container_env =
         env::resolve_env(c, &facts, &data).map_err(|e| config_err(e.to_string()))?;
     let command = env::expand_all(c.command.as_deref().unwrap_or_default(), &container_env);
@@ -608,13 +726,8 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
     env.entry("PATH".into())
         .or_insert_with(|| DEFAULT_PATH.into());
     env.extend(container_env.clone());
-    let hostname = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.hostname.clone())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| ctx.name.clone());
-    env.entry("HOSTNAME".into()).or_insert(hostname);
+    env.entry("HOSTNAME".into())
+        .or_insert_with(|| ctx.hostname.clone());
     if !container_env.contains_key("KUBECONFIG") {
         env.insert(
             "KUBECONFIG".into(),
@@ -624,7 +737,10 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
     env.extend(launch.env.iter().cloned());
     let env: Vec<(String, String)> = env.into_iter().collect();
     let volumes = ctx.volumes.lock().expect("volumes lock").clone();
-    let mounts = crate::volumes::mounts_for(c, &volumes).map_err(config_err)?;
+    let mut mounts = crate::volumes::mounts_for(c, &volumes).map_err(config_err)?;
+    if !ctx.host_network {
+        mounts = with_dns_mounts(&ctx.dir, mounts);
+    }
     let working_dir = c
         .working_dir
         .clone()
@@ -640,6 +756,7 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
         ports: c.ports.clone().unwrap_or_default(),
         working_dir: working_dir.to_string_lossy().to_string(),
         pid: None,
+        netns: ctx.netns_path(),
     };
     Ok(Prepared {
         image_id: format!("sandbox://{}", launch.program),
@@ -650,6 +767,8 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
             working_dir,
             mounts,
             log_file: ctx.agent.pod_log(&ctx.ns, &ctx.name, &c.name),
+            netns: ctx.netns_path(),
+            hostname: (!ctx.host_network).then(|| ctx.hostname.clone()),
         },
         target,
     })

@@ -19,8 +19,10 @@ pub struct Target {
     pub env: Vec<(String, String)>,
     pub ports: Vec<ContainerPort>,
     pub working_dir: String,
-    /// The container's main process: exec probes enter its mount namespace.
+    /// The container's main process: exec probes enter its mount and UTS namespaces.
     pub pid: Option<u32>,
+    /// The pod's network namespace: exec probes and hooks run in it (`None`: the host's).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// Probe settings with Kubernetes' defaults applied.
@@ -104,7 +106,8 @@ fn resolve_port(port: &IntOrString, ports: &[ContainerPort]) -> Result<u16, Stri
     }
 }
 
-/// Runs a command with the container's env, inside its mount namespace when it still runs.
+/// Runs a command with the container's env, in the pod's network namespace, and in the
+/// container's mount and UTS namespaces when it still runs.
 pub async fn exec(action: &ExecAction, t: &Target, timeout: Duration) -> Result<(), String> {
     let argv = action.command.clone().unwrap_or_default();
     let Some((program, args)) = argv.split_first() else {
@@ -117,6 +120,22 @@ pub async fn exec(action: &ExecAction, t: &Target, timeout: Duration) -> Result<
         .pid
         .and_then(|pid| std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok());
     let ns_fd = ns.as_ref().map(|f| f.as_raw_fd());
+    let uts = t
+        .pid
+        .and_then(|pid| std::fs::File::open(format!("/proc/{pid}/ns/uts")).ok());
+    let uts_fd = uts.as_ref().map(|f| f.as_raw_fd());
+    // Unlike the others, the network namespace is required: run on the host's network, a probe
+    // would test something else.
+    let net = match &t.netns {
+        Some(p) => Some(std::fs::File::open(p).map_err(|e| {
+            format!(
+                "exec: opening the pod's network namespace {}: {e}",
+                p.display()
+            )
+        })?),
+        None => None,
+    };
+    let net_fd = net.as_ref().map(|f| f.as_raw_fd());
     let cwd = std::ffi::CString::new(t.working_dir.clone()).map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new(&program);
     cmd.args(&args)
@@ -132,6 +151,14 @@ pub async fn exec(action: &ExecAction, t: &Target, timeout: Duration) -> Result<
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(fd) = net_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(fd) = uts_fd {
+                libc::setns(fd, libc::CLONE_NEWUTS);
+            }
             if let Some(fd) = ns_fd {
                 // Best effort: if the container is gone, the host's namespace will do.
                 libc::setns(fd, libc::CLONE_NEWNS);
@@ -142,7 +169,7 @@ pub async fn exec(action: &ExecAction, t: &Target, timeout: Duration) -> Result<
     }
     let child = cmd.spawn().map_err(|e| format!("exec {program:?}: {e}"))?;
     let pid = child.id();
-    drop(ns);
+    drop((ns, uts, net));
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) if out.status.success() => Ok(()),
         Ok(Ok(out)) => {
@@ -366,6 +393,7 @@ mod tests {
             ports: vec![],
             working_dir: "/".into(),
             pid: None,
+            netns: None,
         }
     }
 
@@ -386,6 +414,42 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("timed out"), "{err}");
+    }
+
+    /// Root only (skips otherwise): an exec probe runs in the pod's network namespace.
+    #[tokio::test]
+    async fn exec_probe_runs_in_the_pods_netns() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: not root");
+            return;
+        }
+        let ns = format!("arcust-pr-{}", std::process::id());
+        let add = std::process::Command::new("ip")
+            .args(["netns", "add", &ns])
+            .output();
+        if !add.is_ok_and(|o| o.status.success()) {
+            eprintln!("SKIPPED: `ip netns add` not available");
+            return;
+        }
+        let mut t = target();
+        t.netns = Some(std::path::PathBuf::from("/run/netns").join(&ns));
+        // A fresh namespace has only lo (the host has more links).
+        let only_lo = ExecAction {
+            command: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "test \"$(ip -o link show | wc -l)\" = 1".into(),
+            ]),
+        };
+        let in_ns = exec(&only_lo, &t, Duration::from_secs(5)).await;
+        t.netns = Some("/run/netns/arcust-none".into());
+        let missing = exec(&only_lo, &t, Duration::from_secs(5)).await;
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &ns])
+            .status();
+        assert_eq!(in_ns, Ok(()));
+        assert!(missing.is_err_and(|e| e.contains("network namespace")));
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
-//! Container processes: spawning (own session and process group, private mount namespace with
-//! the pod's volumes bind-mounted), signalling process groups, and the per-pod PID records that
-//! let a restarted agent clean up after a previous run.
+//! Container processes: spawning (own session and process group, the pod's network namespace,
+//! own UTS namespace with the pod's hostname, private mount namespace with the pod's volumes
+//! bind-mounted), signalling process groups, and the per-pod PID records that let a restarted
+//! agent clean up after a previous run.
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
@@ -26,6 +27,10 @@ pub struct SpawnSpec {
     pub working_dir: PathBuf,
     pub mounts: Vec<Mount>,
     pub log_file: PathBuf,
+    /// The pod's network namespace (`/run/netns/<name>`); `None`: the host's (hostNetwork).
+    pub netns: Option<PathBuf>,
+    /// Set in a new UTS namespace; `None`: the host's hostname (hostNetwork).
+    pub hostname: Option<String>,
 }
 
 fn cstring(p: &Path) -> std::io::Result<CString> {
@@ -52,9 +57,10 @@ pub fn ensure_mount_target(m: &Mount) -> std::io::Result<()> {
     }
 }
 
-/// Starts a container process: new session (so its PID is its process group), private mount
-/// namespace (`unshare -m`, propagation private) with `mounts` bound, working directory, env
-/// exactly as given, stdout and stderr appended to the log file.
+/// Starts a container process: new session (so its PID is its process group), the pod's network
+/// namespace, a new UTS namespace with the pod's hostname, private mount namespace (`unshare -m`,
+/// propagation private) with `mounts` bound, working directory, env exactly as given, stdout and
+/// stderr appended to the log file.
 pub fn spawn(spec: &SpawnSpec) -> anyhow::Result<tokio::process::Child> {
     if let Some(dir) = spec.log_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -75,6 +81,22 @@ pub fn spawn(spec: &SpawnSpec) -> anyhow::Result<tokio::process::Child> {
         .collect::<std::io::Result<_>>()?;
     let cwd = cstring(&spec.working_dir)?;
     let root = CString::new("/").expect("static");
+    // Opened before the fork (O_CLOEXEC: the container does not inherit it); kept open until
+    // spawn returned.
+    let netns = spec
+        .netns
+        .as_ref()
+        .map(|p| {
+            std::fs::File::open(p).with_context(|| {
+                format!(
+                    "opening the pod's network namespace {} (was it removed?)",
+                    p.display()
+                )
+            })
+        })
+        .transpose()?;
+    let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let hostname = spec.hostname.clone().map(String::into_bytes);
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .env_clear()
@@ -91,8 +113,23 @@ pub fn spawn(spec: &SpawnSpec) -> anyhow::Result<tokio::process::Child> {
             if libc::setsid() < 0 {
                 return fail();
             }
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return fail();
+                }
+            }
+            let uts = if hostname.is_some() {
+                libc::CLONE_NEWUTS
+            } else {
+                0
+            };
+            if libc::unshare(libc::CLONE_NEWNS | uts) != 0 {
                 return fail();
+            }
+            if let Some(h) = &hostname {
+                if libc::sethostname(h.as_ptr().cast(), h.len()) != 0 {
+                    return fail();
+                }
             }
             let null = std::ptr::null();
             if libc::mount(
@@ -129,8 +166,11 @@ pub fn spawn(spec: &SpawnSpec) -> anyhow::Result<tokio::process::Child> {
             Ok(())
         });
     }
-    cmd.spawn()
-        .with_context(|| format!("starting {:?}", spec.program))
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", spec.program));
+    drop(netns);
+    child
 }
 
 /// Sends `sig` to the process group led by `pid` (ignores a group that is already gone).
@@ -281,6 +321,71 @@ mod tests {
         assert!(!dir.join("b.pid").exists());
         assert_eq!(parse_pid_records("garbage\nx 1\n"), vec![]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Root only (skips otherwise): a container process runs in the given netns, with its own
+    /// hostname, and sees the pod's resolv.conf; the host's hostname and file stay as they were.
+    #[tokio::test]
+    async fn spawn_joins_netns_and_uts_with_dns_mount() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: not root");
+            return;
+        }
+        let ns = format!("arcust-rt-{}", std::process::id());
+        let add = std::process::Command::new("ip")
+            .args(["netns", "add", &ns])
+            .output();
+        if !add.is_ok_and(|o| o.status.success()) {
+            eprintln!("SKIPPED: `ip netns add` not available");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("agent-spawn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), "nameserver 10.244.0.1\n").unwrap();
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let spec = SpawnSpec {
+            program: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "hostname; cat /etc/resolv.conf; readlink /proc/self/ns/net; ip -o link show | wc -l"
+                    .into(),
+            ],
+            env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
+            working_dir: dir.clone(),
+            mounts: vec![Mount {
+                source: dir.join("resolv.conf"),
+                target: "/etc/resolv.conf".into(),
+                read_only: false,
+            }],
+            log_file: dir.join("out.log"),
+            netns: Some(PathBuf::from("/run/netns").join(&ns)),
+            hostname: Some("web-0".into()),
+        };
+        let status = spawn(&spec).unwrap().wait().await.unwrap();
+        let out = std::fs::read_to_string(dir.join("out.log")).unwrap();
+        let expected_ns = std::fs::metadata(PathBuf::from("/run/netns").join(&ns))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &ns])
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(status.success(), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "web-0", "{out}");
+        assert_eq!(lines[1], "nameserver 10.244.0.1", "{out}");
+        assert_eq!(lines[2], format!("net:[{expected_ns}]"), "{out}");
+        assert_eq!(lines[3].trim(), "1", "only lo in a fresh netns: {out}");
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+            host_name
+        );
+        assert_eq!(
+            std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            host_resolv
+        );
     }
 
     #[test]

@@ -1,5 +1,4 @@
-//! A pod's kubeconfig: the token of its ServiceAccount (the Secret that the v1.20 token controller
-//! creates), the API server, and the TLS settings the agent's own admin kubeconfig uses.
+//! A pod's kubeconfig: a token of its ServiceAccount (from the TokenRequest API), the API server, and the TLS settings the agent's own admin kubeconfig uses.
 //! Tokens are written only to the 0600 kubeconfig file: never logged.
 
 use std::os::unix::fs::PermissionsExt;
@@ -7,8 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::ListParams;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::PostParams;
 use kube::config::Kubeconfig;
 use kube::{Api, Client};
 
@@ -66,44 +66,46 @@ pub fn service_account_name(pod: &k8s_openapi::api::core::v1::Pod) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
-/// Finds the token of ServiceAccount `sa` in `ns`, waiting up to `wait` for the token controller.
+/// How long a pod's token is valid. A kubelet refreshes its projected tokens; the pod's
+/// kubeconfig file is written once, so the token must outlive any sandbox run.
+const TOKEN_EXPIRATION_SECS: i64 = 30 * 24 * 3600;
+
+/// A token for ServiceAccount `sa` in `ns` from the TokenRequest API (as kubelet gets them:
+/// Kubernetes no longer creates token Secrets), retried for up to `wait` while the
+/// ServiceAccount does not exist yet.
 pub async fn find_token(
     client: &Client,
     ns: &str,
     sa: &str,
     wait: Duration,
 ) -> Result<String, String> {
-    let api = Api::<Secret>::namespaced(client.clone(), ns);
-    let lp = ListParams::default().fields("type=kubernetes.io/service-account-token");
+    let api = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(TOKEN_EXPIRATION_SECS),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match api.list(&lp).await {
-            Ok(list) => {
-                let token = list.items.iter().find_map(|s| {
-                    let annotations = s.metadata.annotations.as_ref()?;
-                    if annotations
-                        .get("kubernetes.io/service-account.name")
-                        .map(String::as_str)
-                        != Some(sa)
-                    {
-                        return None;
-                    }
-                    let token = s.data.as_ref()?.get("token")?;
-                    String::from_utf8(token.0.clone())
-                        .ok()
-                        .filter(|t| !t.is_empty())
-                });
-                if let Some(t) = token {
-                    return Ok(t);
-                }
-            }
+        let last_error = match api
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await
+        {
+            Ok(tr) => match tr.status.map(|s| s.token).filter(|t| !t.is_empty()) {
+                Some(token) => return Ok(token),
+                None => "the TokenRequest returned no token".to_string(),
+            },
             Err(e) => {
-                tracing::debug!(%ns, %sa, error = %e, "listing service account token secrets")
+                tracing::debug!(%ns, %sa, error = %e, "requesting a service account token");
+                e.to_string()
             }
-        }
+        };
         if tokio::time::Instant::now() >= deadline {
             return Err(format!(
-                "no token Secret for ServiceAccount {ns}/{sa} after {}s (is the controller-manager's token controller running?)",
+                "no token for ServiceAccount {ns}/{sa} after {}s ({last_error}); does the ServiceAccount exist?",
                 wait.as_secs()
             ));
         }

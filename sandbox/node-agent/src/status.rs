@@ -3,12 +3,10 @@
 
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, PodCondition, PodIP, PodStatus,
+    ContainerStatus, HostIP, PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-
-pub const HOST_IP: &str = "127.0.0.1";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Termination {
@@ -105,6 +103,8 @@ pub struct PodRt {
     pub initialized: bool,
     pub restart_policy: String,
     pub pod_ip: Option<String>,
+    /// The node's InternalIP.
+    pub host_ip: Option<String>,
     pub start_time: Option<Timestamp>,
 }
 
@@ -301,7 +301,11 @@ pub fn compute(rt: &PodRt, prev: Option<&PodStatus>, now: Timestamp) -> PodStatu
     PodStatus {
         phase: Some(phase.to_string()),
         conditions: Some(conditions),
-        host_ip: Some(HOST_IP.to_string()),
+        host_ip: rt.host_ip.clone(),
+        host_ips: rt
+            .host_ip
+            .as_ref()
+            .map(|ip| vec![HostIP { ip: ip.clone() }]),
         pod_ip: rt.pod_ip.clone(),
         pod_ips: rt.pod_ip.as_ref().map(|ip| vec![PodIP { ip: ip.clone() }]),
         start_time: rt.start_time.map(time),
@@ -324,6 +328,7 @@ pub fn status_patch(status: &PodStatus) -> serde_json::Value {
             "phase",
             "conditions",
             "hostIP",
+            "hostIPs",
             "podIP",
             "podIPs",
             "startTime",
@@ -363,7 +368,8 @@ mod tests {
             containers,
             initialized: true,
             restart_policy: policy.to_string(),
-            pod_ip: Some("127.1.0.2".into()),
+            pod_ip: Some("10.244.1.2".into()),
+            host_ip: Some("10.244.0.11".into()),
             start_time: Some(ts(0)),
         }
     }
@@ -383,8 +389,9 @@ mod tests {
         assert_eq!(s.phase.as_deref(), Some("Running"));
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "ContainersReady").status, "True");
-        assert_eq!(s.pod_ips.as_ref().unwrap()[0].ip, "127.1.0.2");
-        assert_eq!(s.host_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(s.pod_ips.as_ref().unwrap()[0].ip, "10.244.1.2");
+        assert_eq!(s.host_ip.as_deref(), Some("10.244.0.11"));
+        assert_eq!(s.host_ips.as_ref().unwrap()[0].ip, "10.244.0.11");
         let cs = &s.container_statuses.as_ref().unwrap()[0];
         assert_eq!(cs.container_id.as_deref(), Some("sandbox://42"));
         assert!(cs.ready);

@@ -4,7 +4,7 @@
 //! answering and its client's ring follows within seconds.
 
 use arcus_operator::crd::ArcusMemcached;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
@@ -111,14 +111,33 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True");
                 let ip = st.pod_ip.as_ref()?;
-                (current && ready).then(|| format!("{ip}:80"))
+                (current && ready).then(|| format!("{ip}:8080"))
             })
         },
     )
     .await?;
-    eprintln!("sample app at {addr}");
-    let ring = || http_get(&addr, "/ring").map(|(_, b)| b).unwrap_or_default();
-    assert_eq!(ring_nodes(&ring()), 3, "{}", ring());
+    eprintln!("sample app pod at {addr}");
+    let ring = |addr: &str| http_get(addr, "/ring").map(|(_, b)| b).unwrap_or_default();
+    assert_eq!(ring_nodes(&ring(&addr)), 3, "{}", ring(&addr));
+
+    // As in the seed's post: through the Service's ClusterIP on port 8080 (kube-proxy), once
+    // its endpoints are the ready pod of this service code.
+    let services: Api<Service> = ns.api();
+    let cluster_ip = services
+        .get("arcus-application-sample")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap_or_default();
+    assert!(cluster_ip.starts_with("10.96."), "ClusterIP {cluster_ip}");
+    let addr = format!("{cluster_ip}:8080");
+    wait_until(
+        Duration::from_secs(60),
+        "the Service's ClusterIP reaching the ready pod",
+        || async { (ring_nodes(&ring(&addr)) == 3).then_some(()) },
+    )
+    .await?;
+    eprintln!("sample app Service at {addr}");
 
     // The seed's three requests.
     let (status, first) = http_get(&addr, "/")?;
@@ -182,7 +201,7 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     wait_until(
         Duration::from_secs(5),
         "the app's ring to have 5 nodes",
-        || async { (ring_nodes(&ring()) == 5).then_some(()) },
+        || async { (ring_nodes(&ring(&addr)) == 5).then_some(()) },
     )
     .await?;
     eprintln!(

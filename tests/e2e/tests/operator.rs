@@ -6,6 +6,7 @@ use arcus_operator::crd::ArcusMemcached;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
     PostParams,
@@ -152,7 +153,7 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
-    with_namespace("walk", 3, |sandbox, ns| async move {
+    with_namespace("walk", 3, |_sandbox, ns| async move {
         let r = async {
             let zk = zk_client().await?;
             let svc = service_code(&ns);
@@ -181,14 +182,9 @@ async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
             );
             assert_eq!(mappings_of(&zk, &svc, &ns.name).await.len(), 3);
 
-            // The headless Service and the PDB deleted by hand come back (1.20 serves PDBs as
-            // policy/v1beta1).
+            // The headless Service and the PDB deleted by hand come back.
             let services: Api<Service> = ns.api();
-            let pdbs: Api<DynamicObject> = Api::namespaced_with(
-                sandbox.client.clone(),
-                &ns.name,
-                &arcus_operator::build::PdbApi::V1Beta1.api_resource(),
-            );
+            let pdbs: Api<PodDisruptionBudget> = ns.api();
             let svc_uid = services.get("test-arcus-mc").await?.metadata.uid;
             let pdb_uid = pdbs.get("test-arcus-mc").await?.metadata.uid;
             services
@@ -465,28 +461,26 @@ async fn second_resource_with_same_service_code_is_refused() -> anyhow::Result<(
             );
             wait_ready(&crs, "first", "1/1", 30).await?;
 
-            // serviceCode is immutable: an edit is refused in status, and deleting the resource
-            // afterwards still removes the ZooKeeper state it owns.
-            crs.patch(
-                "first",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"serviceCode": "renamed"}})),
-            )
-            .await?;
-            wait_until(
-                Duration::from_secs(30),
-                "the rename refused in status",
-                || async {
-                    crs.get("first")
-                        .await
-                        .ok()?
-                        .status?
-                        .message
-                        .filter(|m| m.contains("serviceCode"))
-                        .map(|_| ())
-                },
-            )
-            .await?;
+            // serviceCode is immutable: the API server refuses an edit (CEL `self == oldSelf`),
+            // the stored code stays, and deleting the resource still removes its ZooKeeper state.
+            let refused = crs
+                .patch(
+                    "first",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"serviceCode": "renamed"}})),
+                )
+                .await
+                .expect_err("a serviceCode edit is refused by the API server");
+            match &refused {
+                kube::Error::Api(e) => assert!(
+                    e.code == 422
+                        && e.message
+                            .contains(arcus_operator::crd::rules::SERVICE_CODE_IMMUTABLE_MSG),
+                    "{e:?}"
+                ),
+                other => panic!("unexpected error {other}"),
+            }
+            assert_eq!(crs.get("first").await?.spec.service_code, svc);
             crs.delete("first", &DeleteParams::default()).await?;
             wait_until(
                 Duration::from_secs(90),
@@ -510,8 +504,19 @@ async fn second_resource_with_same_service_code_is_refused() -> anyhow::Result<(
     .await
 }
 
+/// What must become of an invalid resource.
+enum Outcome {
+    /// The API server refuses it (422 Invalid; the schema or a CEL rule of the CRD), saying this.
+    Refused(&'static str),
+    /// The API server stores it (no rule of the CRD covers it); the operator reports it in
+    /// status.message, saying this, and creates nothing.
+    Reported(&'static str),
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_resources_are_rejected_or_reported_and_create_nothing() -> anyhow::Result<()> {
+    use arcus_operator::crd::rules;
+    use Outcome::{Refused, Reported};
     with_namespace("invalid", 1, |sandbox, ns| async move {
         let r = async {
             let zk = zk_client().await?;
@@ -533,53 +538,93 @@ async fn invalid_resources_are_rejected_or_reported_and_create_nothing() -> anyh
                 }
                 spec
             };
-            let cases: Vec<(&str, serde_json::Value)> = vec![
-                ("negative-replicas", with(&["replicas"], json!(-1))),
-                ("absurd-replicas", with(&["replicas"], json!(100000))),
-                ("replicas-string", with(&["replicas"], json!("three"))),
-                ("missing-service-code", with(&["serviceCode"], serde_json::Value::Null)),
-                ("empty-service-code", with(&["serviceCode"], json!(""))),
-                ("service-code-slash", with(&["serviceCode"], json!("a/b"))),
-                ("service-code-too-long", with(&["serviceCode"], json!("x".repeat(129)))),
-                ("missing-zookeeper", with(&["zookeeperServers"], serde_json::Value::Null)),
-                ("empty-zookeeper", with(&["zookeeperServers"], json!([]))),
-                ("zookeeper-no-port", with(&["zookeeperServers"], json!(["127.0.0.1"]))),
-                ("zookeeper-bad-port", with(&["zookeeperServers"], json!(["127.0.0.1:99999"]))),
-                ("zookeeper-duplicate", with(&["zookeeperServers"], json!([ZOOKEEPER, ZOOKEEPER]))),
-                ("memlimit-zero", with(&["configuration", "memlimit"], json!(0))),
-                ("memlimit-absurd", with(&["configuration", "memlimit"], json!(1u64 << 40))),
-                ("connections-negative", with(&["configuration", "connections"], json!(-5))),
-                ("threads-zero", with(&["configuration", "threads"], json!(0))),
-                ("threads-absurd", with(&["configuration", "threads"], json!(100000))),
-                ("pull-policy-bogus", with(&["image", "pullPolicy"], json!("Sometimes"))),
-                ("missing-image", with(&["image"], serde_json::Value::Null)),
-                ("image-empty-name", with(&["image", "name"], json!(""))),
-                ("port-zero", with(&["port"], json!(0))),
+            let long_name = "x".repeat(44);
+            // memlimit 64 MB over 90% of a 64Mi limit.
+            let mut over_memory_limit = base.clone();
+            over_memory_limit["resources"] = json!({"limits": {"memory": "64Mi"}});
+            // (metadata.name, spec, outcome). Schema messages are the API server's own.
+            let cases: Vec<(&str, serde_json::Value, Outcome)> = vec![
+                ("negative-replicas", with(&["replicas"], json!(-1)), Refused("spec.replicas in body should be greater than or equal to 0")),
+                ("absurd-replicas", with(&["replicas"], json!(100000)), Refused("spec.replicas in body should be less than or equal to 1000")),
+                ("replicas-string", with(&["replicas"], json!("three")), Refused("spec.replicas in body must be of type integer")),
+                ("missing-service-code", with(&["serviceCode"], serde_json::Value::Null), Refused("spec.serviceCode: Required value")),
+                ("empty-service-code", with(&["serviceCode"], json!("")), Refused("spec.serviceCode in body should be at least 1 chars long")),
+                ("service-code-slash", with(&["serviceCode"], json!("a/b")), Refused("spec.serviceCode in body should match")),
+                ("service-code-too-long", with(&["serviceCode"], json!("x".repeat(129))), Refused("spec.serviceCode: Too long")),
+                ("missing-zookeeper", with(&["zookeeperServers"], serde_json::Value::Null), Refused("spec.zookeeperServers: Required value")),
+                ("empty-zookeeper", with(&["zookeeperServers"], json!([])), Refused("spec.zookeeperServers in body should have at least 1 items")),
+                ("zookeeper-no-port", with(&["zookeeperServers"], json!(["127.0.0.1"])), Refused(rules::ZOOKEEPER_SERVER_SHAPE_MSG)),
+                ("zookeeper-bad-port", with(&["zookeeperServers"], json!(["zk:99999"])), Refused(rules::ZOOKEEPER_SERVER_PORT_MSG)),
+                ("zookeeper-port-zero", with(&["zookeeperServers"], json!([ZOOKEEPER, "zk:0"])), Refused(rules::ZOOKEEPER_SERVER_PORT_MSG)),
+                ("zookeeper-duplicate", with(&["zookeeperServers"], json!([ZOOKEEPER, ZOOKEEPER])), Refused(rules::ZOOKEEPER_SERVERS_UNIQUE_MSG)),
+                ("zookeeper-duplicate-case", with(&["zookeeperServers"], json!(["zk-0.example:2181", "ZK-0.example:2181"])), Refused(rules::ZOOKEEPER_SERVERS_UNIQUE_MSG)),
+                ("memlimit-zero", with(&["configuration", "memlimit"], json!(0)), Refused("spec.configuration.memlimit in body should be greater than or equal to 8")),
+                ("memlimit-absurd", with(&["configuration", "memlimit"], json!(1u64 << 40)), Refused("spec.configuration.memlimit in body should be less than or equal to")),
+                ("memlimit-over-memory-limit", over_memory_limit, Refused(rules::MEMLIMIT_FITS_MSG)),
+                ("connections-negative", with(&["configuration", "connections"], json!(-5)), Refused("spec.configuration.connections in body should be greater than or equal to 10")),
+                ("threads-zero", with(&["configuration", "threads"], json!(0)), Refused("spec.configuration.threads in body should be greater than or equal to 1")),
+                ("threads-absurd", with(&["configuration", "threads"], json!(100000)), Refused("spec.configuration.threads in body should be less than or equal to 64")),
+                ("pull-policy-bogus", with(&["image", "pullPolicy"], json!("Sometimes")), Refused("spec.image.pullPolicy: Unsupported value: \"Sometimes\"")),
+                ("missing-image", with(&["image"], serde_json::Value::Null), Refused("spec.image: Required value")),
+                ("image-empty-name", with(&["image", "name"], json!("")), Refused("spec.image.name in body should be at least 1 chars long")),
+                ("port-zero", with(&["port"], json!(0)), Refused("spec.port in body should be greater than or equal to 1")),
+                ("exporter-port-clash", with(&["metricsExporter"], json!({"port": 11211})), Refused(rules::EXPORTER_PORT_CLASH_MSG)),
+                ("reserved-pod-label", with(&["podLabels"], json!({"app.kubernetes.io/name": "x"})), Refused(rules::RESERVED_POD_LABELS_MSG)),
+                ("dotted.name", base.clone(), Refused(rules::NAME_DNS1035_MSG)),
+                (long_name.as_str(), base.clone(), Refused(rules::NAME_LENGTH_MSG)),
+                // What no rule of the CRD covers: the operator's validation reports it.
+                ("image-upper-case", with(&["image", "name"], json!("Jam2in/Arcus-Memcached:1.0")), Reported("spec.image.name \"Jam2in/Arcus-Memcached:1.0\" is not an image reference")),
+                ("zookeeper-not-ipv4", with(&["zookeeperServers"], json!(["300.1.2.3:2181"])), Reported("looks like an IPv4 address but is not one")),
+                ("pod-label-bad-key", with(&["podLabels"], json!({"bad key": "x"})), Reported("spec.podLabels[\"bad key\"] is not a valid label key")),
             ];
-            assert!(cases.len() >= 15);
             let crs = untyped_api(sandbox, &ns);
             let typed: Api<ArcusMemcached> = ns.api();
+            let object = |name: &str, spec: &serde_json::Value| -> anyhow::Result<DynamicObject> {
+                Ok(serde_json::from_value(json!({"apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached", "metadata": {"name": name}, "spec": spec}))?)
+            };
+            let assert_refused = |what: &str, result: Result<DynamicObject, kube::Error>, says: &str| match result {
+                Err(kube::Error::Api(e)) => {
+                    assert!(e.code == 422 && e.reason == "Invalid", "{what}: expected 422 Invalid, got {e:?}");
+                    assert!(e.message.contains(says), "{what}: the API server's message {:?} lacks {says:?}", e.message);
+                    eprintln!("{what}: refused: {}", e.message);
+                }
+                Err(e) => panic!("{what}: unexpected error {e}"),
+                Ok(_) => panic!("{what}: the API server accepted it; expected a refusal saying {says:?}"),
+            };
             let mut reported = Vec::new();
-            for (name, spec) in &cases {
-                let obj = json!({"apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached", "metadata": {"name": name}, "spec": spec});
-                let obj: DynamicObject = serde_json::from_value(obj)?;
-                match crs.create(&PostParams::default(), &obj).await {
-                    Err(kube::Error::Api(e)) => {
-                        assert!(e.code == 422 || e.code == 400, "{name}: {e:?}");
-                        assert!(!e.message.is_empty(), "{name}: the API server says why");
+            for (name, spec, outcome) in &cases {
+                let created = crs.create(&PostParams::default(), &object(name, spec)?).await;
+                match outcome {
+                    Refused(says) => assert_refused(name, created, says),
+                    Reported(says) => {
+                        created.map_err(|e| anyhow::anyhow!("{name}: the API server refused it, expected the operator to report it: {e}"))?;
+                        reported.push((*name, *says));
                     }
-                    Err(e) => panic!("{name}: unexpected error {e}"),
-                    Ok(_) => reported.push(name.to_string()),
                 }
             }
-            for name in &reported {
+            for (name, says) in &reported {
                 let msg = wait_until(Duration::from_secs(60), &format!("{name} reported invalid in status"), || async {
                     typed.get(name).await.ok()?.status?.message.filter(|m| m.starts_with("invalid spec"))
                 })
                 .await?;
+                assert!(msg.contains(says), "{name}: status.message {msg:?} lacks {says:?}");
                 eprintln!("{name}: {msg}");
             }
-            eprintln!("{} rejected by the API server, {} reported in status", cases.len() - reported.len(), reported.len());
+
+            // An update that changes serviceCode is refused (a transition rule), and the stored
+            // resource keeps its code.
+            let (stored, _) = reported[0];
+            let change = crs
+                .patch(stored, &PatchParams::default(), &Patch::Merge(json!({"spec": {"serviceCode": "inv2"}})))
+                .await;
+            assert_refused(&format!("{stored}: serviceCode change"), change, rules::SERVICE_CODE_IMMUTABLE_MSG);
+            assert_eq!(typed.get(stored).await?.spec.service_code, "inv");
+            // ... while other updates still pass the rule.
+            crs.patch(stored, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 2}})))
+                .await
+                .map_err(|e| anyhow::anyhow!("{stored}: an update keeping serviceCode was refused: {e}"))?;
+
+            eprintln!("{} refused by the API server, {} reported in status", cases.len() - reported.len(), reported.len());
             let sts: Api<StatefulSet> = ns.api();
             assert!(sts.list(&ListParams::default()).await?.items.is_empty(), "no StatefulSet for invalid resources");
             assert_eq!(zk.check_stat("/arcus/cache_list/inv").await?, None, "no znode for invalid resources");

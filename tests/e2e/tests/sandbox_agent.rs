@@ -1,6 +1,6 @@
-//! The sandbox node agent (sandbox/node-agent) against the real v1.20 control plane: pods run as
-//! local processes (checked in /proc through the PID in `containerID: sandbox://<pid>`), each on
-//! its own 127.1.x.y IP, with probes, restarts, volumes, env and graceful deletion.
+//! The sandbox node agent (sandbox/node-agent) against the real control plane: pods run as
+//! local processes (checked in /proc through the PID in `containerID: sandbox://<pid>`), each in
+//! its own network namespace and IP, with probes, restarts, volumes, env and graceful deletion.
 //! Each test uses its own namespace; every wait is bounded.
 
 use std::collections::BTreeSet;
@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Event, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Event, Pod, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use test_support::sandbox::{Sandbox, TestNamespace};
@@ -37,20 +37,16 @@ async fn finish(ns: TestNamespace) -> anyhow::Result<()> {
     ns.cleanup().await
 }
 
-/// Pods cannot be created in a new namespace before the token controller made the default
-/// ServiceAccount's token (the ServiceAccount admission plugin refuses them).
+/// Pods cannot be created in a new namespace before the ServiceAccount controller made its
+/// `default` ServiceAccount (the ServiceAccount admission plugin refuses them).
 async fn wait_for_token(sb: &Sandbox, ns: &str) -> anyhow::Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(sb.client.clone(), ns);
+    let sas: Api<ServiceAccount> = Api::namespaced(sb.client.clone(), ns);
     wait_until(
         Duration::from_secs(30),
-        "the default ServiceAccount's token",
+        "the default ServiceAccount",
         || {
-            let secrets = secrets.clone();
-            async move {
-                let lp = ListParams::default().fields("type=kubernetes.io/service-account-token");
-                let list = secrets.list(&lp).await.ok()?;
-                (!list.items.is_empty()).then_some(())
-            }
+            let sas = sas.clone();
+            async move { sas.get_opt("default").await.ok()?.map(|_| ()) }
         },
     )
     .await
@@ -65,9 +61,9 @@ async fn create_pod(sb: &Sandbox, ns: &str, pod: serde_json::Value) -> anyhow::R
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match pods(sb, ns).create(&PostParams::default(), &pod).await {
-            // The token Secret exists but the ServiceAccount does not list it yet.
+            // The ServiceAccount admission plugin's cache has not seen `default` yet.
             Err(kube::Error::Api(e))
-                if e.message.contains("No API token found") && Instant::now() < deadline =>
+                if e.message.contains("service account") && Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -200,8 +196,8 @@ async fn deployment_runs_processes_and_scaling_down_stops_them() -> anyhow::Resu
         assert_eq!(ips.len(), 3, "distinct pod IPs: {running:?}");
         for (name, pid, ip) in &running {
             assert!(
-                ip.starts_with("127.1."),
-                "{name}: pod IP {ip} not in 127.1.0.0/16"
+                ip.starts_with("10.244.") && !ip.starts_with("10.244.0."),
+                "{name}: pod IP {ip} not in a Node's pod range 10.244.<n>.0/24"
             );
             assert!(proc_alive(*pid), "{name}: process {pid} not alive");
             let cmdline =

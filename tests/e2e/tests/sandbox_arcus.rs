@@ -143,9 +143,13 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
             .map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap())
             .collect();
         assert_eq!(ips.len(), 3, "three distinct pod IPs: {ips:?}");
-        assert!(ips
-            .iter()
-            .all(|ip| ip.starts_with("127.") && ip != "127.0.0.1"));
+        // Real pod addresses (each pod in its own network namespace), never loopback.
+        assert!(
+            ips.iter().all(|ip| ip.starts_with("10.244.")
+                && !ip.starts_with("10.244.0.")
+                && !ip.parse::<std::net::Ipv4Addr>().unwrap().is_loopback()),
+            "pod IPs in the Nodes' pod ranges: {ips:?}"
+        );
         let registered = wait_until(
             Duration::from_secs(30),
             "3 znodes in cache_list",

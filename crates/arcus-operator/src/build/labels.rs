@@ -19,8 +19,9 @@ pub const MANAGER: &str = "arcus-operator";
 /// Selects everything any instance of the operator manages (for watches).
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=arcus-operator";
 
-/// Keys users may not set through `spec.podLabels`.
-const RESERVED: [&str; 4] = [NAME, INSTANCE, MANAGED_BY, SERVICE_CODE];
+/// Keys users may not set through `spec.podLabels` (refused by a CEL rule of the CRD and by
+/// `validate`).
+pub const RESERVED: [&str; 4] = [NAME, INSTANCE, MANAGED_BY, SERVICE_CODE];
 
 /// Whether `key` is one of the operator's own labels.
 pub fn is_reserved_key(key: &str) -> bool {

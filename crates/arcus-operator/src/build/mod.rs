@@ -8,7 +8,7 @@
 //! ownerReference on everything. Nothing here talks to the API server or ZooKeeper; what is
 //! applied, in which order, and what the ZooKeeper plan does belong to the controller.
 //!
-//! Compatibility: objects use no field newer than Kubernetes 1.20 (the sandbox's version).
+//! Compatibility: objects use no field newer than Kubernetes 1.33, the oldest version supported.
 
 pub mod labels;
 pub mod pdb;
@@ -25,7 +25,7 @@ use crate::crd::ArcusMemcached;
 use crate::validate::ValidSpec;
 
 pub use labels::{INSTANCE as INSTANCE_LABEL, MANAGED_BY_SELECTOR};
-pub use pdb::{pdb, PdbApi};
+pub use pdb::pdb;
 pub use service::headless_service;
 pub use service_monitor::{service_monitor, service_monitor_api_resource, SERVICE_MONITOR_CRD};
 pub use statefulset::{command, readiness_script, statefulset};
@@ -212,8 +212,7 @@ mod tests {
         let expected = labels::labels(&spec);
         let sts = statefulset(&spec, 3).metadata;
         let svc = headless_service(&spec).metadata;
-        let pdb1 = pdb(&spec, PdbApi::V1).metadata;
-        let pdb0 = pdb(&spec, PdbApi::V1Beta1).metadata;
+        let pdb = pdb(&spec).metadata;
         let mut with_exporter = spec.clone();
         with_exporter.metrics_exporter = Some(crate::crd::MetricsExporter {
             image: "prom/memcached-exporter:v0.15.3".into(),
@@ -221,7 +220,7 @@ mod tests {
             interval: "30s".into(),
         });
         let sm = service_monitor(&with_exporter).unwrap().metadata;
-        for meta in [sts, svc, pdb1, pdb0, sm] {
+        for meta in [sts, svc, pdb, sm] {
             assert_eq!(meta.name.as_deref(), Some("test-arcus-mc"));
             assert_eq!(meta.namespace.as_deref(), Some("default"));
             assert_eq!(meta.labels.as_ref(), Some(&expected));

@@ -205,19 +205,17 @@ fn memcached_container(spec: &ValidSpec) -> Container {
     }
 }
 
-/// A Prometheus memcached exporter that scrapes the node over the pod IP (not localhost: in the
-/// sandbox pods share the host's network namespace).
+/// A Prometheus memcached exporter that scrapes the node over the pod's loopback (containers
+/// of a pod share its network namespace; arcus-memcached listens on all addresses).
 fn exporter_container(spec: &ValidSpec, exporter: &MetricsExporter) -> Container {
-    const POD_IP: &str = "POD_IP";
     Container {
         name: EXPORTER_CONTAINER_NAME.into(),
         image: Some(exporter.image.clone()),
         image_pull_policy: Some(spec.pull_policy.as_str().into()),
         args: Some(vec![
-            format!("--memcached.address=$({POD_IP}):{}", spec.port),
+            format!("--memcached.address=localhost:{}", spec.port),
             format!("--web.listen-address=:{}", exporter.port),
         ]),
-        env: Some(vec![field_env(POD_IP, "status.podIP")]),
         ports: Some(vec![ContainerPort {
             name: Some(METRICS_PORT_NAME.into()),
             container_port: exporter.port,
@@ -503,7 +501,7 @@ mod tests {
             pod.hostname, None,
             "a fixed hostname would give every pod the same one"
         );
-        // Nothing newer than Kubernetes 1.20.
+        // Left to the API server: the operator neither sets nor depends on them.
         assert_eq!(s.min_ready_seconds, None);
         assert!(s.persistent_volume_claim_retention_policy.is_none() && s.ordinals.is_none());
         let labels = s

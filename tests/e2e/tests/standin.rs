@@ -571,7 +571,11 @@ async fn own_znode_deleted_then_zkensemble_rejoin() -> anyhow::Result<()> {
     let path = format!("/arcus/cache_list/svc-d/{}", node.node_name());
     let (data, before) = wait_znode(&client, &path, Duration::from_secs(20)).await?;
     let admin = AdminClient::new(node.addr());
-    assert_eq!(admin.ready().await?, Readiness::Ready);
+    // The node answers READY once its create has returned, a moment after the znode appears.
+    wait_until(Duration::from_secs(5), "the stand-in READY", || async {
+        (admin.ready().await.ok()? == Readiness::Ready).then_some(())
+    })
+    .await?;
     assert_eq!(admin.zkensemble_get().await?, zks.addr());
 
     client.delete(&path, None).await?;
@@ -782,7 +786,9 @@ async fn memcached_death_closes_session() -> anyhow::Result<()> {
         .args(["-KILL", &pid.to_string()])
         .status()?;
     assert!(st.success());
-    let gone = wait_gone(&client, &path, Duration::from_secs(2)).await?;
+    // Well below the 30 s session timeout: the session is closed, not left to expire (5 s, not
+    // less, leaves room for a loaded CI machine).
+    let gone = wait_gone(&client, &path, Duration::from_secs(5)).await?;
     let st = node
         .wait_exit(Duration::from_secs(3), "memcached killed")
         .await?;

@@ -51,9 +51,29 @@ impl Memcached {
         self.guard.pid()
     }
 
-    /// SIGSTOP: the process keeps its socket but stops answering (for timeout tests).
+    /// SIGSTOP: the process keeps its socket but stops answering (for timeout tests). Returns
+    /// once every thread is stopped: the signal is delivered asynchronously, and a thread still
+    /// running could answer one more request.
     pub fn freeze(&self) {
         self.guard.signal(19);
+        let tasks = format!("/proc/{}/task", self.guard.pid());
+        let all_stopped = || {
+            std::fs::read_dir(&tasks).is_ok_and(|rd| {
+                rd.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                        st.rsplit(')')
+                            .next()
+                            .and_then(|r| r.split_whitespace().next())
+                            == Some("T")
+                    })
+                })
+            })
+        };
+        let _ = crate::wait::wait_until_blocking(
+            std::time::Duration::from_secs(5),
+            "memcached stopped",
+            all_stopped,
+        );
     }
 
     pub fn thaw(&self) {

@@ -133,6 +133,23 @@ async fn start_if_down(repo: PathBuf, dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `body` in a fresh namespace `<prefix>-<random>` of the shared sandbox; dumps the
+/// namespace when it fails and always deletes it.
+pub async fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&'static Sandbox, String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let sb = Sandbox::shared().await?;
+    let ns = sb.namespace(prefix).await?;
+    let result = body(sb, ns.name.clone()).await;
+    if result.is_err() {
+        ns.dump().await;
+    }
+    ns.cleanup().await?;
+    result
+}
+
 pub struct TestNamespace {
     pub name: String,
     client: Client,

@@ -242,6 +242,26 @@ pub async fn remove_all_own() -> Result<usize, String> {
     }
 }
 
+/// Root-only tests: a scratch named namespace `arcust-<tag>-<pid>` (the caller deletes it), or
+/// None, with the reason printed, when not root or `ip netns add` fails.
+#[cfg(test)]
+pub(crate) fn scratch_netns(tag: &str) -> Option<String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: not root");
+        return None;
+    }
+    let ns = format!("arcust-{tag}-{}", std::process::id());
+    let add = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .output();
+    if !add.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: `ip netns add` not available");
+        return None;
+    }
+    Some(ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -419,19 +419,9 @@ mod tests {
     /// Root only (skips otherwise): an exec probe runs in the pod's network namespace.
     #[tokio::test]
     async fn exec_probe_runs_in_the_pods_netns() {
-        // SAFETY: geteuid(2) has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: not root");
+        let Some(ns) = crate::netns::scratch_netns("pr") else {
             return;
-        }
-        let ns = format!("arcust-pr-{}", std::process::id());
-        let add = std::process::Command::new("ip")
-            .args(["netns", "add", &ns])
-            .output();
-        if !add.is_ok_and(|o| o.status.success()) {
-            eprintln!("SKIPPED: `ip netns add` not available");
-            return;
-        }
+        };
         let mut t = target();
         t.netns = Some(std::path::PathBuf::from("/run/netns").join(&ns));
         // A fresh namespace has only lo (the host has more links).

@@ -327,19 +327,9 @@ mod tests {
     /// hostname, and sees the pod's resolv.conf; the host's hostname and file stay as they were.
     #[tokio::test]
     async fn spawn_joins_netns_and_uts_with_dns_mount() {
-        // SAFETY: geteuid(2) has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: not root");
+        let Some(ns) = crate::netns::scratch_netns("rt") else {
             return;
-        }
-        let ns = format!("arcust-rt-{}", std::process::id());
-        let add = std::process::Command::new("ip")
-            .args(["netns", "add", &ns])
-            .output();
-        if !add.is_ok_and(|o| o.status.success()) {
-            eprintln!("SKIPPED: `ip netns add` not available");
-            return;
-        }
+        };
         let dir = std::env::temp_dir().join(format!("agent-spawn-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("resolv.conf"), "nameserver 10.244.0.1\n").unwrap();

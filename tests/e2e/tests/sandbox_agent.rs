@@ -4,53 +4,16 @@
 //! Each test uses its own namespace; every wait is bounded.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Event, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Event, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
-use test_support::sandbox::{Sandbox, TestNamespace};
+use test_support::sandbox::{in_namespace, Sandbox};
 use test_support::wait_until;
 
 const START: Duration = Duration::from_secs(60);
-
-/// Runs `body` in a fresh namespace; dumps the namespace on failure and always cleans up.
-async fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(&'static Sandbox, String) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    let sb = Sandbox::shared().await?;
-    let ns = sb.namespace(prefix).await?;
-    wait_for_token(sb, &ns.name).await?;
-    let result = body(sb, ns.name.clone()).await;
-    if result.is_err() {
-        ns.dump().await;
-    }
-    finish(ns).await?;
-    result
-}
-
-async fn finish(ns: TestNamespace) -> anyhow::Result<()> {
-    ns.cleanup().await
-}
-
-/// Pods cannot be created in a new namespace before the ServiceAccount controller made its
-/// `default` ServiceAccount (the ServiceAccount admission plugin refuses them).
-async fn wait_for_token(sb: &Sandbox, ns: &str) -> anyhow::Result<()> {
-    let sas: Api<ServiceAccount> = Api::namespaced(sb.client.clone(), ns);
-    wait_until(
-        Duration::from_secs(30),
-        "the default ServiceAccount",
-        || {
-            let sas = sas.clone();
-            async move { sas.get_opt("default").await.ok()?.map(|_| ()) }
-        },
-    )
-    .await
-}
 
 fn pods(sb: &Sandbox, ns: &str) -> Api<Pod> {
     Api::namespaced(sb.client.clone(), ns)

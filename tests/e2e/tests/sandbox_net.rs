@@ -5,7 +5,6 @@
 //! this machine. Each test uses its own namespace; every wait is bounded.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -19,7 +18,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{ListParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
-use test_support::sandbox::{Sandbox, TestNamespace};
+use test_support::sandbox::{in_namespace, Sandbox};
 use test_support::wait_until;
 
 const START: Duration = Duration::from_secs(90);
@@ -27,25 +26,6 @@ const START: Duration = Duration::from_secs(90);
 const CLUSTER_DNS: &str = "10.244.0.1:53";
 /// A Service IP no Service has (the range is 10.96.0.0/16; the allocator starts low).
 const UNUSED_SERVICE_IP: &str = "10.96.255.254";
-
-async fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(&'static Sandbox, String) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    let sb = Sandbox::shared().await?;
-    let ns = sb.namespace(prefix).await?;
-    let result = body(sb, ns.name.clone()).await;
-    if result.is_err() {
-        ns.dump().await;
-    }
-    finish(ns).await?;
-    result
-}
-
-async fn finish(ns: TestNamespace) -> anyhow::Result<()> {
-    ns.cleanup().await
-}
 
 async fn create<K>(api: &Api<K>, obj: Value) -> anyhow::Result<K>
 where

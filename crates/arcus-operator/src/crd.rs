@@ -514,8 +514,11 @@ pub struct MigrationStatus {
     /// `Pass1`, `Pass2`, `Done` or `Failed`.
     pub phase: String,
     /// Items decided and done so far (copied, updated, skipped because expired or newer).
+    // The API server knows int64, not schemars' uint64 (kubectl warns "unrecognized format").
+    #[schemars(extend("format" = "int64"))]
     pub items_moved: u64,
     /// Items the listings found to move so far (grows while changed keys are found).
+    #[schemars(extend("format" = "int64"))]
     pub items_to_move: u64,
     /// One line for `kubectl get`: `<operation> [<node>]: <phase> <moved>/<to move>`.
     pub summary: String,
@@ -929,6 +932,44 @@ spec:
             panic!("static messages only")
         };
         (r.rule, m, r.field_path)
+    }
+
+    /// Every `format` is one the API server knows: another one makes kubectl print
+    /// `Warning: unrecognized format` on each request touching the resource.
+    #[test]
+    fn schema_formats_are_known_to_kubernetes() {
+        fn formats(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(serde_json::Value::String(f)) = m.get("format") {
+                        out.push(f.clone());
+                    }
+                    m.values().for_each(|x| formats(x, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| formats(x, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        formats(&schema(), &mut found);
+        let known = [
+            "int32",
+            "int64",
+            "float",
+            "double",
+            "byte",
+            "date",
+            "date-time",
+            "duration",
+            "int-or-string",
+        ];
+        for f in &found {
+            assert!(
+                known.contains(&f.as_str()),
+                "format {f:?} is not one Kubernetes knows"
+            );
+        }
+        assert!(!found.is_empty());
     }
 
     #[test]

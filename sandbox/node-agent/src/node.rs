@@ -19,8 +19,16 @@ use crate::env::{NODE_CPU, NODE_MEMORY};
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Pods per node (kubelet's default maxPods; each podCIDR has 253 addresses).
 const NODE_PODS: &str = "110";
-/// Reported as kubelet and kube-proxy version (the sandbox's control plane is v1.37).
-const KUBELET_VERSION: &str = "v1.37.0";
+/// Reported as kubelet and kube-proxy version: the API server's, as a kubelet of the same
+/// release would (set once the server answered; v1.37.0 until then).
+static KUBELET_VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn kubelet_version() -> &'static str {
+    KUBELET_VERSION
+        .get()
+        .map(String::as_str)
+        .unwrap_or("v1.37.0")
+}
 pub const MAX_NODES: usize = 9;
 
 /// One Node the agent plays: everything about it is derived from its index.
@@ -168,8 +176,8 @@ pub fn status(node: &NodeInfo, since: Timestamp, now: Timestamp) -> NodeStatus {
             boot_id: read_trim("/proc/sys/kernel/random/boot_id"),
             container_runtime_version: "sandbox://0.2.0".into(),
             kernel_version: read_trim("/proc/sys/kernel/osrelease"),
-            kube_proxy_version: KUBELET_VERSION.into(),
-            kubelet_version: KUBELET_VERSION.into(),
+            kube_proxy_version: kubelet_version().into(),
+            kubelet_version: kubelet_version().into(),
             machine_id: read_trim("/etc/machine-id"),
             operating_system: "linux".into(),
             os_image: os_image(),
@@ -201,6 +209,9 @@ pub fn object(node: &NodeInfo) -> Node {
 /// unschedulable off), then posts its status. Returns the time the node was first seen Ready
 /// by this run. An existing Node with another podCIDR is an error (podCIDR is immutable).
 pub async fn register(client: &Client, node: &NodeInfo) -> anyhow::Result<Timestamp> {
+    if KUBELET_VERSION.get().is_none() {
+        let _ = KUBELET_VERSION.set(client.apiserver_version().await?.git_version);
+    }
     let api = Api::<Node>::all(client.clone());
     let since = Timestamp::now();
     match api.get_opt(&node.name).await? {

@@ -53,7 +53,7 @@ pub struct Agent {
     pub tls: ServerTls,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// How long a pod start waits for its ServiceAccount's token Secret.
+    /// How long a pod start waits for its ServiceAccount's token (TokenRequest).
     pub token_wait: Duration,
     pub shutdown: CancellationToken,
     pub events: crate::events::Events,

@@ -133,6 +133,15 @@ async fn start_if_down(repo: PathBuf, dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the pod's Ready condition is True.
+pub fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
 /// Runs `body` in a fresh namespace `<prefix>-<random>` of the shared sandbox; dumps the
 /// namespace when it fails and always deletes it.
 pub async fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>

@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Event, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
-use test_support::sandbox::{in_namespace, Sandbox};
+use test_support::sandbox::{in_namespace, pod_ready, Sandbox};
 use test_support::wait_until;
 
 const START: Duration = Duration::from_secs(60);
@@ -89,14 +89,6 @@ fn proc_env(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
-}
-
 /// Waits until the pod's (first) container runs; returns the pod and the container's PID.
 async fn wait_running(sb: &Sandbox, ns: &str, name: &str) -> anyhow::Result<(Pod, u32)> {
     let api = pods(sb, ns);
@@ -140,7 +132,7 @@ async fn deployment_runs_processes_and_scaling_down_stops_them() -> anyhow::Resu
                     .ok()?;
                 let mut out = Vec::new();
                 for p in &list.items {
-                    if !is_ready(p) {
+                    if !pod_ready(p) {
                         return None;
                     }
                     let pid = pid_of(&status_of(p)?)?;
@@ -253,7 +245,7 @@ async fn failing_readiness_probe_keeps_pod_running_but_not_ready() -> anyhow::Re
                 Some("Running")
             );
             assert!(
-                !is_ready(&p),
+                !pod_ready(&p),
                 "pod became Ready although its readiness probe fails"
             );
             let c = p
@@ -454,7 +446,7 @@ async fn config_map_volume_is_mounted_privately_at_mount_path() -> anyhow::Resul
                     api.get_opt("reader")
                         .await
                         .ok()?
-                        .filter(is_ready)
+                        .filter(pod_ready)
                         .map(|_| ())
                 }
             },

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{ListParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
-use test_support::sandbox::{in_namespace, Sandbox};
+use test_support::sandbox::{in_namespace, pod_ready, Sandbox};
 use test_support::wait_until;
 
 const START: Duration = Duration::from_secs(90);
@@ -35,14 +35,6 @@ where
     Ok(api.create(&PostParams::default(), &obj).await?)
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
-}
-
 /// `count` Ready pods with label `app=<app>`: name → (node, pod IP, PID of the first container).
 async fn ready_pods(
     api: &Api<Pod>,
@@ -55,7 +47,7 @@ async fn ready_pods(
             .await
             .ok()?;
         let mut out = BTreeMap::new();
-        for p in list.items.iter().filter(|p| ready(p)) {
+        for p in list.items.iter().filter(|p| pod_ready(p)) {
             let st = p.status.as_ref()?;
             let cs = st.container_statuses.as_ref()?.first()?;
             let pid = cs

@@ -13,7 +13,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, SecurityContext,
+    Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, CustomResourceExt};
@@ -228,6 +231,12 @@ pub mod rules {
     shortname = "mc",
     namespaced,
     status = "ArcusMemcachedStatus",
+    // `kubectl scale mc test --replicas=5`, and what a HorizontalPodAutoscaler or KEDA targets.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.labelSelector"
+    ),
     derive = "PartialEq",
     doc = "An ARCUS cache cluster: arcus-memcached nodes run by a StatefulSet and registered in ZooKeeper under one service code.",
     printcolumn(
@@ -361,6 +370,43 @@ pub struct ArcusMemcachedSpec {
     /// Prometheus Operator is installed. Unset: no exporter, no ServiceMonitor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_exporter: Option<MetricsExporter>,
+
+    /// Pod-level security settings of the cache pods (the Kubernetes PodSecurityContext).
+    /// Unset: `runAsNonRoot: true`, `runAsUser`/`runAsGroup`/`fsGroup` 1000 and the
+    /// `RuntimeDefault` seccomp profile, which the Pod Security Standard "restricted" admits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserved_object_schema")]
+    pub pod_security_context: Option<PodSecurityContext>,
+
+    /// Security settings of the cache pods' containers (the Kubernetes SecurityContext).
+    /// Unset: `allowPrivilegeEscalation: false` and all capabilities dropped ("restricted").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserved_object_schema")]
+    pub security_context: Option<SecurityContext>,
+
+    /// PriorityClass of the cache pods (pod `priorityClassName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// How the cache pods spread over failure domains (pod `topologySpreadConstraints`). Unset:
+    /// at most one pod more on any Node, and on any zone, than on another, where the scheduler
+    /// can (`ScheduleAnyway`), so losing one Node or zone loses as little of the cache as
+    /// possible. `[]`: no constraint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserved_objects_schema")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+
+    /// Secrets for pulling the cache images from a private registry (pod `imagePullSecrets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "local_object_references_schema")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// The ServiceAccount the cache pods run as. Unset: the namespace's `default`. The cache
+    /// pods do not call the Kubernetes API, so their token is not mounted either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
 }
 
 /// Start-up options of each arcus-memcached process. Changing them restarts the nodes one by one.
@@ -473,6 +519,15 @@ pub struct ArcusMemcachedStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// Cache pods that exist (the scale subresource's `status.replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+
+    /// The label selector of the cache pods, as a string (the scale subresource's
+    /// `labelSelector`, which a HorizontalPodAutoscaler uses to find the pods' metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<String>,
 
     /// Available, Progressing and Degraded conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -669,6 +724,37 @@ fn tolerations_schema(_: &mut SchemaGenerator) -> Schema {
                 "value": {"description": "Taint value the toleration matches (operator Equal).", "type": "string"},
                 "effect": {"description": "Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.", "type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
                 "tolerationSeconds": {"description": "For NoExecute: seconds the pod stays bound after the taint appears.", "type": "integer", "format": "int64"},
+            },
+        },
+    })
+}
+
+fn preserved_object_schema(_: &mut SchemaGenerator) -> Schema {
+    // As for affinity: the Kubernetes type is large; the API server checks the pod template.
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+fn preserved_objects_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+        },
+    })
+}
+
+fn local_object_references_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"description": "Name of a Secret of type kubernetes.io/dockerconfigjson in the resource's namespace.", "type": "string", "minLength": 1},
             },
         },
     })

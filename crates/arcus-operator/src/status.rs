@@ -5,6 +5,7 @@
 use crate::crd::{ArcusMemcached, ArcusMemcachedStatus, Condition, ConditionStatus, ConditionType};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use std::collections::BTreeSet;
 
 /// One cache pod as status needs it.
@@ -145,6 +146,8 @@ pub fn compute(cr: &ArcusMemcached, input: &StatusInput, now: Time) -> ArcusMemc
         image: Some(cr.spec.image.name.clone()),
         message: (!message.is_empty()).then_some(message),
         observed_generation: generation,
+        replicas: Some(input.nodes.len() as i32),
+        label_selector: Some(crate::build::labels::selector_string(&cr.name_any())),
         conditions,
         ready_replicas: Some(ready as i32),
         registered_nodes: input.registered_nodes.clone(),

@@ -11,7 +11,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, SecurityContext,
+    Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
@@ -84,6 +87,13 @@ pub struct ValidSpec {
     pub pod_labels: BTreeMap<String, String>,
     pub termination_grace_period_seconds: i64,
     pub metrics_exporter: Option<MetricsExporter>,
+    /// `None`: the operator's defaults (build/statefulset.rs); the same for the next three.
+    pub pod_security_context: Option<PodSecurityContext>,
+    pub security_context: Option<SecurityContext>,
+    pub priority_class_name: Option<String>,
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    pub service_account_name: Option<String>,
 }
 
 impl ValidSpec {
@@ -446,6 +456,12 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
         pod_labels: spec.pod_labels.clone(),
         termination_grace_period_seconds: spec.termination_grace_period_seconds,
         metrics_exporter: spec.metrics_exporter.clone(),
+        pod_security_context: spec.pod_security_context.clone(),
+        security_context: spec.security_context.clone(),
+        priority_class_name: spec.priority_class_name.clone(),
+        topology_spread_constraints: spec.topology_spread_constraints.clone(),
+        image_pull_secrets: spec.image_pull_secrets.clone(),
+        service_account_name: spec.service_account_name.clone(),
     })
 }
 

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, TCPSocketAction,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+    TCPSocketAction, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -23,16 +24,8 @@ use crate::validate::ValidSpec;
 /// scale the controller moves it only after (out) or before (in) the ZooKeeper mappings change.
 pub fn statefulset(spec: &ValidSpec, replicas: i32) -> StatefulSet {
     let mut sts = statefulset_without_marks(spec, replicas);
-    // Mark the template: what a restart would change (memlimit and connections excluded: they
-    // are applied to running nodes), and the live configuration its pods start with.
-    let mut plain = spec.clone();
-    plain.memlimit_mb = 0;
-    plain.connections = 0;
-    let restart_hash = super::content_hash(
-        &statefulset_without_marks(&plain, 0)
-            .spec
-            .map(|s| s.template),
-    );
+    // Mark the template: what a restart would change, and the live configuration its pods
+    // start with.
     let started = crate::day2::LiveConfig {
         memlimit_mb: spec.memlimit_mb,
         connections: spec.connections,
@@ -43,9 +36,114 @@ pub fn statefulset(spec: &ValidSpec, replicas: i32) -> StatefulSet {
         .get_or_insert_with(Default::default)
         .annotations
         .get_or_insert_with(Default::default);
-    annotations.insert(crate::day2::RESTART_HASH.into(), restart_hash);
+    annotations.insert(crate::day2::RESTART_HASH.into(), restart_hash(spec));
     annotations.insert(crate::day2::STARTED_CONFIG.into(), started.to_string());
     sts
+}
+
+/// Raised (with a release note in docs/UPGRADING.md) only when a new operator version must
+/// restart running cache nodes to bring them a changed default. Everything else an operator
+/// upgrade changes in the pod template reaches pods only as they are recreated for another reason.
+pub const POD_TEMPLATE_EPOCH: u32 = 1;
+
+/// What the operator restarts a cache node for (the `jam2in.com/restart-hash` of the template,
+/// compared with each pod's): the user's spec fields that shape the pod, and
+/// [`POD_TEMPLATE_EPOCH`]. Not the rendered template: then every changed default of a new
+/// operator version would restart every cache node on upgrade. Not `memlimit`/`connections`
+/// either: they are applied to running nodes (day2.rs).
+///
+/// By construction: the destructuring names every field of [`ValidSpec`], so a new field does
+/// not compile until it is either hashed or named as not restarting anything; an unset
+/// optional field is left out of the hashed JSON, so adding one keeps every existing hash.
+pub fn restart_hash(spec: &ValidSpec) -> String {
+    let ValidSpec {
+        name,
+        namespace,
+        owner: _,
+        generation: _,
+        service_code,
+        replicas: _,
+        port,
+        zookeeper_servers: _,
+        memlimit_mb: _,
+        connections: _,
+        threads,
+        zk_session_timeout_seconds,
+        image,
+        pull_policy,
+        resources,
+        node_selector,
+        affinity,
+        tolerations,
+        pod_annotations,
+        pod_labels,
+        termination_grace_period_seconds,
+        metrics_exporter,
+        pod_security_context,
+        security_context,
+        priority_class_name,
+        topology_spread_constraints,
+        image_pull_secrets,
+        service_account_name,
+    } = spec;
+    let mut inputs = serde_json::json!({
+        "epoch": POD_TEMPLATE_EPOCH,
+        "name": name,
+        "namespace": namespace,
+        "serviceCode": service_code.to_string(),
+        "port": port,
+        // The ensemble as `-z` receives it.
+        "zookeeperServers": spec.zk_connect_string(),
+        "threads": threads,
+        "image": image,
+        "pullPolicy": pull_policy.as_str(),
+        "terminationGracePeriodSeconds": termination_grace_period_seconds,
+    });
+    let optional = [
+        (
+            "zkSessionTimeoutSeconds",
+            serde_json::to_value(zk_session_timeout_seconds),
+        ),
+        ("resources", serde_json::to_value(resources)),
+        ("nodeSelector", serde_json::to_value(node_selector)),
+        ("affinity", serde_json::to_value(affinity)),
+        ("tolerations", serde_json::to_value(tolerations)),
+        ("podAnnotations", serde_json::to_value(pod_annotations)),
+        ("podLabels", serde_json::to_value(pod_labels)),
+        ("metricsExporter", serde_json::to_value(metrics_exporter)),
+        (
+            "podSecurityContext",
+            serde_json::to_value(pod_security_context),
+        ),
+        ("securityContext", serde_json::to_value(security_context)),
+        (
+            "priorityClassName",
+            serde_json::to_value(priority_class_name),
+        ),
+        ("imagePullSecrets", serde_json::to_value(image_pull_secrets)),
+        (
+            "serviceAccountName",
+            serde_json::to_value(service_account_name),
+        ),
+    ];
+    for (key, value) in optional {
+        let value = value.expect("spec fields serialize");
+        let unset = match &value {
+            serde_json::Value::Null => true,
+            serde_json::Value::Array(a) => a.is_empty(),
+            serde_json::Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        if !unset {
+            inputs[key] = value;
+        }
+    }
+    // `[]` (no constraint) differs from unset (the default spread).
+    if let Some(constraints) = topology_spread_constraints {
+        inputs["topologySpreadConstraints"] =
+            serde_json::to_value(constraints).expect("spec fields serialize");
+    }
+    super::content_hash(&inputs)
 }
 
 fn statefulset_without_marks(spec: &ValidSpec, replicas: i32) -> StatefulSet {
@@ -88,6 +186,23 @@ fn statefulset_without_marks(spec: &ValidSpec, replicas: i32) -> StatefulSet {
                         .then(|| spec.node_selector.clone()),
                     affinity: spec.affinity.clone(),
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    security_context: Some(
+                        spec.pod_security_context
+                            .clone()
+                            .unwrap_or_else(default_pod_security_context),
+                    ),
+                    priority_class_name: spec.priority_class_name.clone(),
+                    topology_spread_constraints: Some(
+                        spec.topology_spread_constraints
+                            .clone()
+                            .unwrap_or_else(|| default_topology_spread(&spec.name)),
+                    )
+                    .filter(|c| !c.is_empty()),
+                    image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+                        .then(|| spec.image_pull_secrets.clone()),
+                    service_account_name: spec.service_account_name.clone(),
+                    // Cache nodes never call the Kubernetes API.
+                    automount_service_account_token: Some(false),
                     ..Default::default()
                 }),
             },
@@ -97,9 +212,65 @@ fn statefulset_without_marks(spec: &ValidSpec, replicas: i32) -> StatefulSet {
     }
 }
 
+/// Unset `podSecurityContext`: what the Pod Security Standard "restricted" asks of a pod. The
+/// uid is not root (arcus-memcached needs no privilege: its port is above 1024 and `-u` only
+/// matters as root); `fsGroup` lets it write the volumes Kubernetes mounts.
+pub fn default_pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(1000),
+        run_as_group: Some(1000),
+        fs_group: Some(1000),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Unset `securityContext` (every container of the pod): "restricted" again.
+pub fn default_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Unset `topologySpreadConstraints`: spread the nodes evenly over Nodes and over zones, where
+/// the scheduler can (`ScheduleAnyway`: more cache nodes than Nodes must still schedule).
+pub fn default_topology_spread(cr_name: &str) -> Vec<TopologySpreadConstraint> {
+    ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        .into_iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(labels::selector_labels(cr_name)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn container_security_context(spec: &ValidSpec) -> Option<SecurityContext> {
+    Some(
+        spec.security_context
+            .clone()
+            .unwrap_or_else(default_security_context),
+    )
+}
+
 /// arcus-memcached's canonical command line (ARCUS.md), built from the spec:
 /// `-p` port, `-m` memlimit, `-c` connections, `-t` threads, `-z` the ensemble, `-o` the ZK
-/// session timeout when set. `-u root` because the image runs as root; `-U 0` turns UDP off.
+/// session timeout when set. `-u root` matters only when a user runs the node as root (the
+/// default pod runs as uid 1000, where memcached ignores it); `-U 0` turns UDP off.
 pub fn command(spec: &ValidSpec) -> Vec<String> {
     let mut cmd: Vec<String> = [
         arcus_paths::MEMCACHED_BIN,
@@ -201,6 +372,7 @@ fn memcached_container(spec: &ValidSpec) -> Container {
             ..Default::default()
         }),
         resources: spec.resources.clone(),
+        security_context: container_security_context(spec),
         ..Default::default()
     }
 }
@@ -235,6 +407,7 @@ fn exporter_container(spec: &ValidSpec, exporter: &MetricsExporter) -> Container
             ])),
             ..Default::default()
         }),
+        security_context: container_security_context(spec),
         ..Default::default()
     }
 }
@@ -516,5 +689,122 @@ mod tests {
             labels.get("jam2in.com/service-code").map(String::as_str),
             Some("test")
         );
+    }
+
+    fn restart_hash_of(change: impl FnOnce(&mut ValidSpec)) -> String {
+        let mut spec = seed_spec();
+        change(&mut spec);
+        restart_hash(&spec)
+    }
+
+    /// The release notes' record: a changed hash of the seed's cache pods means that upgrading
+    /// the operator restarts every cache node of every cluster.
+    #[test]
+    fn restart_hash_is_recorded_in_upgrading_notes() {
+        let notes = include_str!("../../../../docs/UPGRADING.md");
+        let recorded = |what: &str| {
+            let marker = format!("restart-hash of the {what}: `");
+            let at = notes
+                .find(&marker)
+                .unwrap_or_else(|| panic!("docs/UPGRADING.md has no line with {marker:?}"));
+            notes[at + marker.len()..]
+                .split('`')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let mut full = seed_spec();
+        full.zk_session_timeout_seconds = Some(60);
+        full.pod_labels.insert("team".into(), "cache".into());
+        full.priority_class_name = Some("cache".into());
+        for (what, spec) in [("seed sample", seed_spec()), ("full sample", full)] {
+            let hash = restart_hash(&spec);
+            assert_eq!(
+                recorded(what),
+                hash,
+                "the restart-hash of the {what} changed: upgrading the operator would restart every cache node. \
+                 If that is intended (POD_TEMPLATE_EPOCH raised, or a new field hashed when set), add a release note \
+                 saying so to docs/UPGRADING.md and record the new hash there; otherwise keep the hash's inputs as they were"
+            );
+        }
+    }
+
+    #[test]
+    fn restart_hash_covers_what_shapes_a_pod_and_nothing_live() {
+        let seed = restart_hash(&seed_spec());
+        // Applied to running nodes, or no part of a pod.
+        assert_eq!(restart_hash_of(|s| s.memlimit_mb = 200), seed);
+        assert_eq!(restart_hash_of(|s| s.connections = 2000), seed);
+        assert_eq!(restart_hash_of(|s| s.replicas = 7), seed);
+        assert_eq!(restart_hash_of(|s| s.generation = Some(9)), seed);
+        // Spelled out but empty is the same as unset (a new optional field keeps old hashes).
+        assert_eq!(restart_hash_of(|s| s.image_pull_secrets = vec![]), seed);
+        for (what, changed) in [
+            ("image", restart_hash_of(|s| s.image = "arcus:2".into())),
+            ("threads", restart_hash_of(|s| s.threads = 4)),
+            (
+                "pod security context",
+                restart_hash_of(|s| {
+                    s.pod_security_context = Some(PodSecurityContext {
+                        run_as_user: Some(2000),
+                        ..Default::default()
+                    })
+                }),
+            ),
+            (
+                "security context",
+                restart_hash_of(|s| s.security_context = Some(default_security_context())),
+            ),
+            (
+                "no spread constraint",
+                restart_hash_of(|s| s.topology_spread_constraints = Some(vec![])),
+            ),
+            (
+                "service account",
+                restart_hash_of(|s| s.service_account_name = Some("cache".into())),
+            ),
+        ] {
+            assert_ne!(changed, seed, "{what} must restart the nodes");
+        }
+    }
+
+    #[test]
+    fn defaults_pass_pod_security_restricted() {
+        let mut spec = seed_spec();
+        spec.metrics_exporter = Some(MetricsExporter {
+            image: "prom/memcached-exporter:v0.15.3".into(),
+            port: 9150,
+            interval: "30s".into(),
+        });
+        let sts = statefulset(&spec, 3);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_ne!(psc.run_as_user, Some(0));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        assert_eq!(pod.containers.len(), 2);
+        for c in &pod.containers {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop,
+                Some(vec!["ALL".to_string()])
+            );
+        }
+        assert!(
+            pod.volumes.is_none(),
+            "restricted allows only some volume types"
+        );
+        let spread = pod.topology_spread_constraints.unwrap();
+        let keys: Vec<&str> = spread.iter().map(|c| c.topology_key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        );
+        // Opting out of the default spread.
+        let mut none = seed_spec();
+        none.topology_spread_constraints = Some(vec![]);
+        let pod = statefulset(&none, 3).spec.unwrap().template.spec.unwrap();
+        assert!(pod.topology_spread_constraints.is_none());
     }
 }

@@ -50,10 +50,29 @@ impl Sandbox {
 
     /// A new namespace `<prefix>-<random>`; delete it with [`TestNamespace::cleanup`].
     pub async fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
+        self.namespace_labelled(prefix, &[]).await
+    }
+
+    /// A new namespace where the API server's Pod Security admission enforces the "restricted"
+    /// standard: what the operator and its cache pods must be admitted under.
+    pub async fn restricted_namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
+        self.namespace_labelled(prefix, &[(POD_SECURITY_ENFORCE, "restricted")])
+            .await
+    }
+
+    async fn namespace_labelled(
+        &self,
+        prefix: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<TestNamespace> {
         let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let mut labels = serde_json::json!({"arcus-e2e": "true"});
+        for (k, v) in extra {
+            labels[*k] = serde_json::json!(v);
+        }
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {"arcus-e2e": "true"}}
+            "metadata": {"name": name, "labels": labels}
         }))?;
         Api::<Namespace>::all(self.client.clone())
             .create(&PostParams::default(), &ns)
@@ -132,6 +151,9 @@ async fn start_if_down(repo: PathBuf, dir: PathBuf) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The namespace label the Pod Security admission enforces.
+pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
 /// Whether the pod's Ready condition is True.
 pub fn pod_ready(p: &Pod) -> bool {

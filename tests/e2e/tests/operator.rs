@@ -83,6 +83,21 @@ async fn wait_ready(
     .await
 }
 
+/// How many of the namespace's cache pods each Node runs.
+async fn node_counts(
+    ns: &TestNamespace,
+) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+    let pods: Api<Pod> = ns.api();
+    let mut counts = std::collections::BTreeMap::new();
+    let cache_pods = ListParams::default().labels("app.kubernetes.io/name=arcus-memcached");
+    for p in pods.list(&cache_pods).await? {
+        if let Some(node) = p.spec.and_then(|s| s.node_name) {
+            *counts.entry(node).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
+}
+
 async fn pods_named(ns: &TestNamespace, prefix: &str) -> BTreeSet<String> {
     let pods: Api<Pod> = ns.api();
     pods.list(&ListParams::default())
@@ -104,7 +119,8 @@ where
     Fut: std::future::Future<Output = (TestNamespace, anyhow::Result<()>)>,
 {
     let sandbox = Sandbox::shared().await?;
-    let ns = sandbox.namespace(prefix).await?;
+    // The operator and every cache pod must be admitted under Pod Security "restricted".
+    let ns = sandbox.restricted_namespace(prefix).await?;
     if let Err(e) = deploy_operator(sandbox, &ns, operators).await {
         ns.dump().await;
         undeploy_operator(sandbox, &ns).await;
@@ -153,7 +169,7 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
-    with_namespace("walk", 3, |_sandbox, ns| async move {
+    with_namespace("walk", 3, |sandbox, ns| async move {
         let r = async {
             let zk = zk_client().await?;
             let svc = service_code(&ns);
@@ -208,14 +224,26 @@ async fn seed_walkthrough_scale_out_scale_in_delete() -> anyhow::Result<()> {
                 deleted_at.elapsed()
             );
 
-            // Scale out: the mappings must exist by the time the StatefulSet asks for 5, and the
-            // new nodes must never have exited for want of a mapping (exit 76 → restarts).
-            crs.patch(
-                "test",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"replicas": 5}})),
-            )
-            .await?;
+            // The scale subresource: what `kubectl scale` and an autoscaler read and write.
+            let status = crs.get("test").await?.status.unwrap();
+            assert_eq!(status.replicas, Some(3));
+            assert_eq!(
+                status.label_selector.as_deref(),
+                Some("app.kubernetes.io/instance=test,app.kubernetes.io/name=arcus-memcached")
+            );
+            // The default spread: 3 nodes on 3 Nodes (the sandbox's Nodes are in 3 zones).
+            let placed = node_counts(&ns).await?;
+            eprintln!("cache pods per Node: {placed:?}");
+            assert_eq!(
+                placed.len(),
+                3,
+                "3 cache pods spread over the 3 Nodes: {placed:?}"
+            );
+
+            // Scale out with `kubectl scale`: the mappings must exist by the time the
+            // StatefulSet asks for 5, and the new nodes must never have exited for want of a
+            // mapping (exit 76 → restarts).
+            sandbox.kubectl(&["scale", "-n", &ns.name, "mc/test", "--replicas=5"])?;
             let sts: Api<StatefulSet> = ns.api();
             wait_until(
                 Duration::from_secs(60),

@@ -30,6 +30,8 @@ pub struct NodeCtx {
 pub struct Settings {
     pub nodes: Vec<NodeInfo>,
     pub sandbox_dir: PathBuf,
+    /// OCI image layouts (`<image_dir>/<name>/index.json`), looked up before the image table.
+    pub image_dir: PathBuf,
     pub bin_dir: String,
     pub repo_dir: String,
     pub api_server: String,
@@ -47,6 +49,7 @@ pub struct Agent {
     pub dns: DnsSettings,
     pub sandbox_dir: PathBuf,
     pub images_path: PathBuf,
+    pub image_dir: PathBuf,
     pub bin_dir: String,
     pub repo_dir: String,
     pub api_server: String,
@@ -80,6 +83,7 @@ impl Agent {
             dns: settings.dns,
             sandbox_dir: settings.sandbox_dir,
             images_path: images.path.clone(),
+            image_dir: settings.image_dir,
             bin_dir: settings.bin_dir,
             repo_dir: settings.repo_dir,
             api_server: settings.api_server,

@@ -10,11 +10,14 @@ mod images;
 mod ipam;
 mod netns;
 mod node;
+mod oci;
 mod pod;
 mod probe;
+mod rootfs;
 mod runtime;
 mod serviceaccount;
 mod status;
+mod users;
 mod volumes;
 
 use std::collections::HashSet;
@@ -75,6 +78,11 @@ struct Cli {
     /// Image table (default: <repo>/sandbox/images.yaml).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// OCI image layouts: an image whose name (last path component, without tag or digest) has
+    /// `<image-dir>/<name>/index.json` runs from that layout in its own root filesystem; other
+    /// images go through the image table. Default: <repo>/target/images.
+    #[arg(long, env = "ARCUS_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
     /// Where the project's binaries are ({bin_dir} in the image table; default: this binary's dir).
     #[arg(long, env = "ARCUS_BIN_DIR")]
     bin_dir: Option<PathBuf>,
@@ -142,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| repo.join("sandbox/images.yaml"));
     let table = images::ImageTable::load(&images_path)?;
     let bin_dir = cli.bin_dir.unwrap_or(exe_dir);
+    let image_dir = cli.image_dir.unwrap_or_else(|| repo.join("target/images"));
     let kubeconfig = Kubeconfig::read_from(&cli.kubeconfig)
         .with_context(|| format!("reading kubeconfig {}", cli.kubeconfig.display()))?;
     let tls = serviceaccount::ServerTls::from_kubeconfig(&kubeconfig);
@@ -163,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(nodes = %nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(","),
         bridge = %net.bridge, gateway = %net.gateway, service_cidr = %net.service_cidr,
         cluster_dns = %cli.cluster_dns, sandbox = %cli.sandbox_dir.display(), images = %images_path.display(),
-        bin_dir = %bin_dir.display(), repo = %repo.display(), api_server = %cli.api_server, known_images = %table.known(),
+        image_dir = %image_dir.display(), bin_dir = %bin_dir.display(), repo = %repo.display(), api_server = %cli.api_server, known_images = %table.known(),
         "starting");
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -193,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent::Settings {
             nodes: nodes.clone(),
             sandbox_dir: cli.sandbox_dir.clone(),
+            image_dir,
             bin_dir: bin_dir.to_string_lossy().to_string(),
             repo_dir: repo.to_string_lossy().to_string(),
             api_server: cli.api_server.clone(),

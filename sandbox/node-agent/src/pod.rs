@@ -1,7 +1,9 @@
 //! One worker per pod bound to one of the agent's nodes: IP and pod dir, network namespace,
-//! ServiceAccount kubeconfig, DNS files and volumes, init containers then containers (each
-//! supervised: probes, restarts with back-off), status reports, and graceful termination on
-//! deletion or agent shutdown (then the network namespace is removed).
+//! ServiceAccount kubeconfig and token dir, DNS files and volumes, init containers then
+//! containers (each supervised: probes, restarts with back-off), status reports, and graceful
+//! termination on deletion or agent shutdown (then the network namespace is removed).
+//! A container's image is an OCI layout when the image dir has one (its own root filesystem,
+//! `prepare_layout`), else an image-table program (`prepare_table`).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -453,6 +455,25 @@ async fn setup(ctx: &PodCtx) -> Result<(), String> {
     );
     serviceaccount::write_kubeconfig(&ctx.dir.join("kubeconfig"), &doc)
         .map_err(|e| format!("writing kubeconfig: {e}"))?;
+    // What images (own root filesystem) see at /var/run/secrets/kubernetes.io/serviceaccount.
+    let sa_dir = ctx.dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa_dir)
+        .and_then(|_| serviceaccount::write_kubeconfig(&sa_dir.join("kubeconfig"), &doc))
+        .and_then(|_| serviceaccount::write_secret_file(&sa_dir.join("token"), token.as_bytes()))
+        .and_then(|_| std::fs::write(sa_dir.join("namespace"), &ctx.ns))
+        .and_then(|_| {
+            match ctx
+                .agent
+                .tls
+                .ca_data
+                .as_deref()
+                .map(|d| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, d))
+            {
+                Some(Ok(pem)) => std::fs::write(sa_dir.join("ca.crt"), pem),
+                _ => Ok(()),
+            }
+        })
+        .map_err(|e| format!("writing {}: {e}", sa_dir.display()))?;
     let (ip, host_ip) = (ctx.ip.to_string(), ctx.host_ip.to_string());
     let facts = ctx.facts(&pod, &ip, &host_ip);
     if !ctx.host_network {
@@ -526,7 +547,12 @@ fn write_dns_files(ctx: &PodCtx, pod: &Pod) -> Result<(), String> {
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let resolv = crate::dns::resolv_conf(pod, &ctx.agent.dns, &host_resolv);
     let hosts = crate::dns::hosts_file(pod, &ctx.ip.to_string(), &ctx.agent.dns);
-    for (file, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+    let hostname = format!("{}\n", ctx.hostname);
+    for (file, text) in [
+        ("resolv.conf", resolv),
+        ("hosts", hosts),
+        ("hostname", hostname),
+    ] {
         let path = ctx.dir.join(file);
         std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
@@ -666,15 +692,85 @@ fn program_exists(program: &str) -> bool {
     true // looked up in PATH at exec; a failure shows as RunContainerError
 }
 
-async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
-    let pod = ctx.pod();
-    let image = c.image.clone().unwrap_or_default();
-    let table = ctx.agent.images();
-    let entry = table.lookup(&image).map_err(|e| PrepError {
+/// Container paths of the files every container gets from the pod (not for hostNetwork pods,
+/// which see the host's: with a rootfs they are bound from the host).
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn image_pull_error(message: String) -> PrepError {
+    PrepError {
         reason: "ErrImagePull",
-        message: e.to_string(),
+        message,
         retry: Duration::from_secs(10),
-    })?;
+    }
+}
+
+/// Lets a non-root container read the pod's credentials (kubeconfig, token), as kubelet hands
+/// projected tokens to the pod's user: owner uid, group fsGroup (or the gid), 0640 / 0600.
+fn share_credentials(ctx: &PodCtx, creds: &crate::users::Credentials, fs_group: Option<u32>) {
+    if creds.uid == 0 {
+        return;
+    }
+    let files = [
+        ctx.dir.join("kubeconfig"),
+        ctx.dir.join("serviceaccount/token"),
+        ctx.dir.join("serviceaccount/kubeconfig"),
+    ];
+    for f in files.iter().filter(|f| f.exists()) {
+        let gid = fs_group.unwrap_or(creds.gid);
+        let mode = if fs_group.is_some() { 0o640 } else { 0o600 };
+        if let Err(e) = std::os::unix::fs::chown(f, Some(creds.uid), Some(gid)).and_then(|_| {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        }) {
+            warn!(pod = %ctx.key, file = %f.display(), error = %e, "handing the pod's credentials to its user");
+        }
+    }
+}
+
+fn pod_fs_group(pod: &Pod) -> Option<u32> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.fs_group)
+        .map(|g| g as u32)
+}
+
+fn identity_err(e: crate::users::UserError) -> PrepError {
+    PrepError {
+        reason: e.reason,
+        message: e.message,
+        retry: Duration::from_secs(10),
+    }
+}
+
+async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
+    let image = c.image.clone().unwrap_or_default();
+    // A reference that does not parse cannot name a layout; the table reports it.
+    let layout = if crate::oci::parse_ref(&image).is_ok() {
+        let dir = ctx.agent.image_dir.clone();
+        let img = image.clone();
+        tokio::task::spawn_blocking(move || crate::oci::lookup(&dir, &img))
+            .await
+            .map_err(|e| image_pull_error(e.to_string()))?
+            .map_err(image_pull_error)?
+    } else {
+        crate::oci::Lookup::NoLayout
+    };
+    match layout {
+        crate::oci::Lookup::Found(img) => prepare_layout(ctx, c, *img).await,
+        crate::oci::Lookup::Missing(m) => Err(image_pull_error(m.to_string())),
+        crate::oci::Lookup::NoLayout => prepare_table(ctx, c).await,
+    }
+}
+
+/// The container's env (resolved, `$(VAR)`-expanded command and args) or a config error.
+struct ContainerInput {
+    env: BTreeMap<String, String>,
+    command: Vec<String>,
+    args: Vec<String>,
+}
+
+async fn container_input(ctx: &PodCtx, c: &Container) -> Result<ContainerInput, PrepError> {
+    let pod = ctx.pod();
     let config_err = |message: String| PrepError {
         reason: "CreateContainerConfigError",
         message,
@@ -683,10 +779,257 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
     let data = fetch_objects(ctx, c).await.map_err(config_err)?;
     let (ip, host_ip) = (ctx.ip.to_string(), ctx.host_ip.to_string());
     let facts = ctx.facts(&pod, &ip, &host_ip);
-    let container_env =
-        env::resolve_env(c, &facts, &data).map_err(|e| config_err(e.to_string()))?;
-    let command = env::expand_all(c.command.as_deref().unwrap_or_default(), &container_env);
-    let args = env::expand_all(c.args.as_deref().unwrap_or_default(), &container_env);
+    let env = env::resolve_env(c, &facts, &data).map_err(|e| config_err(e.to_string()))?;
+    let command = env::expand_all(c.command.as_deref().unwrap_or_default(), &env);
+    let args = env::expand_all(c.args.as_deref().unwrap_or_default(), &env);
+    Ok(ContainerInput { env, command, args })
+}
+
+/// A container from an OCI layout: a fresh rootfs from its layers, the image's process config
+/// under the container's, its user.
+async fn prepare_layout(
+    ctx: &PodCtx,
+    c: &Container,
+    img: crate::oci::LayoutImage,
+) -> Result<Prepared, PrepError> {
+    let pod = ctx.pod();
+    let input = container_input(ctx, c).await?;
+    let root = ctx.dir.join("rootfs").join(&c.name);
+    let started = Instant::now();
+    let unpack = {
+        let (img, root) = (img.clone(), root.clone());
+        tokio::task::spawn_blocking(move || crate::rootfs::create(&img, &root)).await
+    };
+    unpack
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|e| PrepError {
+            reason: "CreateContainerError",
+            message: format!(
+                "creating the root filesystem of {:?} from {}: {e}",
+                c.image.as_deref().unwrap_or_default(),
+                img.layout.display()
+            ),
+            retry: ctx.agent.backoff(2),
+        })?;
+    info!(pod = %ctx.key, container = %c.name, image = %img.image_id(), layers = img.manifest.layers.len(),
+        ms = started.elapsed().as_millis() as u64, root = %root.display(), "root filesystem unpacked");
+    let read_in_root = |p: &str| {
+        crate::oci::resolve_in_root(&root, std::path::Path::new(p))
+            .and_then(std::fs::read_to_string)
+            .unwrap_or_default()
+    };
+    let (passwd, group) = (read_in_root("/etc/passwd"), read_in_root("/etc/group"));
+    let image_user = crate::users::ImageUser {
+        user: img.config.user.as_deref().unwrap_or_default(),
+        passwd: &passwd,
+        group: &group,
+    };
+    let identity = crate::users::resolve(&pod, c, Some(&image_user)).map_err(identity_err)?;
+    // Env: the image's, then the container's on top, then what the agent adds.
+    let mut env = crate::oci::image_env(&img.config);
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
+    env.extend(input.env.clone());
+    env.entry("HOSTNAME".into())
+        .or_insert_with(|| ctx.hostname.clone());
+    if let Some(home) = &identity.home {
+        env.entry("HOME".into()).or_insert_with(|| home.clone());
+    }
+    let automount = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.automount_service_account_token)
+        != Some(false);
+    // The API server's ServiceAccount admission adds a projected `kube-api-access-*` volume at
+    // SA_DIR (token, ca.crt, namespace); the agent cannot project tokens, so its own dir (token,
+    // namespace, kubeconfig) takes that place. Any other volume mounted there wins.
+    let pod_volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    let is_token_volume = |name: &str| {
+        pod_volumes.iter().any(|v| {
+            v.name == name
+                && v.projected.as_ref().is_some_and(|p| {
+                    p.sources
+                        .iter()
+                        .flatten()
+                        .any(|s| s.service_account_token.is_some())
+                })
+        })
+    };
+    let at_sa_dir =
+        |m: &k8s_openapi::api::core::v1::VolumeMount| m.mount_path.trim_end_matches('/') == SA_DIR;
+    let sa_mounted = automount
+        && !c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| at_sa_dir(m) && !is_token_volume(&m.name));
+    if sa_mounted && !input.env.contains_key("KUBECONFIG") {
+        env.insert("KUBECONFIG".into(), format!("{SA_DIR}/kubeconfig"));
+    }
+    let argv = crate::oci::merge_command(
+        img.config.entrypoint.as_deref().unwrap_or_default(),
+        img.config.cmd.as_deref().unwrap_or_default(),
+        &input.command,
+        &input.args,
+    );
+    let Some((argv0, args)) = argv.split_first() else {
+        return Err(PrepError {
+            reason: "CreateContainerError",
+            message: format!(
+                "image {:?} has no Entrypoint or Cmd and the container gives no command",
+                c.image.as_deref().unwrap_or_default()
+            ),
+            retry: Duration::from_secs(10),
+        });
+    };
+    let working_dir = c
+        .working_dir
+        .clone()
+        .or_else(|| img.config.working_dir.clone())
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    if !working_dir.starts_with('/') {
+        return Err(PrepError {
+            reason: "CreateContainerConfigError",
+            message: format!("workingDir {working_dir:?} must be an absolute path"),
+            retry: Duration::from_secs(10),
+        });
+    }
+    // As a runtime does: a missing working dir is created in the container's filesystem.
+    if let Ok(host_wd) = crate::oci::resolve_in_root(&root, std::path::Path::new(&working_dir)) {
+        let _ = std::fs::create_dir_all(host_wd);
+    }
+    let program = crate::oci::find_program(
+        &root,
+        argv0,
+        env.get("PATH").map(String::as_str).unwrap_or(DEFAULT_PATH),
+        &working_dir,
+    )
+    .map_err(|e| PrepError {
+        reason: "RunContainerError",
+        message: format!("image {:?}: {e}", c.image.as_deref().unwrap_or_default()),
+        retry: ctx.agent.backoff(2),
+    })?;
+    let volumes = ctx.volumes.lock().expect("volumes lock").clone();
+    let config_err = |message: String| PrepError {
+        reason: "CreateContainerConfigError",
+        message,
+        retry: ctx.agent.backoff(2),
+    };
+    let mut without_token = c.clone();
+    if sa_mounted {
+        if let Some(vms) = without_token.volume_mounts.as_mut() {
+            vms.retain(|m| !(at_sa_dir(m) && is_token_volume(&m.name)));
+        }
+    }
+    let volume_mounts = crate::volumes::mounts_for(&without_token, &volumes).map_err(config_err)?;
+    let etc: [(&str, PathBuf); 3] = if ctx.host_network {
+        [
+            ("/etc/resolv.conf", "/etc/resolv.conf".into()),
+            ("/etc/hosts", "/etc/hosts".into()),
+            ("/etc/hostname", "/etc/hostname".into()),
+        ]
+    } else {
+        [
+            ("/etc/resolv.conf", ctx.dir.join("resolv.conf")),
+            ("/etc/hosts", ctx.dir.join("hosts")),
+            ("/etc/hostname", ctx.dir.join("hostname")),
+        ]
+    };
+    let mut mounts: Vec<Mount> = etc
+        .into_iter()
+        .filter(|(_, source)| source.is_file())
+        .map(|(target, source)| Mount {
+            source,
+            target: PathBuf::from(target),
+            read_only: false,
+        })
+        .collect();
+    if sa_mounted && ctx.dir.join("serviceaccount").is_dir() {
+        mounts.push(Mount {
+            source: ctx.dir.join("serviceaccount"),
+            target: PathBuf::from(SA_DIR),
+            read_only: true,
+        });
+    }
+    mounts.retain(|m| !volume_mounts.iter().any(|v| v.target == m.target));
+    mounts.extend(volume_mounts);
+    mounts.sort_by_key(|m| m.target.components().count());
+    if let Some(creds) = &identity.creds {
+        share_credentials(ctx, creds, pod_fs_group(&pod));
+    }
+    let read_only = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.read_only_root_filesystem)
+        .unwrap_or(false);
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let target = probe::Target {
+        pod_ip: ctx.ip.to_string(),
+        env: env.clone(),
+        ports: c.ports.clone().unwrap_or_default(),
+        working_dir: working_dir.clone(),
+        pid: None,
+        netns: ctx.netns_path(),
+        user: identity.creds.clone(),
+        no_new_privs: identity.no_new_privs,
+    };
+    Ok(Prepared {
+        image_id: img.image_id(),
+        spawn: SpawnSpec {
+            program,
+            args: args.to_vec(),
+            env,
+            working_dir: PathBuf::from(working_dir),
+            mounts,
+            log_file: ctx.agent.pod_log(&ctx.ns, &ctx.name, &c.name),
+            netns: ctx.netns_path(),
+            hostname: (!ctx.host_network).then(|| ctx.hostname.clone()),
+            rootfs: Some(runtime::Rootfs { root, read_only }),
+            user: identity.creds,
+            no_new_privs: identity.no_new_privs,
+        },
+        target,
+    })
+}
+
+/// A container whose image is in the image table: a program on the host's filesystem.
+async fn prepare_table(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
+    let pod = ctx.pod();
+    let image = c.image.clone().unwrap_or_default();
+    let table = ctx.agent.images();
+    let never = c.image_pull_policy.as_deref() == Some("Never");
+    let entry = table.lookup(&image).map_err(|e| {
+        if never {
+            // kubelet's wording for a missing image that may not be pulled.
+            PrepError {
+                reason: "ErrImageNeverPull",
+                message: format!(
+                    "Container image {image:?} is not present with pull policy of Never ({e})"
+                ),
+                retry: Duration::from_secs(10),
+            }
+        } else {
+            image_pull_error(e.to_string())
+        }
+    })?;
+    let config_err = |message: String| PrepError {
+        reason: "CreateContainerConfigError",
+        message,
+        retry: ctx.agent.backoff(2),
+    };
+    let identity = crate::users::resolve(&pod, c, None).map_err(identity_err)?;
+    let ContainerInput {
+        env: container_env,
+        command,
+        args,
+    } = container_input(ctx, c).await?;
+    let ip = ctx.ip.to_string();
     let dir = ctx.dir.to_string_lossy().to_string();
     let agent_env = |n: &str| std::env::var(n).ok();
     let templates = Templates {
@@ -735,7 +1078,6 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
         );
     }
     env.extend(launch.env.iter().cloned());
-    let env: Vec<(String, String)> = env.into_iter().collect();
     let volumes = ctx.volumes.lock().expect("volumes lock").clone();
     let mut mounts = crate::volumes::mounts_for(c, &volumes).map_err(config_err)?;
     if !ctx.host_network {
@@ -750,6 +1092,20 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
     if !mounts.iter().any(|m| working_dir.starts_with(&m.target)) {
         let _ = std::fs::create_dir_all(&working_dir);
     }
+    if let Some(creds) = identity.creds.as_ref().filter(|u| u.uid != 0) {
+        share_credentials(ctx, creds, pod_fs_group(&pod));
+        // The pod dir stands in for the image's working dir (ZooKeeper writes conf/ and data/
+        // there): a non-root program needs to own it, and a HOME it can write.
+        if working_dir == ctx.dir {
+            if let Err(e) = std::os::unix::fs::chown(&ctx.dir, Some(creds.uid), Some(creds.gid)) {
+                warn!(pod = %ctx.key, error = %e, "handing the pod dir to the container's user");
+            }
+        }
+        if !container_env.contains_key("HOME") {
+            env.insert("HOME".into(), working_dir.to_string_lossy().to_string());
+        }
+    }
+    let env: Vec<(String, String)> = env.into_iter().collect();
     let target = probe::Target {
         pod_ip: ip.clone(),
         env: env.clone(),
@@ -757,6 +1113,8 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
         working_dir: working_dir.to_string_lossy().to_string(),
         pid: None,
         netns: ctx.netns_path(),
+        user: identity.creds.clone(),
+        no_new_privs: identity.no_new_privs,
     };
     Ok(Prepared {
         image_id: format!("sandbox://{}", launch.program),
@@ -769,6 +1127,9 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
             log_file: ctx.agent.pod_log(&ctx.ns, &ctx.name, &c.name),
             netns: ctx.netns_path(),
             hostname: (!ctx.host_network).then(|| ctx.hostname.clone()),
+            rootfs: None,
+            user: identity.creds,
+            no_new_privs: identity.no_new_privs,
         },
         target,
     })

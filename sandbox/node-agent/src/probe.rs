@@ -23,6 +23,9 @@ pub struct Target {
     pub pid: Option<u32>,
     /// The pod's network namespace: exec probes and hooks run in it (`None`: the host's).
     pub netns: Option<std::path::PathBuf>,
+    /// Exec probes and hooks run as the container's user (`None`: the agent's).
+    pub user: Option<crate::users::Credentials>,
+    pub no_new_privs: bool,
 }
 
 /// Probe settings with Kubernetes' defaults applied.
@@ -137,6 +140,8 @@ pub async fn exec(action: &ExecAction, t: &Target, timeout: Duration) -> Result<
     };
     let net_fd = net.as_ref().map(|f| f.as_raw_fd());
     let cwd = std::ffi::CString::new(t.working_dir.clone()).map_err(|e| e.to_string())?;
+    let user = t.user.clone();
+    let no_new_privs = t.no_new_privs;
     let mut cmd = tokio::process::Command::new(&program);
     cmd.args(&args)
         .env_clear()
@@ -164,6 +169,17 @@ pub async fn exec(action: &ExecAction, t: &Target, timeout: Duration) -> Result<
                 libc::setns(fd, libc::CLONE_NEWNS);
             }
             libc::chdir(cwd.as_ptr());
+            if let Some(u) = &user {
+                if libc::setgroups(u.groups.len(), u.groups.as_ptr()) != 0
+                    || libc::setgid(u.gid) != 0
+                    || libc::setuid(u.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -394,6 +410,8 @@ mod tests {
             working_dir: "/".into(),
             pid: None,
             netns: None,
+            user: None,
+            no_new_privs: false,
         }
     }
 

@@ -147,6 +147,14 @@ pub fn write_kubeconfig(path: &Path, doc: &serde_json::Value) -> std::io::Result
     std::fs::rename(tmp, path)
 }
 
+/// Writes a 0600 file atomically (the token for images' serviceaccount dir).
+pub fn write_secret_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,6 +185,9 @@ async fn prepare_one(
     let dir = pod_dir.join("volumes").join(&v.name);
     if v.empty_dir.is_some() {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        // kubelet's emptyDir is world-writable, so a container of any user can use it.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| e.to_string())?;
         return Ok(dir);
     }
     if let Some(cm) = &v.config_map {
@@ -273,7 +276,12 @@ async fn prepare_one(
     }
     if let Some(pvc) = &v.persistent_volume_claim {
         let dir = sandbox_dir.join("volumes").join(&ns).join(&pvc.claim_name);
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            // As a hostPath/local-path provisioner's new volume: writable for any pod user.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| e.to_string())?;
+        }
         return Ok(dir);
     }
     Err(format!(
@@ -291,6 +299,12 @@ pub async fn prepare(
     facts: &PodFacts<'_>,
 ) -> Result<BTreeMap<String, PathBuf>, String> {
     let mut out = BTreeMap::new();
+    let fs_group = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.fs_group)
+        .map(|g| g as u32);
     for v in pod
         .spec
         .as_ref()
@@ -301,9 +315,56 @@ pub async fn prepare(
         let path = prepare_one(client, v, pod_dir, sandbox_dir, facts)
             .await
             .map_err(|e| format!("MountVolume.SetUp failed for volume {:?}: {e}", v.name))?;
+        if let Some(gid) = fs_group {
+            let content = v.config_map.is_some()
+                || v.secret.is_some()
+                || v.downward_api.is_some()
+                || v.projected.is_some();
+            if content || v.empty_dir.is_some() || v.persistent_volume_claim.is_some() {
+                apply_fs_group(&path, gid, !content).map_err(|e| {
+                    format!(
+                        "MountVolume.SetUp failed for volume {:?}: applying fsGroup {gid} to {}: {e}",
+                        v.name,
+                        path.display()
+                    )
+                })?;
+            }
+        }
         out.insert(v.name.clone(), path);
     }
     Ok(out)
+}
+
+/// kubelet's SetVolumeOwnership: group `gid` on everything, setgid directories, group
+/// read (and write, for `writable` volumes: emptyDir, PVC) permission. A writable volume whose
+/// top directory already has the group and setgid is left alone (fsGroupChangePolicy
+/// OnRootMismatch: a large PVC is not walked on every start); content volumes (configMap,
+/// secret, …) are small and rewritten by the refresh, so they are always walked.
+pub fn apply_fs_group(dir: &Path, gid: u32, writable: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let top = std::fs::symlink_metadata(dir)?;
+    if writable && top.gid() == gid && top.mode() & 0o2000 != 0 {
+        return Ok(());
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p)?;
+        if m.file_type().is_symlink() {
+            continue; // not followed: it may point anywhere on the host
+        }
+        std::os::unix::fs::lchown(&p, None, Some(gid))?;
+        let bits = if writable { 0o660 } else { 0o440 };
+        let mode = if m.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+            m.mode() | bits | 0o110 | 0o2000
+        } else {
+            m.mode() | bits
+        };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o7777))?;
+    }
+    Ok(())
 }
 
 /// The bind mounts for a container's volumeMounts, parents before children.
@@ -384,6 +445,49 @@ mod tests {
         assert!(!dir.join("d").exists());
         assert!(write_files(&dir, &[("../x".into(), vec![], 0o644)]).is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Root only (chown to another group): kubelet's fsGroup ownership rules.
+    #[test]
+    fn fs_group_ownership() {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: not root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("agent-fsgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/f"), "x").unwrap();
+        std::fs::set_permissions(dir.join("sub/f"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::fs::write(dir.join("outside"), "o").unwrap();
+        std::os::unix::fs::symlink(dir.join("outside"), dir.join("sub/link")).unwrap();
+        let outside_gid = std::fs::metadata(dir.join("outside")).unwrap().gid();
+        let vol = dir.join("sub");
+        apply_fs_group(&vol, 4242, true).unwrap();
+        let m = |p: &str| std::fs::symlink_metadata(dir.join(p)).unwrap();
+        assert_eq!(
+            (m("sub").gid(), m("sub").mode() & 0o7777 & 0o2770),
+            (4242, 0o2770)
+        );
+        assert_eq!((m("sub/f").gid(), m("sub/f").mode() & 0o777), (4242, 0o660));
+        assert_eq!(m("outside").gid(), outside_gid, "symlinks are not followed");
+        // OnRootMismatch: a matching root is not walked again.
+        std::fs::write(dir.join("sub/new"), "n").unwrap();
+        assert_eq!(
+            m("sub/new").gid(),
+            4242,
+            "new files inherit the group (setgid dir)"
+        );
+        std::os::unix::fs::lchown(dir.join("sub/new"), None, Some(0)).unwrap();
+        apply_fs_group(&vol, 4242, true).unwrap();
+        assert_eq!(m("sub/new").gid(), 0);
+        // Content volumes are always walked, read permission only.
+        apply_fs_group(&vol, 4242, false).unwrap();
+        assert_eq!(m("sub/new").gid(), 4242);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

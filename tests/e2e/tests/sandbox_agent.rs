@@ -574,3 +574,372 @@ async fn deleting_a_pod_sends_sigterm_and_removes_it() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// An OCI image layout written for one test into the sandbox's image dir
+/// (`<repo>/target/images/<name>`), removed on drop.
+struct TestLayout {
+    dir: std::path::PathBuf,
+    name: String,
+}
+
+impl Drop for TestLayout {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(cmd: &mut std::process::Command) -> anyhow::Result<String> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Writes `data` as a blob; returns (`sha256:<hex>`, size).
+fn put_blob(layout: &std::path::Path, data: &[u8]) -> anyhow::Result<(String, usize)> {
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let tmp = blobs.join("incoming");
+    std::fs::write(&tmp, data)?;
+    let hex = sh(std::process::Command::new("sha256sum").arg(&tmp))?
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    std::fs::rename(&tmp, blobs.join(&hex))?;
+    Ok((format!("sha256:{hex}"), data.len()))
+}
+
+impl TestLayout {
+    /// A layout `<name>` with no tags yet.
+    fn new(sb: &Sandbox, name: &str) -> TestLayout {
+        TestLayout {
+            dir: sb.repo.join("target/images").join(name),
+            name: name.to_string(),
+        }
+    }
+
+    /// Adds tag `tag`: one gzip layer with the host's dash as /bin/sh (and the libraries ldd
+    /// names), a marker file, a FIFO to block on, /etc/passwd; `config` as the image config's
+    /// process part. Returns the manifest digest. The index is written last, as an image
+    /// builder would, so the agent never sees a half-written tag.
+    fn add_tag(&self, tag: &str, config: serde_json::Value) -> anyhow::Result<String> {
+        let stage = std::env::temp_dir().join(format!("arcus-e2e-layer-{}-{tag}", self.name));
+        let _ = std::fs::remove_dir_all(&stage);
+        let dash = std::fs::canonicalize("/bin/sh")?;
+        let mut files = vec![(std::path::PathBuf::from("bin/sh"), dash.clone())];
+        for line in sh(std::process::Command::new("ldd").arg(&dash))?.lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                files.push((p.trim_start_matches('/').into(), p.into()));
+            }
+        }
+        for (rel, src) in &files {
+            let dst = stage.join(rel);
+            std::fs::create_dir_all(dst.parent().expect("parent"))?;
+            std::fs::copy(src, &dst)?;
+        }
+        std::fs::create_dir_all(stage.join("etc"))?;
+        std::fs::write(
+            stage.join("marker"),
+            format!("image {} tag {tag}\n", self.name),
+        )?;
+        std::fs::write(
+            stage.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nnonroot:x:65532:65532::/home/nonroot:/bin/sh\n",
+        )?;
+        sh(std::process::Command::new("mkfifo").arg(stage.join("block")))?;
+        let layer_file = stage.with_extension("tar.gz");
+        sh(std::process::Command::new("tar")
+            .args(["--owner=0", "--group=0", "--numeric-owner", "-czf"])
+            .arg(&layer_file)
+            .arg("-C")
+            .arg(&stage)
+            .arg("."))?;
+        let layer = std::fs::read(&layer_file)?;
+        let _ = std::fs::remove_dir_all(&stage);
+        let _ = std::fs::remove_file(&layer_file);
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(
+            self.dir.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        let (ld, ls) = put_blob(&self.dir, &layer)?;
+        let cfg = serde_json::json!({"architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": []}});
+        let (cd, cs) = put_blob(&self.dir, cfg.to_string().as_bytes())?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]
+        });
+        let (md, ms) = put_blob(&self.dir, manifest.to_string().as_bytes())?;
+        let index_path = self.dir.join("index.json");
+        let mut index: serde_json::Value = std::fs::read(&index_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+        index["manifests"]
+            .as_array_mut()
+            .expect("manifests")
+            .push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+                "annotations": {"org.opencontainers.image.ref.name": tag}
+            }));
+        let tmp = self.dir.join("index.json.tmp");
+        std::fs::write(&tmp, index.to_string())?;
+        std::fs::rename(tmp, index_path)?;
+        Ok(md)
+    }
+}
+
+fn proc_status_field(pid: u32, field: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+}
+
+/// Waits for the first container of pod `name` to wait with `reason`; returns its message.
+async fn wait_waiting(sb: &Sandbox, ns: &str, name: &str, reason: &str) -> anyhow::Result<String> {
+    let api = pods(sb, ns);
+    wait_until(
+        START,
+        &format!("pod {ns}/{name} waiting with {reason}"),
+        || {
+            let api = api.clone();
+            async move {
+                let p = api.get_opt(name).await.ok()??;
+                let w = status_of(&p)?.state?.waiting?;
+                (w.reason.as_deref() == Some(reason)).then(|| w.message.unwrap_or_default())
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn oci_layout_image_runs_in_its_own_root_as_its_user() -> anyhow::Result<()> {
+    in_namespace("agent-oci", |sb, ns| async move {
+        let layout = TestLayout::new(sb, &format!("e2e-{ns}"));
+        let digest = layout.add_tag(
+            "1",
+            serde_json::json!({
+                "User": "65532:65532", "WorkingDir": "/home/nonroot",
+                "Entrypoint": ["/bin/sh", "-c"],
+                "Cmd": ["echo started in $(pwd); echo hi > /scratch/f && echo scratch-ok; \
+                         if echo x > /rootfile; then echo root-writable; fi; read x < /block"],
+                "Env": ["PATH=/bin", "FROM_IMAGE=yes", "OVERRIDDEN=image"]
+            }),
+        )?;
+        let image = format!("registry.sandbox.test:5000/e2e/{}:1", layout.name);
+        let pod = |name: &str, image: &str| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "securityContext": {"runAsNonRoot": true, "fsGroup": 2000},
+                    "volumes": [{"name": "scratch", "emptyDir": {}}],
+                    "containers": [{
+                        "name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
+                        "env": [{"name": "OVERRIDDEN", "value": "pod"}],
+                        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                        "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+                                            "capabilities": {"drop": ["ALL"]}}
+                    }]
+                }
+            })
+        };
+        create_pod(sb, &ns, pod("tiny", &image)).await?;
+        let (p, pid) = wait_running(sb, &ns, "tiny").await?;
+        let cs = status_of(&p).expect("status");
+        assert_eq!(cs.image, image, "image as given");
+        assert_eq!(cs.image_id, format!("{}@{digest}", layout.name));
+        // Its root is the image's: the marker is there, the host's os-release is not.
+        let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+        assert_eq!(
+            std::fs::read_to_string(root.join("marker"))?,
+            format!("image {} tag 1\n", layout.name)
+        );
+        assert!(!root.join("etc/os-release").exists());
+        assert!(std::path::Path::new("/etc/os-release").exists() || !root.join("bin/bash").exists());
+        assert_eq!(proc_status_field(pid, "Uid").as_deref(), Some("65532\t65532\t65532\t65532"));
+        assert_eq!(proc_status_field(pid, "Gid").as_deref(), Some("65532\t65532\t65532\t65532"));
+        assert_eq!(proc_status_field(pid, "Groups").as_deref(), Some("2000 65532"));
+        assert_eq!(proc_status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
+        let env = proc_env(pid);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("FROM_IMAGE").as_deref(), Some("yes"));
+        assert_eq!(get("OVERRIDDEN").as_deref(), Some("pod"));
+        assert_eq!(get("PATH").as_deref(), Some("/bin"));
+        assert_eq!(get("HOME").as_deref(), Some("/home/nonroot"));
+        // The pod's ServiceAccount: in place of the admission's projected token volume.
+        let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+        assert_eq!(get("KUBECONFIG"), Some(format!("{sa}/kubeconfig")));
+        let sa_in_root = root.join(sa.trim_start_matches('/'));
+        assert_eq!(std::fs::read_to_string(sa_in_root.join("namespace"))?, ns);
+        let kc = std::fs::metadata(sa_in_root.join("kubeconfig"))?;
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&kc), 65532, "readable by the pod's user");
+        let token = std::fs::read_to_string(sa_in_root.join("token"))?;
+        assert!(token.len() > 20);
+        let log = sb.dir.join(format!("logs/pods/{ns}_tiny_c.log"));
+        let text = wait_until(START, "the entrypoint's output", || {
+            let log = log.clone();
+            async move {
+                let t = std::fs::read_to_string(&log).ok()?;
+                t.contains("scratch-ok").then_some(t)
+            }
+        })
+        .await?;
+        assert!(text.contains("started in /home/nonroot"), "{text}");
+        assert!(text.contains("Read-only file system"), "{text}");
+        assert!(!text.contains("root-writable"), "{text}");
+
+        // A tag the layout lacks: ErrImagePull naming the tags it has.
+        create_pod(sb, &ns, pod("notag", &format!("{}:nope", layout.name))).await?;
+        let msg = wait_waiting(sb, &ns, "notag", "ErrImagePull").await?;
+        assert!(msg.contains("tag \"nope\"") && msg.contains("it has tags: 1"), "{msg}");
+
+        // A tag added while the agent runs is found at the next container start.
+        let digest2 = layout.add_tag(
+            "2",
+            serde_json::json!({"User": "65532", "Entrypoint": ["/bin/sh", "-c", "read x < /block"]}),
+        )?;
+        create_pod(sb, &ns, pod("tag2", &format!("{}:2", layout.name))).await?;
+        let (p2, _) = wait_running(sb, &ns, "tag2").await?;
+        assert_eq!(
+            status_of(&p2).map(|s| s.image_id),
+            Some(format!("{}@{digest2}", layout.name))
+        );
+
+        // runAsNonRoot with an image that runs as root: kubelet's refusal.
+        let root_layout = TestLayout::new(sb, &format!("e2e-root-{ns}"));
+        root_layout.add_tag("latest", serde_json::json!({"Entrypoint": ["/bin/sh", "-c", "read x < /block"]}))?;
+        create_pod(sb, &ns, pod("rooty", &root_layout.name)).await?;
+        let msg = wait_waiting(sb, &ns, "rooty", "CreateContainerConfigError").await?;
+        assert!(msg.starts_with("container has runAsNonRoot and image will run as root"), "{msg}");
+
+        // The pod's root filesystem goes with the pod.
+        let dir = std::fs::read_dir(sb.dir.join("pods"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{ns}_tiny_"))))
+            .expect("pod dir");
+        assert!(dir.join("rootfs/c/marker").is_file());
+        pods(sb, &ns).delete("tiny", &DeleteParams::default()).await?;
+        wait_until(Duration::from_secs(30), "pod dir removed", || {
+            let dir = dir.clone();
+            async move { (!dir.exists()).then_some(()) }
+        })
+        .await?;
+        assert!(!proc_alive(pid));
+        Ok(())
+    })
+    .await
+}
+
+/// The ARCUS stand-in (a table-mapped program on the host's filesystem) under Pod Security
+/// "restricted" as the operator's cache pods set it: uid/gid 1000, fsGroup, no privilege
+/// escalation, all capabilities dropped. It serves and registers in ZooKeeper like as root.
+#[tokio::test]
+async fn standin_runs_under_restricted_pod_security() -> anyhow::Result<()> {
+    use zookeeper_client as zk;
+    in_namespace("agent-restricted", |sb, ns| async move {
+        let zkc = zk::Client::connector()
+            .with_session_timeout(Duration::from_secs(10))
+            .connect(test_support::sandbox::ZOOKEEPER)
+            .await?;
+        let svc = format!("e2e-{ns}");
+        let hostname = format!("mc.{ns}");
+        let mapping = format!("/arcus/cache_server_mapping/{hostname}:11211");
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        for p in [
+            "/arcus".to_string(),
+            "/arcus/cache_list".into(),
+            "/arcus/cache_server_mapping".into(),
+            "/arcus/cache_server_log".into(),
+            format!("/arcus/cache_list/{svc}"),
+            mapping.clone(),
+            format!("{mapping}/{svc}"),
+        ] {
+            match zkc.create(&p, &[], &persistent).await {
+                Ok(_) | Err(zk::Error::NodeExists) => {}
+                Err(e) => anyhow::bail!("create {p}: {e}"),
+            }
+        }
+        let result = async {
+            create_pod(sb, &ns, serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "mc"},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "automountServiceAccountToken": false,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000,
+                                        "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                    "containers": [{
+                        "name": "memcached", "image": "jam2in/arcus-memcached:1.11.7",
+                        "command": ["/arcus/bin/memcached", "-E", "/arcus/lib/default_engine.so",
+                                    "-X", "/arcus/lib/ascii_scrub.so", "-u", "root", "-D", ":", "-r",
+                                    "-R5", "-U", "0", "-b", "8192", "-p", "11211", "-m", "64",
+                                    "-c", "1024", "-t", "2", "-z", test_support::sandbox::ZOOKEEPER],
+                        "env": [{"name": "ARCUS_CACHE_HOSTNAME_OVERWRITE", "value": hostname}],
+                        "volumeMounts": [{"name": "data", "mountPath": "/tmp/e2e-data-unused"}],
+                        "readinessProbe": {"tcpSocket": {"port": 11211}, "periodSeconds": 1},
+                        "securityContext": {"allowPrivilegeEscalation": false,
+                                            "capabilities": {"drop": ["ALL"]}}
+                    }]
+                }
+            }))
+            .await?;
+            let api = pods(sb, &ns);
+            let p = wait_until(START, "stand-in pod Ready", || {
+                let api = api.clone();
+                async move { api.get_opt("mc").await.ok()?.filter(pod_ready) }
+            })
+            .await?;
+            let pid = pid_of(&status_of(&p).expect("status")).expect("running");
+            // The stand-in itself and its memcached child run as 1000.
+            assert_eq!(proc_status_field(pid, "Uid").as_deref(), Some("1000\t1000\t1000\t1000"));
+            assert_eq!(proc_status_field(pid, "Groups").as_deref(), Some("1000"));
+            assert_eq!(proc_status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
+            let znodes = wait_until(START, "the node's cache_list znode", || {
+                let zkc = zkc.clone();
+                let path = format!("/arcus/cache_list/{svc}");
+                async move {
+                    let c = zkc.list_children(&path).await.ok()?;
+                    (!c.is_empty()).then_some(c)
+                }
+            })
+            .await?;
+            assert!(znodes[0].ends_with(&format!(":11211-{hostname}")), "{znodes:?}");
+            api.delete("mc", &DeleteParams::default()).await?;
+            wait_until(Duration::from_secs(30), "stand-in pod gone", || {
+                let api = api.clone();
+                async move { matches!(api.get_opt("mc").await, Ok(None)).then_some(()) }
+            })
+            .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        // Best effort: the ephemeral znode goes with the stand-in's session.
+        for p in [
+            format!("{mapping}/{svc}"),
+            mapping.clone(),
+            format!("/arcus/cache_list/{svc}"),
+        ] {
+            for _ in 0..50 {
+                match zkc.delete(&p, None).await {
+                    Ok(()) | Err(zk::Error::NoNode) => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        result
+    })
+    .await
+}

@@ -357,18 +357,7 @@ fn rootfs_steps(rootfs: &Rootfs, mounts: &[Mount]) -> anyhow::Result<Vec<(Step, 
     ));
     for (i, m) in mounts.iter().enumerate() {
         let dst = rootfs_target(root, &mounts[..i], &m.target, m.source.is_dir())?;
-        steps.push((
-            Step::Bind {
-                src: c(&m.source)?,
-                dst: c(&dst)?,
-                read_only: m.read_only,
-            },
-            format!(
-                "bind-mounting {} at {}",
-                m.source.display(),
-                m.target.display()
-            ),
-        ));
+        steps.push(bind_step(m, &dst)?);
     }
     steps.push((
         Step::PivotRoot(c(root)?),
@@ -381,6 +370,22 @@ fn rootfs_steps(rootfs: &Rootfs, mounts: &[Mount]) -> anyhow::Result<Vec<(Step, 
         ));
     }
     Ok(steps)
+}
+
+/// Binds `m` at `dst` (its target, or where that target is inside the container's root).
+fn bind_step(m: &Mount, dst: &Path) -> std::io::Result<(Step, String)> {
+    Ok((
+        Step::Bind {
+            src: cstring(&m.source)?,
+            dst: cstring(dst)?,
+            read_only: m.read_only,
+        },
+        format!(
+            "bind-mounting {} at {}",
+            m.source.display(),
+            m.target.display()
+        ),
+    ))
 }
 
 /// Starts a container process: new session (so its PID is its process group), the pod's network
@@ -412,18 +417,7 @@ pub fn spawn(spec: &SpawnSpec) -> anyhow::Result<tokio::process::Child> {
             for m in &spec.mounts {
                 ensure_mount_target(m)
                     .with_context(|| format!("creating mount point {}", m.target.display()))?;
-                steps.push((
-                    Step::Bind {
-                        src: cstring(&m.source)?,
-                        dst: cstring(&m.target)?,
-                        read_only: m.read_only,
-                    },
-                    format!(
-                        "bind-mounting {} at {}",
-                        m.source.display(),
-                        m.target.display()
-                    ),
-                ));
+                steps.push(bind_step(m, &m.target)?);
             }
         }
     }

@@ -850,6 +850,35 @@ async fn lifecycle(sb: &'static Sandbox, ns: &TestNamespace) -> anyhow::Result<(
     );
     step("after the upgrade: every key written before is readable");
 
+    // An upgrade that would change an immutable field (nameOverride changes the Deployment's
+    // selector; fullnameOverride keeps its name) fails with Helm's message and leaves the
+    // operator as it was.
+    let deployment_uid = ns.api::<Deployment>().get(RELEASE).await?.uid();
+    let mut bad = helm_args(sb, "upgrade", &ns.name, Some(UPGRADE_TAG));
+    bad.extend(["--set".into(), "nameOverride=renamed".into()]);
+    bad.extend(["--set".into(), format!("fullnameOverride={RELEASE}")]);
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = bad.iter().map(String::as_str).collect();
+        helm(&args)
+    })
+    .await?;
+    assert!(!ok, "an upgrade changing the selector must fail:\n{stdout}");
+    assert!(
+        stderr.contains("field is immutable"),
+        "Helm's message: {stderr}"
+    );
+    let kept = operator_settled(ns, 3).await;
+    assert_eq!(
+        kept.as_ref().map(|(pods, _)| pods),
+        Some(&second),
+        "the operator pods after the refused upgrade"
+    );
+    assert_eq!(
+        ns.api::<Deployment>().get(RELEASE).await?.uid(),
+        deployment_uid
+    );
+    step("an upgrade changing an immutable field was refused; the operator is unchanged");
+
     // Uninstall: the operator and its RBAC go; the CR, its pods and its ZooKeeper state stay.
     helm_async(helm_args(sb, "uninstall", &ns.name, None)).await?;
     wait_until(

@@ -340,7 +340,7 @@ pub struct ArcusMemcachedSpec {
 
     /// Scheduling constraints of the cache pods (pod `affinity`, the Kubernetes Affinity type).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "affinity_schema")]
+    #[schemars(schema_with = "preserved_object_schema")]
     pub affinity: Option<Affinity>,
 
     /// Taints the cache pods tolerate (pod `tolerations`).
@@ -704,15 +704,6 @@ fn resources_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
-fn affinity_schema(_: &mut SchemaGenerator) -> Schema {
-    // The full Affinity schema is large and version-dependent; the API server validates the
-    // pod template when the StatefulSet is applied, and that error reaches the status.
-    json_schema!({
-        "type": "object",
-        "x-kubernetes-preserve-unknown-fields": true,
-    })
-}
-
 fn tolerations_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
@@ -729,8 +720,10 @@ fn tolerations_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// For Kubernetes types whose schema is large and version-dependent (Affinity, the security
+/// contexts): the API server validates the pod template when the StatefulSet is applied, and
+/// that error reaches the status.
 fn preserved_object_schema(_: &mut SchemaGenerator) -> Schema {
-    // As for affinity: the Kubernetes type is large; the API server checks the pod template.
     json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,

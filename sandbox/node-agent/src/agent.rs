@@ -26,9 +26,8 @@ pub struct NodeCtx {
     pub ips: Mutex<IpAllocator>,
 }
 
-/// How the agent is configured (from the command line).
+/// How the agent is configured (from the command line), besides its nodes.
 pub struct Settings {
-    pub nodes: Vec<NodeInfo>,
     pub sandbox_dir: PathBuf,
     /// OCI image layouts (`<image_dir>/<name>/index.json`), looked up before the image table.
     pub image_dir: PathBuf,
@@ -45,17 +44,8 @@ pub struct Settings {
 pub struct Agent {
     pub client: Client,
     pub nodes: Vec<NodeCtx>,
-    pub net: NetConfig,
-    pub dns: DnsSettings,
-    pub sandbox_dir: PathBuf,
+    pub settings: Settings,
     pub images_path: PathBuf,
-    pub image_dir: PathBuf,
-    pub bin_dir: String,
-    pub repo_dir: String,
-    pub api_server: String,
-    pub tls: ServerTls,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
     /// How long a pod start waits for its ServiceAccount's token (TokenRequest).
     pub token_wait: Duration,
     pub shutdown: CancellationToken,
@@ -64,32 +54,27 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(client: Client, images: ImageTable, settings: Settings) -> Self {
+    pub fn new(
+        client: Client,
+        images: ImageTable,
+        nodes: Vec<NodeInfo>,
+        settings: Settings,
+    ) -> Self {
         let mtime = std::fs::metadata(&images.path)
             .and_then(|m| m.modified())
             .ok();
         Self {
             events: crate::events::Events::new(client.clone()),
             client,
-            nodes: settings
-                .nodes
+            nodes: nodes
                 .into_iter()
                 .map(|info| NodeCtx {
                     ips: Mutex::new(IpAllocator::for_pod_cidr(info.pod_cidr_base)),
                     info,
                 })
                 .collect(),
-            net: settings.net,
-            dns: settings.dns,
-            sandbox_dir: settings.sandbox_dir,
+            settings,
             images_path: images.path.clone(),
-            image_dir: settings.image_dir,
-            bin_dir: settings.bin_dir,
-            repo_dir: settings.repo_dir,
-            api_server: settings.api_server,
-            tls: settings.tls,
-            backoff_base: settings.backoff_base,
-            backoff_max: settings.backoff_max,
             token_wait: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
             images: Mutex::new((mtime, Arc::new(images))),
@@ -108,11 +93,12 @@ impl Agent {
     }
 
     pub fn pods_dir(&self) -> PathBuf {
-        self.sandbox_dir.join("pods")
+        self.settings.sandbox_dir.join("pods")
     }
 
     pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> PathBuf {
-        self.sandbox_dir
+        self.settings
+            .sandbox_dir
             .join("logs")
             .join("pods")
             .join(format!("{ns}_{pod}_{container}.log"))
@@ -142,9 +128,10 @@ impl Agent {
     /// Restart back-off: base · 2^n, capped at max.
     pub fn backoff(&self, n: u32) -> Duration {
         let factor = 2u32.saturating_pow(n.min(20));
-        self.backoff_base
+        self.settings
+            .backoff_base
             .saturating_mul(factor)
-            .min(self.backoff_max)
+            .min(self.settings.backoff_max)
     }
 }
 

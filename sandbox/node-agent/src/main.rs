@@ -199,8 +199,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let agent = Arc::new(agent::Agent::new(
         client.clone(),
         table,
+        nodes.clone(),
         agent::Settings {
-            nodes: nodes.clone(),
             sandbox_dir: cli.sandbox_dir.clone(),
             image_dir,
             bin_dir: bin_dir.to_string_lossy().to_string(),

@@ -447,8 +447,8 @@ async fn setup(ctx: &PodCtx) -> Result<(), String> {
     let token =
         serviceaccount::find_token(&ctx.agent.client, &ctx.ns, &sa, ctx.agent.token_wait).await?;
     let doc = serviceaccount::kubeconfig_json(
-        &ctx.agent.api_server,
-        &ctx.agent.tls,
+        &ctx.agent.settings.api_server,
+        &ctx.agent.settings.tls,
         &ctx.ns,
         &sa,
         &token,
@@ -464,6 +464,7 @@ async fn setup(ctx: &PodCtx) -> Result<(), String> {
         .and_then(|_| {
             match ctx
                 .agent
+                .settings
                 .tls
                 .ca_data
                 .as_deref()
@@ -483,7 +484,7 @@ async fn setup(ctx: &PodCtx) -> Result<(), String> {
         &ctx.agent.client,
         &pod,
         &ctx.dir,
-        &ctx.agent.sandbox_dir,
+        &ctx.agent.settings.sandbox_dir,
         &facts,
     )
     .await?;
@@ -503,7 +504,7 @@ async fn create_network(ctx: &PodCtx, stop: &CancellationToken) -> bool {
         if stop.is_cancelled() {
             return false;
         }
-        match netns::create(&ctx.agent.net, &ctx.uid, ctx.ip).await {
+        match netns::create(&ctx.agent.settings.net, &ctx.uid, ctx.ip).await {
             Ok(net) => {
                 info!(pod = %ctx.key, netns = %net.ns, veth = %net.veth, ip = %net.ip, "pod network created");
                 return true;
@@ -545,8 +546,8 @@ async fn remove_network(ctx: &PodCtx) {
 /// Writes `<pod dir>/resolv.conf` and `<pod dir>/hosts`, bind-mounted into every container.
 fn write_dns_files(ctx: &PodCtx, pod: &Pod) -> Result<(), String> {
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let resolv = crate::dns::resolv_conf(pod, &ctx.agent.dns, &host_resolv);
-    let hosts = crate::dns::hosts_file(pod, &ctx.ip.to_string(), &ctx.agent.dns);
+    let resolv = crate::dns::resolv_conf(pod, &ctx.agent.settings.dns, &host_resolv);
+    let hosts = crate::dns::hosts_file(pod, &ctx.ip.to_string(), &ctx.agent.settings.dns);
     let hostname = format!("{}\n", ctx.hostname);
     for (file, text) in [
         ("resolv.conf", resolv),
@@ -631,7 +632,7 @@ async fn refresh_volumes(ctx: Arc<PodCtx>, stop: CancellationToken) {
             &ctx.agent.client,
             &pod,
             &ctx.dir,
-            &ctx.agent.sandbox_dir,
+            &ctx.agent.settings.sandbox_dir,
             &facts,
         )
         .await
@@ -746,7 +747,7 @@ async fn prepare(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepError> {
     let image = c.image.clone().unwrap_or_default();
     // A reference that does not parse cannot name a layout; the table reports it.
     let layout = if crate::oci::parse_ref(&image).is_ok() {
-        let dir = ctx.agent.image_dir.clone();
+        let dir = ctx.agent.settings.image_dir.clone();
         let img = image.clone();
         tokio::task::spawn_blocking(move || crate::oci::lookup(&dir, &img))
             .await
@@ -1033,8 +1034,8 @@ async fn prepare_table(ctx: &PodCtx, c: &Container) -> Result<Prepared, PrepErro
     let dir = ctx.dir.to_string_lossy().to_string();
     let agent_env = |n: &str| std::env::var(n).ok();
     let templates = Templates {
-        bin_dir: &ctx.agent.bin_dir,
-        repo: &ctx.agent.repo_dir,
+        bin_dir: &ctx.agent.settings.bin_dir,
+        repo: &ctx.agent.settings.repo_dir,
         pod_ip: &ip,
         pod_dir: &dir,
         agent_env: &agent_env,
@@ -1334,7 +1335,7 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
                 Outcome::Failed
             };
         }
-        if started_instant.elapsed() >= ctx.agent.backoff_max * 2 {
+        if started_instant.elapsed() >= ctx.agent.settings.backoff_max * 2 {
             crashes = 0;
         }
         let delay = ctx.agent.backoff(crashes);

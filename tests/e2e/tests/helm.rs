@@ -551,6 +551,29 @@ async fn cache_pods(ns: &TestNamespace) -> anyhow::Result<BTreeMap<String, (Stri
         .collect())
 }
 
+/// The cache pods keep their uid and restart count, and the mappings their mzxid: neither the
+/// operator's pods nor its release touched the cache.
+async fn assert_cache_untouched(
+    ns: &TestNamespace,
+    zk: &zk::Client,
+    svc: &str,
+    pods: &BTreeMap<String, (String, i32)>,
+    mappings: &BTreeMap<String, i64>,
+    when: &str,
+) -> anyhow::Result<()> {
+    assert_eq!(
+        &cache_pods(ns).await?,
+        pods,
+        "cache pods (uid, restarts) {when}"
+    );
+    assert_eq!(
+        &mapping_mzxids(zk, svc, &ns.name).await?,
+        mappings,
+        "mapping mzxids {when}"
+    );
+    Ok(())
+}
+
 /// The operator pods (not terminating) when all `n` are Ready and one of them holds the Lease:
 /// uid → name, and the leader's name.
 async fn operator_settled(
@@ -833,16 +856,7 @@ async fn lifecycle(sb: &'static Sandbox, ns: &TestNamespace) -> anyhow::Result<(
     ));
     operator_reconciles(ns, "after the upgrade").await?;
     wait_ready(&crs, "5/5", 60).await?;
-    assert_eq!(
-        cache_pods(ns).await?,
-        pods,
-        "cache pods (uid, restarts) after the upgrade"
-    );
-    assert_eq!(
-        mapping_mzxids(&zk, &svc, &ns.name).await?,
-        mappings,
-        "mapping mzxids after the upgrade"
-    );
+    assert_cache_untouched(ns, &zk, &svc, &pods, &mappings, "after the upgrade").await?;
     assert_eq!(
         readable(&client).await?,
         KEYS,
@@ -926,16 +940,7 @@ async fn lifecycle(sb: &'static Sandbox, ns: &TestNamespace) -> anyhow::Result<(
         crs.get_opt("test").await?.is_some(),
         "the ArcusMemcached must survive the uninstall"
     );
-    assert_eq!(
-        cache_pods(ns).await?,
-        pods,
-        "cache pods after the uninstall"
-    );
-    assert_eq!(
-        mapping_mzxids(&zk, &svc, &ns.name).await?,
-        mappings,
-        "mappings after the uninstall"
-    );
+    assert_cache_untouched(ns, &zk, &svc, &pods, &mappings, "after the uninstall").await?;
     assert_eq!(
         zk.list_children(&format!("/arcus/cache_list/{svc}"))
             .await?
@@ -960,16 +965,7 @@ async fn lifecycle(sb: &'static Sandbox, ns: &TestNamespace) -> anyhow::Result<(
     ));
     operator_reconciles(ns, "after installing again").await?;
     wait_ready(&crs, "5/5", 60).await?;
-    assert_eq!(
-        cache_pods(ns).await?,
-        pods,
-        "cache pods after installing again"
-    );
-    assert_eq!(
-        mapping_mzxids(&zk, &svc, &ns.name).await?,
-        mappings,
-        "mappings after installing again"
-    );
+    assert_cache_untouched(ns, &zk, &svc, &pods, &mappings, "after installing again").await?;
     step("the new operator reconciles the CR; no cache pod restarted");
     Ok(())
 }

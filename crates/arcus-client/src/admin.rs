@@ -5,12 +5,11 @@
 //! Each call is bounded by the helper's timeout. One connection is kept and reused; it is
 //! dropped after any error or timeout and reopened on the next call.
 
-use crate::connection::{ConnError, ConnResult, Connection};
+use crate::connection::{ConnError, ConnResult, Connection, NodePool, PoolLimits};
 use crate::error::{Error, Result};
 use crate::protocol::{self, ItemType, MetadumpEntry, ScannedKey};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::sync::Mutex;
 
 /// Answer to `ready`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,16 +54,15 @@ impl ScanPage {
 
 /// Admin helper for one node.
 pub struct AdminClient {
-    addr: String,
-    timeout: Duration,
-    conn: Mutex<Option<Connection>>,
+    /// One connection at most, kept between calls.
+    pool: NodePool,
 }
 
 impl std::fmt::Debug for AdminClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminClient")
-            .field("addr", &self.addr)
-            .field("timeout", &self.timeout)
+            .field("addr", &self.pool.addr())
+            .field("timeout", &self.pool.limits().op_timeout)
             .finish()
     }
 }
@@ -83,6 +81,20 @@ fn check_word(what: &str, word: &str) -> Result<()> {
     Ok(())
 }
 
+/// A bare `ERROR` (or `ERROR unknown command`) to an admin command: the server does not know it.
+fn unsupported(e: Error) -> Error {
+    match e {
+        Error::Server { node, op, message } if protocol::is_unknown_command(message.as_bytes()) => {
+            Error::Unsupported {
+                node,
+                command: op.to_string(),
+                answer: message,
+            }
+        }
+        e => e,
+    }
+}
+
 impl AdminClient {
     /// An admin helper for the node at `addr` (`ip:port`); nothing is connected yet.
     pub fn new(addr: impl Into<String>) -> AdminClient {
@@ -90,15 +102,19 @@ impl AdminClient {
     }
 
     pub fn with_timeout(addr: impl Into<String>, timeout: Duration) -> AdminClient {
+        let limits = PoolLimits {
+            max_connections: 1,
+            connect_timeout: timeout,
+            op_timeout: timeout,
+            ..PoolLimits::default()
+        };
         AdminClient {
-            addr: addr.into(),
-            timeout,
-            conn: Mutex::new(None),
+            pool: NodePool::new(addr, limits),
         }
     }
 
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.pool.addr()
     }
 
     /// Runs `f` on the kept connection (opened if needed) within the timeout.
@@ -107,24 +123,7 @@ impl AdminClient {
         op: &'static str,
         f: impl AsyncFnOnce(&mut Connection) -> ConnResult<T>,
     ) -> Result<T> {
-        let mut slot = self.conn.lock().await;
-        let work = async {
-            let mut conn = match slot.take() {
-                Some(c) => c,
-                None => Connection::connect(&self.addr, self.timeout).await?,
-            };
-            let value = f(&mut conn).await.map_err(|e| self.error(op, e))?;
-            *slot = Some(conn);
-            Ok(value)
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                node: self.addr.clone(),
-                op,
-                timeout: self.timeout,
-            }),
-        }
+        self.pool.run(op, f).await.map_err(unsupported)
     }
 
     /// Like [`AdminClient::run`] on a fresh connection that is closed afterwards (for commands
@@ -134,31 +133,17 @@ impl AdminClient {
         op: &'static str,
         f: impl AsyncFnOnce(&mut Connection) -> ConnResult<T>,
     ) -> Result<T> {
-        let work = async {
-            let mut conn = Connection::connect(&self.addr, self.timeout).await?;
-            f(&mut conn).await.map_err(|e| self.error(op, e))
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                node: self.addr.clone(),
-                op,
-                timeout: self.timeout,
-            }),
-        }
+        self.pool.run_alone(op, f).await.map_err(unsupported)
     }
 
-    fn error(&self, op: &'static str, e: ConnError) -> Error {
-        match e {
-            ConnError::Server(answer) if protocol::is_unknown_command(answer.as_bytes()) => {
-                Error::Unsupported {
-                    node: self.addr.clone(),
-                    command: op.to_string(),
-                    answer,
-                }
-            }
-            e => e.at(&self.addr, op),
-        }
+    /// A number the server answered for `config <name>`.
+    async fn config_number(&self, name: &str) -> Result<u64> {
+        let v = self.config(name).await?;
+        v.parse().map_err(|_| Error::Protocol {
+            node: self.addr().to_string(),
+            op: "config",
+            response: v,
+        })
     }
 
     /// Sends `words` and expects exactly the line `expect`.
@@ -183,25 +168,7 @@ impl AdminClient {
     /// `stats [section]`: every `STAT <name> <value>` line up to `END`.
     /// Sections: `None` (general), `settings`, `zookeeper` (ARCUS), `scrub` (ARCUS), `slabs`, ...
     pub async fn stats(&self, section: Option<&str>) -> Result<BTreeMap<String, String>> {
-        let mut words = vec!["stats"];
-        words.extend(section);
-        self.run("stats", async |c| {
-            c.send_line(&words).await?;
-            let mut map = BTreeMap::new();
-            loop {
-                let line = c.read_reply().await?;
-                if line == b"END" {
-                    return Ok(map);
-                }
-                match protocol::parse_stat_line(line) {
-                    Some((k, v)) => {
-                        map.insert(k, v);
-                    }
-                    None => return Err(ConnError::unexpected(line)),
-                }
-            }
-        })
-        .await
+        self.run("stats", async |c| c.stats(section).await).await
     }
 
     /// `ready`: ARCUS's readiness probe. Stock memcached does not know it: `Unsupported`.
@@ -250,12 +217,7 @@ impl AdminClient {
 
     /// `config memlimit`: the memory limit in MB.
     pub async fn memlimit(&self) -> Result<u64> {
-        let v = self.config("memlimit").await?;
-        v.parse().map_err(|_| Error::Protocol {
-            node: self.addr.clone(),
-            op: "config",
-            response: v,
-        })
+        self.config_number("memlimit").await
     }
 
     /// `config memlimit <MB>` (ARCUS). Stock memcached: [`AdminClient::cache_memlimit`].
@@ -265,12 +227,7 @@ impl AdminClient {
 
     /// `config maxconns`.
     pub async fn maxconns(&self) -> Result<u64> {
-        let v = self.config("maxconns").await?;
-        v.parse().map_err(|_| Error::Protocol {
-            node: self.addr.clone(),
-            op: "config",
-            response: v,
-        })
+        self.config_number("maxconns").await
     }
 
     /// `config maxconns <n>` (ARCUS).

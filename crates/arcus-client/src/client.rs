@@ -1,7 +1,7 @@
 //! [`ArcusClient`]: key-value operations routed over the ring of a service code.
 
 use crate::admin::AdminClient;
-use crate::connection::{with_connection, NodePool, PoolLimits};
+use crate::connection::{NodePool, PoolLimits};
 use crate::discovery::{self, DiscoveryState, RingSink};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Item, StoreCommand, StoreStatus};
@@ -145,6 +145,8 @@ impl Shared {
         let limits = PoolLimits {
             max_connections: opts.max_connections_per_node,
             connect_timeout: opts.connect_timeout,
+            op_timeout: opts.op_timeout,
+            ..PoolLimits::default()
         };
         Shared {
             service_code,
@@ -311,6 +313,7 @@ impl ArcusClient {
                         "listing {path} took longer than {:?}",
                         options.zk_connect_timeout
                     ),
+                    source: None,
                 })
             }
         };
@@ -488,7 +491,7 @@ impl ArcusClient {
     async fn retrieve_one(&self, key: &str, with_cas: bool) -> Result<Option<Item>> {
         let pool = self.route(key)?;
         let op = if with_cas { "gets" } else { "get" };
-        with_connection(&pool, op, self.inner.opts.op_timeout, async |c| {
+        pool.run(op, async |c| {
             let mut out = None;
             c.retrieve(&[key], with_cas, |_, item| out = Some(item))
                 .await?;
@@ -535,7 +538,6 @@ impl ArcusClient {
             }
         }
         let op = if with_cas { "gets" } else { "get" };
-        let timeout = self.inner.opts.op_timeout;
         let chunk = self.inner.opts.max_keys_per_get.max(1);
         let requests = per_node.into_iter().flat_map(|(node, ks)| {
             let pool = topo.pool(node).expect("every ring node has a pool").clone();
@@ -544,7 +546,7 @@ impl ArcusClient {
                 .collect::<Vec<_>>()
         });
         let replies = futures::future::try_join_all(requests.map(|(pool, batch)| async move {
-            with_connection(&pool, op, timeout, async |c| {
+            pool.run(op, async |c| {
                 let mut found = Vec::with_capacity(batch.len());
                 c.retrieve(&batch, with_cas, |k, item| {
                     found.push((k.to_string(), item))
@@ -568,7 +570,7 @@ impl ArcusClient {
     ) -> Result<StoreStatus> {
         let pool = self.route(key)?;
         self.check_value(value)?;
-        with_connection(&pool, cmd.name(), self.inner.opts.op_timeout, async |c| {
+        pool.run(cmd.name(), async |c| {
             c.store(cmd, key, flags, exptime, value).await
         })
         .await
@@ -653,9 +655,8 @@ impl ArcusClient {
             .pool(owner)
             .expect("every ring node has a pool")
             .clone();
-        let timeout = self.inner.opts.op_timeout;
         let delete_on = async |pool: &Arc<NodePool>| {
-            with_connection(pool, "delete", timeout, async |c| {
+            pool.run("delete", async |c| {
                 c.yes_no(&["delete", key], b"DELETED", b"NOT_FOUND").await
             })
             .await
@@ -719,7 +720,7 @@ impl ArcusClient {
     pub async fn touch(&self, key: &str, exptime: i64) -> Result<bool> {
         let pool = self.route(key)?;
         let exptime = exptime.to_string();
-        with_connection(&pool, "touch", self.inner.opts.op_timeout, async |c| {
+        pool.run("touch", async |c| {
             c.yes_no(&["touch", key, &exptime], b"TOUCHED", b"NOT_FOUND")
                 .await
         })
@@ -740,10 +741,8 @@ impl ArcusClient {
     async fn arith(&self, op: &'static str, key: &str, delta: u64) -> Result<Option<u64>> {
         let pool = self.route(key)?;
         let delta = delta.to_string();
-        with_connection(&pool, op, self.inner.opts.op_timeout, async |c| {
-            c.arith(&[op, key, &delta]).await
-        })
-        .await
+        pool.run(op, async |c| c.arith(&[op, key, &delta]).await)
+            .await
     }
 
     /// Idle pooled connections to `node` (diagnostics).

@@ -44,11 +44,13 @@ pub(crate) async fn connect(zk_addrs: &str, opts: &ClientOptions) -> Result<zk::
         ))),
         Ok(Err(e)) => Err(Error::ZkUnreachable {
             zk: zk_addrs.to_string(),
-            reason: e.to_string(),
+            reason: "the session failed".into(),
+            source: Some(e),
         }),
         Err(_) => Err(Error::ZkUnreachable {
             zk: zk_addrs.to_string(),
             reason: format!("no session within {:?}", opts.zk_connect_timeout),
+            source: None,
         }),
     }
 }

@@ -87,8 +87,15 @@ pub enum Error {
         path: String,
     },
 
-    #[error("ZooKeeper {zk} unreachable: {reason}")]
-    ZkUnreachable { zk: String, reason: String },
+    /// No session opened (or the first listing did not finish) in time; `source` is what the
+    /// ZooKeeper client said when it gave up early.
+    #[error("ZooKeeper {zk} unreachable: {reason}{}", caused_by(source))]
+    ZkUnreachable {
+        zk: String,
+        reason: String,
+        #[source]
+        source: Option<zookeeper_client::Error>,
+    },
 
     #[error("ZooKeeper {zk}: {op} {path}: {source}")]
     Zk {
@@ -98,6 +105,14 @@ pub enum Error {
         #[source]
         source: zookeeper_client::Error,
     },
+}
+
+/// `": <cause>"`, or nothing.
+fn caused_by(source: &Option<zookeeper_client::Error>) -> String {
+    source
+        .as_ref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default()
 }
 
 impl Error {

@@ -5,6 +5,9 @@
 //! ketama ring. This crate owns, for the whole workspace:
 //! - [`ring`]: the ketama ring, exactly as arcus-java-client builds it;
 //! - [`protocol`]: the memcached ascii protocol (encoding, key rules, reply parsing);
+//! - [`connection`]: the one connection layer over it: a connection to one node, pipelined
+//!   exchanges, bounded per-node pools and pools keyed by address (also used by the operator's
+//!   cache migration);
 //! - [`discovery`]: reading and watching the node list in ZooKeeper;
 //! - [`ArcusClient`]: key-value operations over the ring, with per-node connection pools and
 //!   per-operation timeouts;
@@ -24,7 +27,7 @@
 
 pub mod admin;
 mod client;
-mod connection;
+pub mod connection;
 pub mod discovery;
 mod error;
 pub mod protocol;
@@ -32,6 +35,7 @@ pub mod ring;
 
 pub use admin::{AdminClient, Readiness, ScanOptions, ScanPage};
 pub use client::{ArcusClient, ClientOptions};
+pub use connection::{NodePool, NodePools, PoolLimits};
 pub use discovery::DiscoveryState;
 pub use error::{Error, KeyError, Result};
 pub use protocol::{Item, ItemType, MetadumpEntry, ScannedKey, StoreStatus};

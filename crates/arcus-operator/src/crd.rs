@@ -215,6 +215,23 @@ pub mod rules {
     pub(super) fn on_pod_labels(schema: &mut Schema) {
         attach(schema, pod_labels_not_reserved());
     }
+
+    pub const MIGRATION_EPOCH_MSG: &str = "status.migration.epoch must not go back: this \
+        report belongs to an older operation record than the stored one (written by an \
+        operator replica that is no longer the leader)";
+
+    /// `status.migration`: a report never replaces one of a later operation record (a
+    /// transition rule: checked on update only, and only when the stored report has an epoch).
+    pub fn migration_epoch_monotonic() -> Rule {
+        rule(
+            "!has(oldSelf.epoch) || (has(self.epoch) && self.epoch >= oldSelf.epoch)",
+            MIGRATION_EPOCH_MSG,
+        )
+    }
+
+    pub(super) fn on_migration(schema: &mut Schema) {
+        attach(schema, migration_epoch_monotonic());
+    }
 }
 
 /// Specification of an ARCUS cache cluster: a set of arcus-memcached nodes that register
@@ -560,6 +577,7 @@ pub struct ArcusMemcachedStatus {
 /// restart.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::on_migration)]
 pub struct MigrationStatus {
     /// What moves the items, e.g. `scale-in 5→3`, `scale-out 3→4`, `restart of arcus-4`.
     pub operation: String,
@@ -577,6 +595,10 @@ pub struct MigrationStatus {
     pub items_to_move: u64,
     /// One line for `kubectl get`: `<operation> [<node>]: <phase> <moved>/<to move>`.
     pub summary: String,
+    /// The epoch of the operation record (in ZooKeeper) this report belongs to; the API
+    /// server refuses a report older than the stored one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
 }
 
 /// A status condition, shaped like Kubernetes' `metav1.Condition`.
@@ -623,9 +645,12 @@ pub enum ConditionStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OperationStatus {
-    /// ScaleOut, ScaleIn or Delete.
+    /// ScaleOut, ScaleIn, Restart or Delete.
     pub kind: OperationKind,
-    /// The step reached, named by the controller (e.g. `MappingsCreated`).
+    /// The stage reached. While the ring changes, the persisted operation's stage:
+    /// `Pass1Done` (ScaleIn), `AwaitRegistration` or `HeldOut` (ScaleOut), `Draining`,
+    /// `Drained`, `AwaitReturn` or `HeldOut` (Restart); otherwise the ZooKeeper plan's:
+    /// `CreatingMappings`, `WaitingForPods` or `RemovingMappings`.
     pub phase: String,
     /// Replicas before the operation.
     pub from_replicas: i32,
@@ -643,6 +668,9 @@ pub enum OperationKind {
     ScaleOut,
     ScaleIn,
     Delete,
+    /// A cache-aware restart of one node (a rolling restart's step, or healing a node that
+    /// left ZooKeeper).
+    Restart,
 }
 
 fn default_replicas() -> i32 {

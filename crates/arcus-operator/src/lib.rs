@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod migrate;
 pub mod migration;
+pub mod operation;
 pub mod status;
 pub mod validate;
 pub mod zk;

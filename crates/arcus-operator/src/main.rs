@@ -108,27 +108,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(?capabilities, "API capabilities");
     ready.store(true, Ordering::Release);
 
-    let (gate, lost) = if args.no_leader_election {
-        (
-            leader::LeaderGate::new(true),
-            futures::future::pending::<String>().boxed(),
-        )
-    } else {
-        let ns = args
-            .lease_namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_string());
-        let lease = format!("{}-leader", args.operator_name);
-        let acquire = leader::acquire(client.clone(), &ns, &lease, &identity);
-        let (gate, lost) = tokio::select! {
-            r = acquire => r?,
-            _ = shutdown_signal() => { tracing::info!("stopping while stand-by"); return Ok(()); }
-        };
-        (gate, lost.boxed())
+    let Some((gate, lost)) = elect(&args, &client, &identity).await? else {
+        return Ok(());
     };
     metrics.leader.set(1);
 
-    let (zk_tx, mut zk_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (zk_tx, zk_rx) = tokio::sync::mpsc::unbounded_channel();
     let zk = Arc::new(ZkPool::new(
         Duration::from_secs(args.zk_session_timeout_seconds),
         zk_tx,
@@ -147,108 +132,140 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds),
         by_service: Default::default(),
     });
-
-    // cache_list changes → the owning CR, fanned out to every namespace's controller.
-    let (trigger_tx, _) = tokio::sync::broadcast::channel::<ObjectRef<ArcusMemcached>>(4096);
-    {
-        let ctx = ctx.clone();
-        let trigger_tx = trigger_tx.clone();
-        tokio::spawn(async move {
-            while let Some(change) = zk_rx.recv().await {
-                let target = ctx
-                    .by_service
-                    .lock()
-                    .expect("index")
-                    .get(&(change.ensemble, change.service_code))
-                    .cloned();
-                if let Some(r) = target {
-                    let _ = trigger_tx.send(r);
-                }
-            }
-        });
-    }
-
-    let namespaces: Vec<Option<String>> = if args.watch_namespace.trim().is_empty() {
-        vec![None]
-    } else {
-        args.watch_namespace
-            .split(',')
-            .map(|s| Some(s.trim().to_string()))
-            .filter(|s| s.as_deref() != Some(""))
-            .collect()
-    };
+    let trigger_tx = route_cache_list_changes(ctx.clone(), zk_rx);
+    let namespaces = watched_namespaces(&args.watch_namespace);
     tracing::info!(?namespaces, %identity, "leader: starting controllers");
-    let controllers = namespaces.into_iter().map(|ns| {
-        let (crs, stss, pods): (Api<ArcusMemcached>, Api<StatefulSet>, Api<Pod>) = match &ns {
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-        };
-        // A Service or PDB deleted by hand brings its owner back at once to re-apply it.
-        let services: Api<Service> = match &ns {
-            None => Api::all(client.clone()),
-            Some(ns) => Api::namespaced(client.clone(), ns),
-        };
-        let pdbs: Api<PodDisruptionBudget> = match &ns {
-            None => Api::all(client.clone()),
-            Some(ns) => Api::namespaced(client.clone(), ns),
-        };
-        let rx = trigger_tx.subscribe();
-        let wanted = ns.clone();
-        let triggers = futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(r) => return Some((r, rx)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .filter(move |r| futures::future::ready(wanted.is_none() || r.namespace == wanted));
-        Controller::new(crs, watcher::Config::default())
-            .with_config(ControllerConfig::default().concurrency(args.concurrency))
-            .owns(
-                stss,
-                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
-            )
-            .owns(
-                services,
-                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
-            )
-            .owns(
-                pdbs,
-                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
-            )
-            .watches(
-                pods,
-                watcher::Config::default().labels(build::MANAGED_BY_SELECTOR),
-                |pod: Pod| {
-                    let instance = pod.labels().get(build::INSTANCE_LABEL)?.clone();
-                    Some(ObjectRef::new(&instance).within(&pod.namespace()?))
-                },
-            )
-            .reconcile_on(triggers)
-            .graceful_shutdown_on(shutdown_signal())
-            .run(controller::reconcile, controller::error_policy, ctx.clone())
-            .for_each(|_| futures::future::ready(()))
-    });
+    let controllers = namespaces
+        .into_iter()
+        .map(|ns| controller_for(ns, &client, &trigger_tx, &ctx, args.concurrency));
     let all = futures::future::join_all(controllers);
     tokio::select! {
         _ = all => tracing::info!("controllers stopped (shutdown)"),
         reason = lost => {
-            tracing::error!(%reason, "lost leadership; exiting so this replica restarts as a stand-by");
+            tracing::error!(%reason, fenced_writes = gate.fenced_writes(), "lost leadership; exiting so this replica restarts as a stand-by");
             std::process::exit(1);
         }
         r = metrics_task => tracing::error!(?r, "metrics server stopped"),
     }
     Ok(())
+}
+
+/// Waits to lead (unless election is off); None when asked to stop while standing by.
+async fn elect(
+    args: &RunArgs,
+    client: &Client,
+    identity: &str,
+) -> anyhow::Result<
+    Option<(
+        leader::LeaderGate,
+        futures::future::BoxFuture<'static, String>,
+    )>,
+> {
+    if args.no_leader_election {
+        let forever = futures::future::pending::<String>().boxed();
+        return Ok(Some((leader::LeaderGate::new(true), forever)));
+    }
+    let ns = args
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let lease = format!("{}-leader", args.operator_name);
+    let acquire = leader::acquire(client.clone(), &ns, &lease, identity);
+    tokio::select! {
+        r = acquire => {
+            let (gate, lost) = r?;
+            Ok(Some((gate, lost.boxed())))
+        }
+        _ = shutdown_signal() => {
+            tracing::info!("stopping while stand-by");
+            Ok(None)
+        }
+    }
+}
+
+/// `cache_list` changes → the owning CR, fanned out to every namespace's controller.
+fn route_cache_list_changes(
+    ctx: Arc<Context>,
+    mut zk_rx: tokio::sync::mpsc::UnboundedReceiver<arcus_operator::zk::CacheListChange>,
+) -> tokio::sync::broadcast::Sender<ObjectRef<ArcusMemcached>> {
+    let (trigger_tx, _) = tokio::sync::broadcast::channel::<ObjectRef<ArcusMemcached>>(4096);
+    let tx = trigger_tx.clone();
+    tokio::spawn(async move {
+        while let Some(change) = zk_rx.recv().await {
+            let target = ctx
+                .by_service
+                .lock()
+                .expect("index")
+                .get(&(change.ensemble, change.service_code))
+                .cloned();
+            if let Some(r) = target {
+                let _ = tx.send(r);
+            }
+        }
+    });
+    trigger_tx
+}
+
+fn watched_namespaces(list: &str) -> Vec<Option<String>> {
+    if list.trim().is_empty() {
+        return vec![None];
+    }
+    list.split(',')
+        .map(|s| Some(s.trim().to_string()))
+        .filter(|s| s.as_deref() != Some(""))
+        .collect()
+}
+
+fn api_in<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match ns {
+        None => Api::all(client.clone()),
+        Some(ns) => Api::namespaced(client.clone(), ns),
+    }
+}
+
+/// The controller of one watched namespace (or all): the CRs, what they own, their pods, and
+/// the `cache_list` triggers for it.
+fn controller_for(
+    ns: Option<String>,
+    client: &Client,
+    trigger_tx: &tokio::sync::broadcast::Sender<ObjectRef<ArcusMemcached>>,
+    ctx: &Arc<Context>,
+    concurrency: u16,
+) -> impl std::future::Future<Output = ()> {
+    let owned = || watcher::Config::default().labels(build::MANAGED_BY_SELECTOR);
+    let rx = trigger_tx.subscribe();
+    let wanted = ns.clone();
+    let triggers = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(r) => return Some((r, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .filter(move |r| futures::future::ready(wanted.is_none() || r.namespace == wanted));
+    Controller::new(
+        api_in::<ArcusMemcached>(client, &ns),
+        watcher::Config::default(),
+    )
+    .with_config(ControllerConfig::default().concurrency(concurrency))
+    .owns(api_in::<StatefulSet>(client, &ns), owned())
+    // A Service or PDB deleted by hand brings its owner back at once to re-apply it.
+    .owns(api_in::<Service>(client, &ns), owned())
+    .owns(api_in::<PodDisruptionBudget>(client, &ns), owned())
+    .watches(api_in::<Pod>(client, &ns), owned(), |pod: Pod| {
+        let instance = pod.labels().get(build::INSTANCE_LABEL)?.clone();
+        Some(ObjectRef::new(&instance).within(&pod.namespace()?))
+    })
+    .reconcile_on(triggers)
+    .graceful_shutdown_on(shutdown_signal())
+    .run(controller::reconcile, controller::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()))
 }
 
 async fn discover(client: &Client) -> Capabilities {

@@ -1,13 +1,16 @@
-//! When the ring changes, move the cache with it (the `migration` engine does the copying):
-//! - scale-in: before the StatefulSet shrinks, pass 1 copies the leaving nodes' items to their
-//!   owners on the ring that remains, the leaving nodes' znodes are deleted (clients switch
-//!   rings; the nodes keep serving us), pass 2 carries over what changed meanwhile;
-//! - scale-out, one node at a time: a node that answers `zkensemble` (ARCUS) is taken out of
-//!   `cache_list` the moment it registers, filled (pass 1), let in with `zkensemble rejoin`, and
-//!   pass 2 carries over what changed meanwhile; other servers get an add-only copy once they
-//!   registered (a key deleted on the new node before its copy arrived can come back);
-//! - rolling restart of one node: the scale-in of that node before it stops, the scale-out
-//!   copy (`restart_of`) once it is back.
+//! The executor of the operation state machine (`operation`), and the cache copies it makes
+//! (the `migration` engine does the copying):
+//! - scale-in: pass 1 copies the leaving nodes' items to their owners on the ring that remains
+//!   (`Drain`), one transaction deletes the leaving znodes and records the stage
+//!   (`ChangeRingAndPass2`; clients switch rings, the nodes keep serving us), pass 2 carries
+//!   over what changed meanwhile;
+//! - a node joining, one at a time: a node that answers `zkensemble` (ARCUS) is taken out of
+//!   `cache_list` the moment it registers, what clients wrote there in those milliseconds goes
+//!   back to the owners (`GiveBack`), pass 1 fills it, `zkensemble rejoin` lets it in, pass 2
+//!   carries over what changed meanwhile (`FillHeldOut`); other servers get an add-only copy
+//!   once they registered (a key deleted on the new node before its copy arrived can come back);
+//! - a cache-aware restart: the scale-in of that node, its pod deleted, and the join's fill
+//!   once it is back; healing a node that left ZooKeeper is that fill alone.
 //!
 //! Pass 2 runs twice: shortly after the ring change, then after clients followed it (see
 //! `pass2_twice`). A key written on its old owner after pass 1's last listing and deleted by a
@@ -16,24 +19,24 @@
 //! window (arcus-client does, `ClientOptions::delete_previous_owners_for`); for other clients
 //! it stays open for about the first pass 2's duration after the change.
 //!
-//! A [`Reporter`] carries the live counts to `status.migration` (the Migration column).
-//!
-//! What is in flight is recorded in the data of `/arcus/cache_list/<svc>` (our claim, which
-//! servers and clients ignore), so an operator restarted half-way resumes: a scale-in whose
-//! checkpoint was stored finishes the ring change and runs pass 2; an interrupted pass 1 simply
-//! runs again (it is repeatable until the ring changes); a new node held out of the ring is
-//! filled again and let in.
+//! Every effect is behind a trait — [`Registry`] (ZooKeeper), [`NodeAdmin`] (admin commands),
+//! [`Pods`] (the API), [`Mover`] (copies) — so the executor runs on fakes in tests. Each action
+//! ends with the write that records its successor; long actions start with a write of the
+//! current record (which fences out a paused ex-leader's later writes in ZooKeeper), and copies
+//! stop when the leader gate closes.
 
 use crate::crd::MigrationStatus;
+use crate::day2::LiveConfig;
+use crate::leader::{Fenced, LeaderGate};
 use crate::migration::{
     Checkpoint, MigrationError, MigrationOptions, Phase, Progress, ScaleIn, ScaleOut,
 };
-use crate::zk::ServiceClaim;
-use crate::zk_plan::{registered_hostname, CACHE_LIST};
+use crate::operation::{Action, DrainPurpose, Outcome, Step};
+use crate::zk::{Registry, ZkError};
+use crate::zk_plan::CacheZnode;
 use arcus_client::Ring;
-use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::time::Duration;
-use zookeeper_client as zk;
 
 /// How long clients get to follow a ring change through their ZooKeeper watch before pass 2
 /// (ARCUS clients rebuild their ring on the watch event, within milliseconds).
@@ -43,200 +46,631 @@ const CLIENTS_FOLLOW: Duration = Duration::from_secs(1);
 /// not carried over), short enough that a key written on a source just before the change
 /// reaches its new owner before clients delete it there.
 const CLIENTS_SWITCH: Duration = Duration::from_millis(200);
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "kind")]
-pub enum Pending {
-    /// Pass 1 done; `before` is the ring before (ip:port), `leaving` the nodes going away.
-    ScaleIn {
-        before: Vec<String>,
-        leaving: Vec<String>,
-        leaving_znodes: Vec<String>,
-        checkpoint: Checkpoint,
-    },
-    /// The StatefulSet grew; `before` is the ring the new nodes' items must come from.
-    /// `early` lists new nodes already filled before they registered.
-    ScaleOut {
-        before: Vec<String>,
-        to_replicas: u32,
-        #[serde(default)]
-        early: Vec<String>,
-        /// The pod hostname when this copy brings a restarted node's items back (rolling
-        /// restart) rather than filling a new node.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        restart_of: Option<String>,
-        /// `cache_list` znodes of joining nodes we took out of the ring to fill them first
-        /// (they wait for `zkensemble rejoin`); a restarted operator finishes and rejoins them.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        held: Vec<String>,
-    },
-}
-
-/// The claim with whatever is in flight.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ClaimRecord {
-    #[serde(flatten)]
-    claim: ServiceClaim,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pending: Option<Pending>,
-}
+/// How long `TakeOutOnRegistration` waits for a started node to register.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(20);
+/// How often `cache_list` is read meanwhile (a few hundred cheap reads at most: a node
+/// registers within a fraction of a second of starting; a watch would not be faster, and the
+/// session already holds a recursive watch above this path).
+const REGISTRATION_POLL: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("migration: {0}")]
     Migration(#[from] MigrationError),
-    #[error("zkensemble rejoin of {node} failed: {message}; the next reconcile retries (check the node's log)")]
-    Rejoin { node: String, message: String },
-    #[error("ZooKeeper: {action} {path}: {source}")]
-    Zk {
-        action: &'static str,
-        path: String,
-        source: zk::Error,
+    #[error(
+        "zkensemble rejoin of {node} failed; the next reconcile retries (check the node's log)"
+    )]
+    Rejoin {
+        node: String,
+        #[source]
+        source: arcus_client::Error,
     },
+    #[error(transparent)]
+    Registry(#[from] ZkError),
+    #[error("{action} pod {pod}")]
+    Pod {
+        action: &'static str,
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    #[error("leadership lost during {0}: the copy stopped")]
+    Stopped(String),
 }
 
-/// Deletes those of `znodes` still under `list_path` in one ZooKeeper transaction, so clients
-/// go from the ring before straight to the ring after. One at a time, a client could route by
-/// a ring in between, where a key of the first node to leave belongs to another leaving node:
-/// a write made there would not be carried over (pass 2 copies each source's keys by the ring
-/// before).
-async fn delete_znodes_at_once(
-    client: &zk::Client,
-    list_path: &str,
-    znodes: &[String],
-) -> Result<(), MigrateError> {
-    let mut last = zk::Error::NoNode;
-    // A node can leave by itself between our listing and the transaction: list again.
-    for _ in 0..5 {
-        let children = client
-            .list_children(list_path)
-            .await
-            .map_err(zk_err("list", list_path))?;
-        let present: Vec<String> = znodes
-            .iter()
-            .filter(|z| children.contains(z))
-            .map(|z| format!("{list_path}/{z}"))
-            .collect();
-        if present.is_empty() {
-            return Ok(());
-        }
-        let mut multi = client.new_multi_writer();
-        for path in &present {
-            multi
-                .add_delete(path, None)
-                .map_err(zk_err("delete", path))?;
-        }
-        match multi.commit().await {
-            Ok(_) => return Ok(()),
-            Err(zk::MultiWriteError::OperationFailed {
-                source: zk::Error::NoNode,
-                ..
-            }) => last = zk::Error::NoNode,
-            Err(e) => return Err(zk_err("delete", &present.join(", "))(e.into())),
+/// Admin commands on cache nodes.
+pub trait NodeAdmin: Send + Sync {
+    /// Whether the node can be held out of the ring and let back in (it knows `zkensemble`):
+    /// Some(false) for stock memcached, None when it does not answer.
+    fn can_rejoin(&self, addr: &str) -> impl Future<Output = Option<bool>> + Send;
+    /// `zkensemble rejoin`.
+    fn rejoin(&self, addr: &str) -> impl Future<Output = Result<(), MigrateError>> + Send;
+    /// Sets memlimit (and connections when `connections_changed`) on a running node. Returns
+    /// whether the connections took effect live.
+    fn apply_live_config(
+        &self,
+        addr: &str,
+        to: LiveConfig,
+        connections_changed: bool,
+    ) -> impl Future<Output = Result<bool, ConfigFailed>> + Send;
+}
+
+/// A live configuration change not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFailed {
+    #[error("{what}")]
+    Refused {
+        what: String,
+        #[source]
+        source: arcus_client::Error,
+    },
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
+
+/// The cache pods, through the API.
+pub trait Pods: Send + Sync {
+    /// Deletes the pod (only the one with `uid`, when given); an absent pod is done.
+    fn delete(
+        &self,
+        pod: &str,
+        uid: Option<&str>,
+    ) -> impl Future<Output = Result<(), MigrateError>> + Send;
+}
+
+/// What a copy is part of, for its progress records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Label {
+    pub operation: String,
+    pub node: Option<String>,
+}
+
+impl Label {
+    pub fn of(step: &Step) -> Label {
+        match (&step.operation, &step.action) {
+            (Some(op), _) => Label {
+                operation: op.label(),
+                node: op.node().map(str::to_string),
+            },
+            (
+                None,
+                Action::Drain {
+                    purpose: DrainPurpose::ScaleIn { from, to },
+                    ..
+                },
+            ) => Label {
+                operation: format!("scale-in {from}→{to}"),
+                node: None,
+            },
+            (
+                None,
+                Action::Drain {
+                    purpose: DrainPurpose::Restart { pod, .. },
+                    ..
+                },
+            ) => Label {
+                operation: "rolling restart".into(),
+                node: Some(pod.clone()),
+            },
+            (None, _) => Label {
+                operation: String::new(),
+                node: None,
+            },
         }
     }
-    Err(zk_err("delete", list_path)(last))
 }
 
-/// `zkensemble rejoin` on `addr`, tried again for up to 2 s. An ARCUS node that has just seen
-/// its znode deleted answers `NOT_READY` at once but closes its ZooKeeper handle only on its
-/// next state-machine turn (about 100 ms later); a rejoin before that fails with "already a
-/// member of cloud" (`ERROR failed to rejoin ensemble`), and the same rejoin a moment later
-/// succeeds.
-pub(crate) async fn rejoin(addr: &str) -> Result<(), arcus_client::Error> {
-    const TRIES: u32 = 10;
-    let admin = arcus_client::AdminClient::new(addr.to_string());
-    let mut attempt = 1;
-    loop {
-        match admin.zkensemble_rejoin().await {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt < TRIES => {
-                tracing::debug!(node = addr, attempt, error = %e, "zkensemble rejoin failed; trying again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                attempt += 1;
+/// The cache copies (pass 1, pass 2 and the add-only forms), each to completion.
+pub trait Mover: Send + Sync {
+    /// Pass 1 of a scale-in of `leaving` from the ring `before`.
+    fn drain(
+        &self,
+        before: &[String],
+        leaving: &[String],
+        label: &Label,
+    ) -> impl Future<Output = Result<(Checkpoint, Progress), MigrateError>> + Send;
+    /// Pass 2 (twice) after `leaving` left the ring.
+    fn after_ring_change(
+        &self,
+        before: &[String],
+        leaving: &[String],
+        checkpoint: &Checkpoint,
+        label: &Label,
+    ) -> impl Future<Output = Result<Progress, MigrateError>> + Send;
+    /// Moves what clients wrote on `joining` while it was briefly in the ring to the owners.
+    fn give_back(
+        &self,
+        before: &[String],
+        joining: &[String],
+        label: &Label,
+    ) -> impl Future<Output = Result<u64, MigrateError>> + Send;
+    /// Pass 1 into `joining`, held out of the ring.
+    fn fill(
+        &self,
+        before: &[String],
+        joining: &[String],
+        label: &Label,
+    ) -> impl Future<Output = Result<Checkpoint, MigrateError>> + Send;
+    /// Pass 2 (twice) after `joining` was let in.
+    fn after_fill(
+        &self,
+        before: &[String],
+        joining: &[String],
+        checkpoint: &Checkpoint,
+        label: &Label,
+    ) -> impl Future<Output = Result<Progress, MigrateError>> + Send;
+    /// Add-only copy into `joining` (not registered yet, or registered and not holdable).
+    fn copy_add_only(
+        &self,
+        before: &[String],
+        joining: &[String],
+        rounds: u32,
+        label: &Label,
+    ) -> impl Future<Output = Result<Progress, MigrateError>> + Send;
+}
+
+/// What running one step did, for Events and the requeue.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ran {
+    /// The record changed (the next pass has more to do).
+    pub persisted: bool,
+    /// A copy finished: its counts (the Event `Migrated`).
+    pub copied: Option<Progress>,
+    /// An Event to publish: reason, note.
+    pub event: Option<(&'static str, String)>,
+}
+
+/// Runs one [`Step`] on its effects.
+pub struct Executor<'a, R, A, M, P> {
+    pub registry: &'a R,
+    pub admin: &'a A,
+    pub mover: &'a M,
+    pub pods: &'a P,
+}
+
+fn addrs(znodes: &[CacheZnode]) -> Vec<String> {
+    znodes.iter().map(|z| z.addr().to_string()).collect()
+}
+
+impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
+    /// Runs the step's action and persists its successor in the write that finishes it.
+    pub async fn run(&self, step: &Step) -> Result<Ran, MigrateError> {
+        let label = Label::of(step);
+        let mut ran = Ran::default();
+        let outcome = match &step.action {
+            Action::Idle | Action::Wait(_) => return Ok(ran),
+            Action::RestartPod { pod } => {
+                self.pods.delete(pod, None).await?;
+                ran.event = Some((
+                    "NodeRestarted",
+                    format!("{pod} had left ZooKeeper and cannot be let back in: restarting it"),
+                ));
+                return Ok(ran);
             }
-            Err(e) => return Err(e),
+            Action::StartJoin { .. } | Action::Advance | Action::StartHeal(_) | Action::Abandon => {
+                Outcome::Done
+            }
+            Action::DeletePod { pod, uid } => {
+                self.pods.delete(pod, Some(uid)).await?;
+                ran.event = Some((
+                    "RollingRestart",
+                    format!("restarting {pod} with the new template (its items moved to the other nodes first)"),
+                ));
+                Outcome::Done
+            }
+            Action::TakeOutOnRegistration { host } => {
+                return self.take_out_on_registration(step, host).await;
+            }
+            Action::TakeOut { znodes } => {
+                let then = step.successor(&Outcome::Done);
+                self.registry.leave_ring(znodes, then.as_ref()).await?;
+                tracing::info!(held = ?znodes, "node taken out of the ring until it is filled");
+                ran.persisted = true;
+                return Ok(ran);
+            }
+            _ => {
+                // A long action: first rewrite the record as it stands, so that whatever a
+                // paused ex-leader still sends for this operation fails on the claim version.
+                self.registry.persist(step.operation.as_ref()).await?;
+                let (outcome, copied) = self.copy(step, &label).await?;
+                ran.copied = copied;
+                outcome
+            }
+        };
+        let next = step.successor(&outcome);
+        self.registry.persist(next.as_ref()).await?;
+        ran.persisted = true;
+        Ok(ran)
+    }
+
+    async fn copy(
+        &self,
+        step: &Step,
+        label: &Label,
+    ) -> Result<(Outcome, Option<Progress>), MigrateError> {
+        let mover = self.mover;
+        Ok(match &step.action {
+            Action::Drain {
+                before, leaving, ..
+            } => {
+                tracing::info!(?leaving, "pass 1: copying the leaving nodes' items");
+                let (cp, p) = mover.drain(before, &addrs(leaving), label).await?;
+                (Outcome::Checkpoint(cp), Some(p))
+            }
+            Action::ChangeRingAndPass2 {
+                before,
+                leaving,
+                checkpoint,
+            } => {
+                // The record stays as it is (pass 2 repeats safely until it is cleared); the
+                // ring change is one transaction with it.
+                self.registry
+                    .leave_ring(leaving, step.operation.as_ref())
+                    .await?;
+                let p = mover
+                    .after_ring_change(before, &addrs(leaving), checkpoint, label)
+                    .await?;
+                (Outcome::Done, Some(p))
+            }
+            Action::FillEarly { before, joining } => {
+                tracing::info!(?joining, "filling the new node before it registers");
+                let p = mover.copy_add_only(before, joining, 1, label).await?;
+                (Outcome::Done, Some(p))
+            }
+            Action::GiveBack { before, held } => {
+                let given = mover.give_back(before, &addrs(held), label).await?;
+                if given > 0 {
+                    tracing::info!(
+                        ?held,
+                        given,
+                        "writes made while the node was visible moved to their owners"
+                    );
+                }
+                (Outcome::Done, None)
+            }
+            Action::FillHeldOut { before, held } => {
+                let joining = addrs(held);
+                let cp = mover.fill(before, &joining, label).await?;
+                match self.rejoin_all(held).await {
+                    Err(MigrateError::Rejoin { node, source }) => {
+                        return self.restart_instead(step, node, source).await;
+                    }
+                    r => r?,
+                }
+                tracing::info!(?joining, "node rejoined; pass 2");
+                let p = mover.after_fill(before, &joining, &cp, label).await?;
+                (Outcome::Done, Some(p))
+            }
+            Action::CopyAddOnly { before, joining } => {
+                if joining.is_empty() || before.is_empty() {
+                    (Outcome::Done, None)
+                } else {
+                    tracing::info!(?joining, "copying the items the new node now owns");
+                    let p = mover.copy_add_only(before, joining, 3, label).await?;
+                    (Outcome::Done, Some(p))
+                }
+            }
+            other => unreachable!("not a copy: {other:?}"),
+        })
+    }
+
+    /// A restart's (or heal's) node refused `zkensemble rejoin`: it is restarted and comes back
+    /// empty, to be filled again. A joining node's failure is an error (retried next pass).
+    async fn restart_instead(
+        &self,
+        step: &Step,
+        node: String,
+        source: arcus_client::Error,
+    ) -> Result<(Outcome, Option<Progress>), MigrateError> {
+        let Some(crate::operation::Operation::Restart { pod, pod_uid, .. }) = &step.operation
+        else {
+            return Err(MigrateError::Rejoin { node, source });
+        };
+        tracing::warn!(%node, error = %source, "the node refused zkensemble rejoin: restarting it");
+        let uid = Some(pod_uid.as_str()).filter(|u| !u.is_empty());
+        self.pods.delete(pod, uid).await?;
+        Ok((Outcome::RejoinFailed, None))
+    }
+
+    /// Lets the held nodes in; one already back (rejoined by hand) is fine.
+    async fn rejoin_all(&self, held: &[CacheZnode]) -> Result<(), MigrateError> {
+        for z in held {
+            if let Err(e) = self.admin.rejoin(z.addr()).await {
+                let ring = self.registry.ring().await?;
+                if !ring.iter().any(|r| r.addr() == z.addr()) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until `host` registers; when it can be held out, takes it out at once
+    /// (clients see it for a few milliseconds at most) and records it held.
+    async fn take_out_on_registration(&self, step: &Step, host: &str) -> Result<Ran, MigrateError> {
+        let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let ring = self.registry.ring().await?;
+            if let Some(z) = ring.into_iter().find(|z| z.host() == host) {
+                if self.admin.can_rejoin(z.addr()).await != Some(true) {
+                    return Ok(Ran::default());
+                }
+                let then = step.successor(&Outcome::TookOut(vec![z.clone()]));
+                self.registry
+                    .leave_ring(std::slice::from_ref(&z), then.as_ref())
+                    .await?;
+                tracing::info!(znode = %z, "new node taken out of the ring until it is filled");
+                return Ok(Ran {
+                    persisted: true,
+                    ..Ran::default()
+                });
+            }
+            tokio::time::sleep(REGISTRATION_POLL).await;
+        }
+        Ok(Ran::default())
+    }
+}
+
+/// The admin commands, for real, each behind the leader gate.
+pub struct ArcusAdmin {
+    pub gate: LeaderGate,
+}
+
+impl NodeAdmin for ArcusAdmin {
+    async fn can_rejoin(&self, addr: &str) -> Option<bool> {
+        match arcus_client::AdminClient::with_timeout(addr, Duration::from_secs(2))
+            .zkensemble_get()
+            .await
+        {
+            Ok(_) => Some(true),
+            Err(arcus_client::Error::Unsupported { .. }) => Some(false),
+            // ARCUS knows it but fails it while it has no ZooKeeper session
+            // (`ERROR failed to get the ensemble address`): it can rejoin.
+            Err(arcus_client::Error::Server { .. }) => Some(true),
+            Err(_) => None,
+        }
+    }
+
+    /// Tried again for up to 2 s. An ARCUS node that has just seen its znode deleted answers
+    /// `NOT_READY` at once but closes its ZooKeeper handle only on its next state-machine turn
+    /// (about 100 ms later); a rejoin before that fails with "already a member of cloud"
+    /// (`ERROR failed to rejoin ensemble`), and the same rejoin a moment later succeeds.
+    async fn rejoin(&self, addr: &str) -> Result<(), MigrateError> {
+        const TRIES: u32 = 10;
+        let admin = arcus_client::AdminClient::new(addr.to_string());
+        let mut attempt = 1;
+        loop {
+            self.gate.check(|| format!("zkensemble rejoin of {addr}"))?;
+            match admin.zkensemble_rejoin().await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < TRIES => {
+                    tracing::debug!(node = addr, attempt, error = %e, "zkensemble rejoin failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    attempt += 1;
+                }
+                Err(source) => {
+                    return Err(MigrateError::Rejoin {
+                        node: addr.into(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn apply_live_config(
+        &self,
+        addr: &str,
+        to: LiveConfig,
+        connections_changed: bool,
+    ) -> Result<bool, ConfigFailed> {
+        let admin = arcus_client::AdminClient::new(addr.to_string());
+        let failed = |what: String| move |source| ConfigFailed::Refused { what, source };
+        self.gate.check(|| format!("memlimit of {addr}"))?;
+        let memlimit = match admin.set_memlimit(to.memlimit_mb.into()).await {
+            Err(arcus_client::Error::Unsupported { .. }) => {
+                admin.cache_memlimit(to.memlimit_mb.into()).await
+            }
+            r => r,
+        };
+        memlimit.map_err(failed(format!("memlimit {}", to.memlimit_mb)))?;
+        if !connections_changed {
+            return Ok(true);
+        }
+        match admin.set_maxconns(to.connections.into()).await {
+            Ok(()) => Ok(true),
+            // Stock memcached (the sandbox's stand-in) has no live maxconns.
+            Err(arcus_client::Error::Unsupported { .. }) => Ok(false),
+            Err(e) => Err(failed(format!("connections {}", to.connections))(e)),
         }
     }
 }
 
-fn zk_err(action: &'static str, path: &str) -> impl FnOnce(zk::Error) -> MigrateError {
-    let path = path.to_string();
-    move |source| MigrateError::Zk {
-        action,
-        path,
-        source,
-    }
+/// The copies, for real: each runs on a thread of its own (`detached`) and stops when the
+/// leader gate closes.
+#[derive(Clone)]
+pub struct CacheMover {
+    pub reporter: Reporter,
+    pub gate: LeaderGate,
 }
 
-pub async fn read_pending(client: &zk::Client, svc: &str) -> Result<Option<Pending>, MigrateError> {
-    let path = format!("{CACHE_LIST}/{svc}");
-    match client.get_data(&path).await {
-        Ok((data, _)) => Ok(serde_json::from_slice::<ClaimRecord>(&data)
-            .ok()
-            .and_then(|r| r.pending)),
-        Err(zk::Error::NoNode) => Ok(None),
-        Err(e) => Err(zk_err("read", &path)(e)),
-    }
-}
-
-pub async fn write_pending(
-    client: &zk::Client,
-    svc: &str,
-    claim: &ServiceClaim,
-    pending: Option<Pending>,
-) -> Result<(), MigrateError> {
-    let path = format!("{CACHE_LIST}/{svc}");
-    let data = serde_json::to_vec(&ClaimRecord {
-        claim: claim.clone(),
-        pending,
-    })
-    .expect("claim serializes");
-    client
-        .set_data(&path, &data, None)
+impl CacheMover {
+    async fn run<T, Fut>(
+        &self,
+        what: &'static str,
+        make: impl FnOnce(Reporter) -> Fut + Send + 'static,
+    ) -> Result<T, MigrateError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, MigrateError>>,
+    {
+        let (gate, reporter) = (self.gate.clone(), self.reporter.clone());
+        detached(move || async move {
+            tokio::select! {
+                r = make(reporter) => r,
+                _ = gate.closed() => Err(MigrateError::Stopped(what.into())),
+            }
+        })
         .await
-        .map_err(zk_err("write", &path))?;
-    Ok(())
+    }
 }
 
-/// `<ip>:<port>` of each `cache_list` child (`<ip>:<port>-<hostname>`).
-fn addr_of(child: &str) -> &str {
-    child.split_once('-').map(|(a, _)| a).unwrap_or(child)
+fn owned(a: &[String]) -> Vec<String> {
+    a.to_vec()
 }
 
-/// Scale-in: everything before the StatefulSet may shrink. `children` is `cache_list/<svc>`
-/// now; `leaving_hosts` the hostnames of the ordinals that go. Returns the progress, or None
-/// when there was nothing to move (no leaving node registered and nothing pending).
-pub async fn scale_in(
-    client: &zk::Client,
-    svc: &str,
-    claim: &ServiceClaim,
-    children: &[String],
-    leaving_hosts: &[String],
-    operation: &str,
+impl Mover for CacheMover {
+    async fn drain(
+        &self,
+        before: &[String],
+        leaving: &[String],
+        label: &Label,
+    ) -> Result<(Checkpoint, Progress), MigrateError> {
+        let (before, leaving, label) = (owned(before), owned(leaving), label.clone());
+        self.run("pass 1", move |r| async move {
+            let mut job = ScaleIn::new(Ring::new(before), &leaving, MigrationOptions::default())?;
+            let _follow = r.follow(&label, job.progress());
+            let cp = job.pass1().await?;
+            let p = job.progress().borrow().clone();
+            Ok((cp, p))
+        })
+        .await
+    }
+
+    async fn after_ring_change(
+        &self,
+        before: &[String],
+        leaving: &[String],
+        checkpoint: &Checkpoint,
+        label: &Label,
+    ) -> Result<Progress, MigrateError> {
+        let (before, leaving, cp, label) = (
+            owned(before),
+            owned(leaving),
+            checkpoint.clone(),
+            label.clone(),
+        );
+        self.run("pass 2", move |r| async move {
+            let opts = MigrationOptions::default();
+            let job = ScaleIn::resume(Ring::new(before), &leaving, cp.clone(), opts.clone())?;
+            pass2_twice(job.migration(), &cp, opts, &label, &r).await
+        })
+        .await
+    }
+
+    async fn give_back(
+        &self,
+        before: &[String],
+        joining: &[String],
+        _label: &Label,
+    ) -> Result<u64, MigrateError> {
+        let (before, joining) = (owned(before), owned(joining));
+        self.run("giving back", move |_| async move {
+            let with_new = Ring::new(before.iter().chain(&joining).cloned());
+            let mut job = ScaleIn::new(with_new, &joining, MigrationOptions::default())?;
+            job.pass1().await?;
+            let given = job.progress().borrow().items_moved;
+            Ok(given)
+        })
+        .await
+    }
+
+    async fn fill(
+        &self,
+        before: &[String],
+        joining: &[String],
+        label: &Label,
+    ) -> Result<Checkpoint, MigrateError> {
+        let (before, joining, label) = (owned(before), owned(joining), label.clone());
+        self.run("pass 1", move |r| async move {
+            // Clients that saw the node join must have left it before pass 1 treats what it
+            // holds as ours to overwrite.
+            tokio::time::sleep(CLIENTS_FOLLOW).await;
+            let mut job = ScaleOut::new(Ring::new(before), &joining, MigrationOptions::default())?;
+            let _follow = r.follow(&label, job.progress());
+            tracing::info!(?joining, "pass 1 into the node out of the ring");
+            Ok(job.pass1().await?)
+        })
+        .await
+    }
+
+    async fn after_fill(
+        &self,
+        before: &[String],
+        joining: &[String],
+        checkpoint: &Checkpoint,
+        label: &Label,
+    ) -> Result<Progress, MigrateError> {
+        let (before, joining, cp, label) = (
+            owned(before),
+            owned(joining),
+            checkpoint.clone(),
+            label.clone(),
+        );
+        self.run("pass 2", move |r| async move {
+            // Moved items leave the old owners only in the last run of pass 2 (pass2_twice).
+            let job = ScaleOut::new(Ring::new(before), &joining, MigrationOptions::default())?;
+            let opts = MigrationOptions {
+                delete_moved_from_sources: true,
+                ..MigrationOptions::default()
+            };
+            pass2_twice(job.migration(), &cp, opts, &label, &r).await
+        })
+        .await
+    }
+
+    async fn copy_add_only(
+        &self,
+        before: &[String],
+        joining: &[String],
+        rounds: u32,
+        label: &Label,
+    ) -> Result<Progress, MigrateError> {
+        let (before, joining, label) = (owned(before), owned(joining), label.clone());
+        self.run("copy", move |r| async move {
+            copy_rounds(&before, &joining, rounds, &label, &r).await
+        })
+        .await
+    }
+}
+
+/// Add-only copies into `joining`, up to `rounds` of them while a round still moves items.
+/// With more than one round, moved items are compare-and-deleted on their old owners, so a
+/// further round lists only what an earlier listing missed (stock memcached's LRU crawler can
+/// skip items under load) and never re-adds a key a client deleted meanwhile.
+async fn copy_rounds(
+    before: &[String],
+    joining: &[String],
+    rounds: u32,
+    label: &Label,
     reporter: &Reporter,
-) -> Result<Option<Progress>, MigrateError> {
-    let (client, svc, claim, children, leaving_hosts) = (
-        client.clone(),
-        svc.to_string(),
-        claim.clone(),
-        children.to_vec(),
-        leaving_hosts.to_vec(),
-    );
-    let (operation, reporter) = (operation.to_string(), reporter.clone());
-    detached(move || async move {
-        scale_in_inner(
-            &client,
-            &svc,
-            &claim,
-            &children,
-            &leaving_hosts,
-            &operation,
-            &reporter,
-        )
-        .await
-    })
-    .await
+) -> Result<Progress, MigrateError> {
+    let opts = MigrationOptions {
+        delete_moved_from_sources: rounds > 1,
+        ..MigrationOptions::default()
+    };
+    let mut total: Option<Progress> = None;
+    for round in 1..=rounds {
+        let job = ScaleOut::new(Ring::new(before.to_vec()), joining, opts.clone())?;
+        let _follow = reporter.follow(label, job.progress());
+        let p = job.copy().await?;
+        let moved = p.items_moved;
+        total = Some(match total.take() {
+            None => p,
+            Some(mut acc) => {
+                acc.items_moved += p.items_moved;
+                acc.items_failed = p.items_failed;
+                acc
+            }
+        });
+        tracing::info!(round, moved, "copy round done");
+        if moved == 0 {
+            break;
+        }
+    }
+    Ok(total.unwrap_or_default())
 }
 
 /// Builds and runs a migration future on a blocking thread of its own: the engine's futures
@@ -245,461 +679,12 @@ pub async fn scale_in(
 async fn detached<T, Fut>(make: impl FnOnce() -> Fut + Send + 'static) -> T
 where
     T: Send + 'static,
-    Fut: std::future::Future<Output = T>,
+    Fut: Future<Output = T>,
 {
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || handle.block_on(make()))
         .await
         .expect("migration task panicked")
-}
-
-async fn scale_in_inner(
-    client: &zk::Client,
-    svc: &str,
-    claim: &ServiceClaim,
-    children: &[String],
-    leaving_hosts: &[String],
-    operation: &str,
-    reporter: &Reporter,
-) -> Result<Option<Progress>, MigrateError> {
-    // One leaving node (a rolling restart) is named in the status.
-    let node = match leaving_hosts {
-        [one] => Some(pod_of(one).to_string()),
-        _ => None,
-    };
-    let list_path = format!("{CACHE_LIST}/{svc}");
-    let mut pending = read_pending(client, svc).await?;
-    let mut pass1 = Progress::default();
-    if !matches!(pending, Some(Pending::ScaleIn { .. })) {
-        let leaving_znodes: Vec<String> = children
-            .iter()
-            .filter(|c| {
-                registered_hostname(c).is_some_and(|h| leaving_hosts.iter().any(|l| l == h))
-            })
-            .cloned()
-            .collect();
-        if leaving_znodes.is_empty() {
-            return Ok(None);
-        }
-        let before: Vec<String> = children.iter().map(|c| addr_of(c).to_string()).collect();
-        let leaving: Vec<String> = leaving_znodes
-            .iter()
-            .map(|c| addr_of(c).to_string())
-            .collect();
-        tracing::info!(%svc, ?leaving, "scale-in: pass 1 (copying the leaving nodes' items)");
-        let mut job = ScaleIn::new(
-            Ring::new(before.clone()),
-            &leaving,
-            MigrationOptions::default(),
-        )?;
-        let _follow = reporter.follow(operation, node.clone(), job.progress());
-        let checkpoint = job.pass1().await?;
-        pass1 = job.progress().borrow().clone();
-        let p = Pending::ScaleIn {
-            before,
-            leaving,
-            leaving_znodes,
-            checkpoint,
-        };
-        write_pending(client, svc, claim, Some(p.clone())).await?;
-        pending = Some(p);
-    }
-    let Some(Pending::ScaleIn {
-        before,
-        leaving,
-        leaving_znodes,
-        checkpoint,
-    }) = pending
-    else {
-        unreachable!()
-    };
-    // The ring change: the leaving nodes leave cache_list (they keep serving our reads).
-    delete_znodes_at_once(client, &list_path, &leaving_znodes).await?;
-    tracing::info!(%svc, ?leaving, "scale-in: pass 2 (what changed during pass 1)");
-    let job = ScaleIn::resume(
-        Ring::new(before),
-        &leaving,
-        checkpoint.clone(),
-        MigrationOptions::default(),
-    )?;
-    let mut progress = pass2_twice(
-        job.migration(),
-        &checkpoint,
-        MigrationOptions::default(),
-        operation,
-        node,
-        reporter,
-    )
-    .await?;
-    write_pending(client, svc, claim, None).await?;
-    // Pass 2 ran on a fresh job (as after a restart): add what pass 1 did in this process.
-    // Each pass lists the same moving keys again: "to move" is the largest listing, not a sum.
-    progress.items_total = progress.items_total.max(pass1.items_total);
-    progress.items_done = progress.items_done.max(pass1.items_done);
-    progress.items_moved += pass1.items_moved;
-    progress.items_skipped_expired += pass1.items_skipped_expired;
-    progress.items_skipped_newer += pass1.items_skipped_newer;
-    progress.items_failed += pass1.items_failed;
-    Ok(Some(progress))
-}
-
-/// Scale-out, one new node at a time: each new node is let in (the StatefulSet grows by one)
-/// only after the previous one registered and received the items it now owns. (With several
-/// nodes joining at once, a key could be written to a node of an intermediate ring and then
-/// be copied over on the final one.) Returns the StatefulSet size to apply in this pass and the
-/// progress of a copy made in this pass.
-///
-/// A joining node that answers `zkensemble` (ARCUS) is filled out of the ring: its znode is
-/// deleted as soon as it registers (it stays up, `NOT_READY`), pass 1 copies its items while
-/// clients still use the old owners, `zkensemble rejoin` puts it in the ring, and pass 2 carries
-/// over what changed meanwhile. Clients see the node only for the milliseconds between its
-/// registration and our taking it out: what they wrote there is moved back to the old owners,
-/// and a delete they sent there also reached the old owner if they follow deletes (see the
-/// module docs). Other servers get the add-only copy after joining.
-#[allow(clippy::too_many_arguments)]
-pub async fn scale_out_step(
-    client: &zk::Client,
-    svc: &str,
-    claim: &ServiceClaim,
-    children: &[String],
-    now: u32,
-    desired: u32,
-    unregistered: &[String],
-    hostname_of: &(dyn Fn(u32) -> String + Sync),
-    reporter: &Reporter,
-) -> Result<(u32, Option<Progress>), MigrateError> {
-    let mut now = now;
-    let mut progress = None;
-    if let Some(Pending::ScaleOut {
-        before,
-        to_replicas,
-        early,
-        restart_of,
-        held,
-    }) = read_pending(client, svc).await?
-    {
-        let operation = match &restart_of {
-            Some(_) => "rolling restart".to_string(),
-            None => format!("scale-out to {to_replicas}"),
-        };
-        let registered_new: Vec<String> = children
-            .iter()
-            .filter(|c| !before.contains(&addr_of(c).to_string()))
-            .cloned()
-            .collect();
-        let held_out: Vec<String> = held
-            .iter()
-            .filter(|z| !children.contains(z))
-            .cloned()
-            .collect();
-        if !held_out.is_empty() {
-            // An operator stopped between taking the new node out and its rejoin: redo the
-            // fill (pass 1 repeats safely while the node is out) and let it in.
-            let (c, s, cl, r) = (
-                client.clone(),
-                svc.to_string(),
-                claim.clone(),
-                reporter.clone(),
-            );
-            let pending = Pending::ScaleOut {
-                before: before.clone(),
-                to_replicas,
-                early: early.clone(),
-                restart_of: restart_of.clone(),
-                held: held.clone(),
-            };
-            progress = detached(move || async move {
-                fill_held_out(&c, &s, &cl, pending, &held_out, &operation, &r, false).await
-            })
-            .await?;
-            return Ok((to_replicas.max(now), progress));
-        }
-        if (children.len() as u32) < to_replicas {
-            // The new node has not registered yet. One that serves already and cannot rejoin
-            // (stock memcached) is filled now, while no client reads from it: once it registers
-            // only what changed meanwhile is missing. One that can rejoin (ARCUS) is waited for
-            // here and taken out of the ring the moment it registers, then filled while out.
-            let mut fresh = Vec::new();
-            for a in unregistered.iter().filter(|a| !early.contains(a)) {
-                if can_rejoin(a).await == Some(false) {
-                    fresh.push(a.clone());
-                }
-            }
-            if fresh.is_empty() && !before.is_empty() {
-                let expected = match &restart_of {
-                    Some(host) => host.clone(),
-                    None => hostname_of(to_replicas - 1),
-                };
-                let held = take_out_on_registration(client, svc, &expected).await?;
-                if held.is_empty() {
-                    return Ok((to_replicas.max(now), None));
-                }
-                let pending = Pending::ScaleOut {
-                    before: before.clone(),
-                    to_replicas,
-                    early: early.clone(),
-                    restart_of: restart_of.clone(),
-                    held: held.clone(),
-                };
-                write_pending(client, svc, claim, Some(pending.clone())).await?;
-                let (c, s, cl, r) = (
-                    client.clone(),
-                    svc.to_string(),
-                    claim.clone(),
-                    reporter.clone(),
-                );
-                progress = detached(move || async move {
-                    fill_held_out(&c, &s, &cl, pending, &held, &operation, &r, true).await
-                })
-                .await?;
-                return Ok((to_replicas.max(now), progress));
-            }
-            if !fresh.is_empty() && !before.is_empty() {
-                let (c, s, cl, b, r) = (
-                    client.clone(),
-                    svc.to_string(),
-                    claim.clone(),
-                    before.clone(),
-                    reporter.clone(),
-                );
-                let mut early = early.clone();
-                let restart_of = restart_of.clone();
-                detached(move || async move {
-                    tracing::info!(svc = %s, joining = ?fresh, "scale-out: filling the new node before it registers");
-                    let job = ScaleOut::new(Ring::new(b.clone()), &fresh, MigrationOptions::default())?;
-                    let _follow = r.follow(&operation, None, job.progress());
-                    job.copy().await?;
-                    early.extend(fresh);
-                    write_pending(&c, &s, &cl, Some(Pending::ScaleOut { before: b, to_replicas, early, restart_of, held: vec![] })).await
-                })
-                .await?;
-            }
-            return Ok((to_replicas.max(now), None));
-        }
-        let joining: Vec<String> = registered_new
-            .iter()
-            .map(|c| addr_of(c).to_string())
-            .collect();
-        let mut rejoinable = !joining.is_empty() && !before.is_empty();
-        for a in &joining {
-            rejoinable = rejoinable && can_rejoin(a).await == Some(true);
-        }
-        let (c, s, cl, r) = (
-            client.clone(),
-            svc.to_string(),
-            claim.clone(),
-            reporter.clone(),
-        );
-        if rejoinable {
-            let pending = Pending::ScaleOut {
-                before: before.clone(),
-                to_replicas,
-                early: early.clone(),
-                restart_of: restart_of.clone(),
-                held: registered_new.clone(),
-            };
-            progress = detached(move || async move {
-                // Recorded first: a restarted operator must find and rejoin the node.
-                write_pending(&c, &s, &cl, Some(pending.clone())).await?;
-                let list_path = format!("{CACHE_LIST}/{s}");
-                for z in &registered_new {
-                    let path = format!("{list_path}/{z}");
-                    match c.delete(&path, None).await {
-                        Ok(()) | Err(zk::Error::NoNode) => {}
-                        Err(e) => return Err(zk_err("delete", &path)(e)),
-                    }
-                }
-                tracing::info!(svc = %s, ?joining, "scale-out: new node taken out of the ring until it is filled");
-                fill_held_out(&c, &s, &cl, pending, &registered_new, &operation, &r, true).await
-            })
-            .await?;
-        } else {
-            progress = detached(move || async move {
-                let mut progress: Option<Progress> = None;
-                if !joining.is_empty() && !before.is_empty() {
-                    tracing::info!(svc = %s, ?joining, "scale-out: copying the items the new node now owns");
-                    // Moved items are compare-and-deleted on their old owners, so a further round
-                    // lists only what an earlier listing missed (stock memcached's LRU crawler can
-                    // skip items under load) and never re-adds a key a client deleted meanwhile.
-                    let opts = MigrationOptions { delete_moved_from_sources: true, ..MigrationOptions::default() };
-                    for round in 1..=3 {
-                        let job = ScaleOut::new(Ring::new(before.clone()), &joining, opts.clone())?;
-                        let node = restart_of.as_deref().map(|h| pod_of(h).to_string());
-                        let _follow = r.follow(&operation, node, job.progress());
-                        let p = job.copy().await?;
-                        let moved = p.items_moved;
-                        progress = Some(match progress.take() {
-                            None => p,
-                            Some(mut acc) => {
-                                acc.items_moved += p.items_moved;
-                                acc.items_failed = p.items_failed;
-                                acc
-                            }
-                        });
-                        tracing::info!(svc = %s, round, moved, "scale-out copy round done");
-                        if moved == 0 {
-                            break;
-                        }
-                    }
-                }
-                write_pending(&c, &s, &cl, None).await?;
-                Ok::<_, MigrateError>(progress)
-            })
-            .await?;
-        }
-        now = now.max(to_replicas);
-    }
-    if desired > now && now > 0 {
-        let before = children.iter().map(|c| addr_of(c).to_string()).collect();
-        write_pending(
-            client,
-            svc,
-            claim,
-            Some(Pending::ScaleOut {
-                before,
-                to_replicas: now + 1,
-                early: vec![],
-                restart_of: None,
-                held: vec![],
-            }),
-        )
-        .await?;
-        return Ok((now + 1, progress));
-    }
-    Ok((desired, progress))
-}
-
-/// How long a scale-out step waits for a started node to register before it takes it out.
-const REGISTRATION_WAIT: Duration = Duration::from_secs(20);
-/// How often `cache_list` is read meanwhile (a few hundred cheap reads at most: a node
-/// registers within a fraction of a second of starting).
-const REGISTRATION_POLL: Duration = Duration::from_millis(1);
-
-/// Waits until the node with hostname `host` registers and, when it can rejoin, deletes its
-/// znode at once, so clients see it for a few milliseconds at most (a watch would not be
-/// faster, and the session already holds a recursive watch above this path). Returns the znode
-/// taken out, or nothing (not registered in time, or it cannot rejoin: it then stays in).
-async fn take_out_on_registration(
-    client: &zk::Client,
-    svc: &str,
-    host: &str,
-) -> Result<Vec<String>, MigrateError> {
-    let list_path = format!("{CACHE_LIST}/{svc}");
-    let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
-    while tokio::time::Instant::now() < deadline {
-        let (children, _) = client
-            .get_children(&list_path)
-            .await
-            .map_err(zk_err("read", &list_path))?;
-        if let Some(z) = children
-            .into_iter()
-            .find(|z| registered_hostname(z) == Some(host))
-        {
-            if can_rejoin(addr_of(&z)).await != Some(true) {
-                return Ok(vec![]);
-            }
-            let path = format!("{list_path}/{z}");
-            match client.delete(&path, None).await {
-                Ok(()) | Err(zk::Error::NoNode) => {}
-                Err(e) => return Err(zk_err("delete", &path)(e)),
-            }
-            tracing::info!(%svc, znode = %z, "scale-out: new node taken out of the ring until it is filled");
-            return Ok(vec![z]);
-        }
-        tokio::time::sleep(REGISTRATION_POLL).await;
-    }
-    Ok(vec![])
-}
-
-/// Whether the node at `addr` is an ARCUS server that can be taken out of the ring and let back
-/// in (it knows `zkensemble`): Some(false) when it says it does not know the command (stock
-/// memcached), None when it does not answer (not listening yet).
-async fn can_rejoin(addr: &str) -> Option<bool> {
-    match arcus_client::AdminClient::with_timeout(addr, Duration::from_secs(2))
-        .zkensemble_get()
-        .await
-    {
-        Ok(_) => Some(true),
-        Err(arcus_client::Error::Unsupported { .. }) => Some(false),
-        // ARCUS knows it but fails it while it has no ZooKeeper session
-        // (`ERROR failed to get the ensemble address`): it can rejoin.
-        Err(arcus_client::Error::Server { .. }) => Some(true),
-        Err(_) => None,
-    }
-}
-
-/// The two-pass fill of nodes taken out of the ring (`held`: their znode names): pass 1 while
-/// clients use the old owners, `zkensemble rejoin`, pass 2, then the claim is cleared.
-#[allow(clippy::too_many_arguments)]
-async fn fill_held_out(
-    client: &zk::Client,
-    svc: &str,
-    claim: &ServiceClaim,
-    pending: Pending,
-    held: &[String],
-    operation: &str,
-    reporter: &Reporter,
-    just_taken_out: bool,
-) -> Result<Option<Progress>, MigrateError> {
-    let Pending::ScaleOut { before, .. } = &pending else {
-        unreachable!("fill_held_out takes a scale-out")
-    };
-    let joining: Vec<String> = held.iter().map(|z| addr_of(z).to_string()).collect();
-    let node = held
-        .first()
-        .and_then(|z| registered_hostname(z))
-        .map(|h| pod_of(h).to_string());
-    // Clients may have written to the node in the milliseconds it was visible: those writes
-    // go back to the old owners at once (a scale-in of the node), before pass 1 would take the
-    // node's items for stale leftovers and overwrite them.
-    // (Only right after taking it out: a resumed fill finds our own earlier copies there.)
-    if just_taken_out {
-        let with_new = Ring::new(before.iter().chain(&joining).cloned());
-        let mut give_back = ScaleIn::new(with_new, &joining, MigrationOptions::default())?;
-        let back = give_back.pass1().await?;
-        let given = give_back.progress().borrow().items_moved;
-        if given > 0 {
-            tracing::info!(%svc, ?joining, given, "scale-out: writes made while the node was visible moved to their owners");
-        }
-        drop((give_back, back));
-    }
-    // Clients that saw the node join must have left it before pass 1 treats what it holds as
-    // ours to overwrite.
-    tokio::time::sleep(CLIENTS_FOLLOW).await;
-    let opts = MigrationOptions {
-        delete_moved_from_sources: true,
-        ..MigrationOptions::default()
-    };
-    // Moved items leave the old owners only in the last run of pass 2 (see pass2_twice).
-    let mut job = ScaleOut::new(
-        Ring::new(before.clone()),
-        &joining,
-        MigrationOptions::default(),
-    )?;
-    let _follow = reporter.follow(operation, node.clone(), job.progress());
-    tracing::info!(%svc, ?joining, "scale-out: pass 1 into the node out of the ring");
-    let cp = job.pass1().await?;
-    for a in &joining {
-        if let Err(e) = rejoin(a).await {
-            // Already back (e.g. rejoined by hand) is fine; anything else is retried by the
-            // next reconcile from the recorded `held`.
-            let back = client
-                .get_children(&format!("{CACHE_LIST}/{svc}"))
-                .await
-                .map(|(c, _)| c.iter().any(|z| addr_of(z) == a))
-                .unwrap_or(false);
-            if !back {
-                return Err(MigrateError::Rejoin {
-                    node: a.clone(),
-                    message: e.to_string(),
-                });
-            }
-        }
-    }
-    tracing::info!(%svc, ?joining, "scale-out: node rejoined; pass 2");
-    let p = pass2_twice(job.migration(), &cp, opts, operation, node, reporter).await?;
-    write_pending(client, svc, claim, None).await?;
-    Ok(Some(p))
 }
 
 /// Pass 2 twice after the ring change. First almost at once (`CLIENTS_SWITCH`), with `first`
@@ -716,8 +701,7 @@ async fn pass2_twice(
     first: &crate::migration::Migration,
     cp: &Checkpoint,
     opts: MigrationOptions,
-    operation: &str,
-    node: Option<String>,
+    label: &Label,
     reporter: &Reporter,
 ) -> Result<Progress, MigrateError> {
     tokio::time::sleep(CLIENTS_SWITCH).await;
@@ -728,7 +712,7 @@ async fn pass2_twice(
     // `first` may hold pass 1's counts already (its counters are cumulative).
     let before_first = first.progress_now();
     let mut early = {
-        let _follow = reporter.follow(operation, node.clone(), first.progress());
+        let _follow = reporter.follow(label, first.progress());
         first.pass2(cp).await?
     };
     // Every run lists the same moving keys again: "to move" is the largest listing, not a sum.
@@ -763,7 +747,7 @@ async fn pass2_twice(
             }
         })
     };
-    let _follow = reporter.follow(operation, node, merged_rx);
+    let _follow = reporter.follow(label, merged_rx);
     let late = second.pass2(&settled).await;
     forward.abort();
     let p = both_runs(&early, &late?);
@@ -794,41 +778,6 @@ fn both_runs(early: &Progress, late: &Progress) -> Progress {
     p
 }
 
-/// The pod name in a node hostname `<pod>.<namespace>`.
-fn pod_of(host: &str) -> &str {
-    host.split('.').next().unwrap_or(host)
-}
-
-/// A cache-aware restart of the node `host`: once it is back in the ring (as `expected` nodes),
-/// the scale-out copy brings its items back from the nodes that held them meanwhile.
-pub async fn copy_back_after_restart(
-    client: &zk::Client,
-    svc: &str,
-    claim: &ServiceClaim,
-    children: &[String],
-    host: &str,
-    expected: u32,
-) -> Result<(), MigrateError> {
-    let before = children
-        .iter()
-        .filter(|c| registered_hostname(c) != Some(host))
-        .map(|c| addr_of(c).to_string())
-        .collect();
-    write_pending(
-        client,
-        svc,
-        claim,
-        Some(Pending::ScaleOut {
-            before,
-            to_replicas: expected,
-            early: vec![],
-            restart_of: Some(host.to_string()),
-            held: vec![],
-        }),
-    )
-    .await
-}
-
 /// Where a running migration reports its progress; the controller writes it to the status
 /// about once a second. Cheap to clone; a reporter nobody listens to costs nothing.
 #[derive(Clone)]
@@ -857,12 +806,8 @@ impl Reporter {
 
     /// Follows a job's progress until the returned guard is dropped (which reports the
     /// job's final counts).
-    fn follow(
-        &self,
-        operation: &str,
-        node: Option<String>,
-        progress: tokio::sync::watch::Receiver<Progress>,
-    ) -> Following {
+    fn follow(&self, label: &Label, progress: tokio::sync::watch::Receiver<Progress>) -> Following {
+        let (operation, node) = (label.operation.as_str(), label.node.clone());
         // `ended` orders the forwarding task's sends before the guard's final one: an aborted
         // task may still be running on another thread.
         let ended = std::sync::Arc::new(std::sync::Mutex::new(false));
@@ -942,6 +887,8 @@ pub fn migration_status(operation: &str, node: Option<&str>, p: &Progress) -> Mi
             "{operation}{who}: {phase} {}/{}",
             p.items_done, p.items_total
         ),
+        // Set by the writer, from the record the copy belongs to.
+        epoch: None,
     }
 }
 
@@ -1000,28 +947,5 @@ mod tests {
             migration_status("scale-in 5→3", None, &done).summary,
             "scale-in 5→3: Done 12345/40000"
         );
-    }
-
-    #[test]
-    fn old_pending_records_still_parse() {
-        // Written by an operator before `restart_of` and `held` existed.
-        let old = r#"{"kind":"scaleOut","before":["127.1.0.2:11211"],"to_replicas":4,"early":[]}"#;
-        let p: Pending = serde_json::from_str(old).unwrap();
-        assert_eq!(
-            p,
-            Pending::ScaleOut {
-                before: vec!["127.1.0.2:11211".into()],
-                to_replicas: 4,
-                early: vec![],
-                restart_of: None,
-                held: vec![],
-            }
-        );
-    }
-
-    #[test]
-    fn pod_of_takes_the_first_label() {
-        assert_eq!(pod_of("mc-3.ns-a"), "mc-3");
-        assert_eq!(pod_of("mc-3"), "mc-3");
     }
 }

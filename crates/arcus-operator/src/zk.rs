@@ -1,14 +1,22 @@
-//! The ZooKeeper edge: one session per ensemble (shared by every CR that names it), reading the
-//! state a plan needs, executing a plan's operations, and turning `cache_list` changes into
-//! reconcile triggers. Decisions live in `zk_plan`; nothing here decides what to write.
+//! The ZooKeeper edge: one session per ensemble (shared by every CR that names it), and, per
+//! service code, a [`ZkRegistry`]: every read and write the operator makes in ZooKeeper for it.
+//! Decisions live in `zk_plan` and `operation`; nothing here decides what to write.
+//!
+//! Fencing: every write checks the [`LeaderGate`] first, and every write also names the data
+//! version of the claim znode (`/arcus/cache_list/<svc>`) this process last read or wrote, in
+//! the same transaction. A stand-by that took over rewrites the claim as its first act of an
+//! operation, so a paused ex-leader that slipped past the gate still fails in ZooKeeper.
 
-use crate::leader::LeaderGate;
+use crate::leader::{Fenced, LeaderGate};
 use crate::metrics::Metrics;
+use crate::operation::{self, Operation, OperationRecord, RecordError, RECORD_VERSION};
 use crate::zk_plan::{
-    self, Claim, MappingState, ZkObserved, ZkOp, BASE_TREE, CACHE_LIST, CLIENT_LIST, MAPPING_ROOT,
+    CacheZnode, Claim, MappingState, ZkObserved, ZkOp, BASE_TREE, CACHE_LIST, CLIENT_LIST,
+    MAPPING_ROOT,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
@@ -29,8 +37,16 @@ pub enum ZkError {
         path: String,
         source: zk::Error,
     },
-    #[error("not the leader any more: ZooKeeper write to {0} skipped")]
-    NotLeader(String),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    #[error("ZooKeeper {ensemble}: {path} was changed by another writer since this pass read it (another operator instance took over?): this pass stops, the next one reads it again")]
+    ClaimChanged { ensemble: String, path: String },
+    #[error("ZooKeeper {ensemble}: {path}: {source}")]
+    Record {
+        ensemble: String,
+        path: String,
+        source: RecordError,
+    },
 }
 
 /// The data the operator stores in `/arcus/cache_list/<svc>` (servers and clients ignore it) to
@@ -165,79 +181,440 @@ impl ZkPool {
 
 /// What to read for one CR.
 pub struct ObserveRequest<'a> {
-    pub ensemble: &'a str,
-    pub service_code: &'a str,
     pub our_uid: &'a str,
     pub mapping_key: &'a (dyn Fn(u32) -> String + Sync),
     /// Read mappings 0..read_upto, then on until the first absent one.
     pub read_upto: u32,
 }
 
-pub async fn observe(client: &zk::Client, req: &ObserveRequest<'_>) -> Result<ZkObserved, ZkError> {
-    let op_err = |action: &'static str, path: &str| {
-        let ensemble = req.ensemble.to_string();
-        let path = path.to_string();
+/// What the state machine needs of ZooKeeper (the executor runs on a fake of it in tests).
+pub trait Registry: Send + Sync {
+    /// The ring now: the `cache_list/<svc>` children that are node registrations.
+    fn ring(&self) -> impl Future<Output = Result<Vec<CacheZnode>, ZkError>> + Send;
+    /// Persists `operation` (None: nothing in flight) in the claim.
+    fn persist(
+        &self,
+        operation: Option<&Operation>,
+    ) -> impl Future<Output = Result<(), ZkError>> + Send;
+    /// Deletes `znodes` from the ring and persists `then`, in one transaction: clients go from
+    /// the ring before straight to the ring after (one at a time, a client could route by a
+    /// ring in between, where a key of one leaving node belongs to another), and the record
+    /// never lags the ring.
+    fn leave_ring(
+        &self,
+        znodes: &[CacheZnode],
+        then: Option<&Operation>,
+    ) -> impl Future<Output = Result<(), ZkError>> + Send;
+    /// The epoch of the last record read or written (progress reports carry it).
+    fn epoch(&self) -> u64;
+}
+
+/// The claim znode as this process last read or wrote it.
+#[derive(Clone, Debug, Default)]
+struct ClaimState {
+    /// Its data version; None until read (or when it does not exist).
+    version: Option<i32>,
+    epoch: u64,
+}
+
+/// Every ZooKeeper read and write for one service code, fenced (see the module docs).
+#[derive(Clone)]
+pub struct ZkRegistry {
+    client: zk::Client,
+    ensemble: String,
+    service_code: String,
+    claim: ServiceClaim,
+    gate: LeaderGate,
+    metrics: Arc<Metrics>,
+    state: Arc<std::sync::Mutex<ClaimState>>,
+}
+
+impl ZkRegistry {
+    pub fn new(
+        client: zk::Client,
+        ensemble: &str,
+        service_code: &str,
+        claim: ServiceClaim,
+        gate: LeaderGate,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            ensemble: ensemble.into(),
+            service_code: service_code.into(),
+            claim,
+            gate,
+            metrics,
+            state: Arc::default(),
+        }
+    }
+
+    fn claim_path(&self) -> String {
+        format!("{CACHE_LIST}/{}", self.service_code)
+    }
+
+    fn op_err(&self, action: &'static str, path: &str) -> impl FnOnce(zk::Error) -> ZkError {
+        let (ensemble, path) = (self.ensemble.clone(), path.to_string());
         move |source| ZkError::Op {
             ensemble,
             action,
             path,
             source,
         }
-    };
-    let mut observed = ZkObserved::default();
-    for path in BASE_TREE {
-        if client
-            .check_stat(path)
-            .await
-            .map_err(op_err("stat", path))?
-            .is_none()
-        {
-            observed.missing_base.push(path.to_string());
-        }
     }
-    let svc = req.service_code;
-    let claim_path = format!("{CACHE_LIST}/{svc}");
-    observed.claim = Some(match client.get_data(&claim_path).await {
-        Ok((data, _)) => ServiceClaim::classify(&data, req.our_uid),
-        Err(zk::Error::NoNode) => Claim::Absent,
-        Err(e) => return Err(op_err("read", &claim_path)(e)),
-    });
-    if observed.claim != Some(Claim::Absent) {
-        observed.cache_list_children = children(client, &claim_path)
-            .await
-            .map_err(op_err("list", &claim_path))?
-            .unwrap_or_default();
+
+    fn version(&self) -> Option<i32> {
+        self.state.lock().expect("claim state").version
     }
-    let client_path = format!("{CLIENT_LIST}/{svc}");
-    if let Some(c) = children(client, &client_path)
-        .await
-        .map_err(op_err("list", &client_path))?
-    {
-        observed.client_list_exists = true;
-        observed.client_list_children = c;
-    }
-    let mut ordinal = 0;
-    loop {
-        let path = format!("{MAPPING_ROOT}/{}", (req.mapping_key)(ordinal));
-        match children(client, &path)
-            .await
-            .map_err(op_err("list", &path))?
-        {
-            None if ordinal >= req.read_upto => break,
-            None => {}
-            Some(c) if c.is_empty() => {
-                observed.mappings.insert(ordinal, MappingState::Empty);
-            }
-            Some(c) if c.len() == 1 && c[0].split('^').next() == Some(svc) => {
-                observed.mappings.insert(ordinal, MappingState::Ours);
-            }
-            Some(c) => {
-                observed.mappings.insert(ordinal, MappingState::Other(c));
+
+    /// Reads what a plan and the state machine need: the base tree, the claim (and the
+    /// operation recorded in it), the ring, the clients, the mappings.
+    pub async fn observe(
+        &self,
+        req: &ObserveRequest<'_>,
+    ) -> Result<(ZkObserved, Option<Operation>), ZkError> {
+        let mut observed = ZkObserved::default();
+        for path in BASE_TREE {
+            let stat = self.client.check_stat(path).await;
+            if stat.map_err(self.op_err("stat", path))?.is_none() {
+                observed.missing_base.push(path.to_string());
             }
         }
-        ordinal += 1;
+        let (claim, operation) = self.read_claim(req.our_uid).await?;
+        observed.claim = Some(claim);
+        let claim_path = self.claim_path();
+        if observed.claim != Some(Claim::Absent) {
+            let children = children(&self.client, &claim_path).await;
+            observed.cache_list_children = children
+                .map_err(self.op_err("list", &claim_path))?
+                .unwrap_or_default();
+        }
+        let client_path = format!("{CLIENT_LIST}/{}", self.service_code);
+        let clients = children(&self.client, &client_path).await;
+        if let Some(c) = clients.map_err(self.op_err("list", &client_path))? {
+            observed.client_list_exists = true;
+            observed.client_list_children = c;
+        }
+        observed.mappings = self.read_mappings(req).await?;
+        Ok((observed, operation))
     }
-    Ok(observed)
+
+    /// Who holds the claim and, when it is ours, the operation it records; remembers the
+    /// data version every later write is conditional on.
+    async fn read_claim(&self, our_uid: &str) -> Result<(Claim, Option<Operation>), ZkError> {
+        let path = self.claim_path();
+        let (data, stat) = match self.client.get_data(&path).await {
+            Ok(found) => found,
+            Err(zk::Error::NoNode) => {
+                *self.state.lock().expect("claim state") = ClaimState::default();
+                return Ok((Claim::Absent, None));
+            }
+            Err(e) => return Err(self.op_err("read", &path)(e)),
+        };
+        let claim = ServiceClaim::classify(&data, our_uid);
+        if claim != Claim::Ours {
+            return Ok((claim, None));
+        }
+        let (operation, epoch) =
+            operation::parse_claim_data(&data).map_err(|source| ZkError::Record {
+                ensemble: self.ensemble.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        *self.state.lock().expect("claim state") = ClaimState {
+            version: Some(stat.version),
+            epoch,
+        };
+        Ok((Claim::Ours, operation))
+    }
+
+    async fn read_mappings(
+        &self,
+        req: &ObserveRequest<'_>,
+    ) -> Result<std::collections::BTreeMap<u32, MappingState>, ZkError> {
+        let mut mappings = std::collections::BTreeMap::new();
+        for ordinal in 0.. {
+            let path = format!("{MAPPING_ROOT}/{}", (req.mapping_key)(ordinal));
+            let found = children(&self.client, &path).await;
+            let state = match found.map_err(self.op_err("list", &path))? {
+                None if ordinal >= req.read_upto => break,
+                None => continue,
+                Some(c) if c.is_empty() => MappingState::Empty,
+                Some(c) if c.len() == 1 && c[0].split('^').next() == Some(&self.service_code) => {
+                    MappingState::Ours
+                }
+                Some(c) => MappingState::Other(c),
+            };
+            mappings.insert(ordinal, state);
+        }
+        Ok(mappings)
+    }
+
+    /// The claim data with `operation` recorded and the epoch raised.
+    fn record_data(&self, operation: Option<&Operation>) -> (Vec<u8>, u64) {
+        let epoch = self.state.lock().expect("claim state").epoch + 1;
+        let record = ClaimRecord {
+            claim: self.claim.clone(),
+            epoch,
+            operation: operation.map(|o| OperationRecord {
+                version: RECORD_VERSION,
+                epoch,
+                operation: o.clone(),
+            }),
+        };
+        (
+            serde_json::to_vec(&record).expect("claim serializes"),
+            epoch,
+        )
+    }
+
+    /// Sends `multi` after the gate check; on success the claim's version moves on by
+    /// `bumps` (the number of claim writes in it) and its epoch becomes `epoch`.
+    async fn commit(
+        &self,
+        what: &str,
+        mut multi: zk::MultiWriter<'_>,
+        claim_op: usize,
+        bumps: i32,
+        epoch: Option<u64>,
+    ) -> Result<Vec<zk::MultiWriteResult>, zk::MultiWriteError> {
+        let result = multi.commit().await;
+        if result.is_ok() {
+            let mut state = self.state.lock().expect("claim state");
+            state.version = state.version.map(|v| v + bumps);
+            if let Some(e) = epoch {
+                state.epoch = e;
+            }
+        }
+        tracing::debug!(ensemble = %self.ensemble, %what, claim_op, ok = result.is_ok(), "zk transaction");
+        result
+    }
+
+    fn fence(&self, what: impl FnOnce() -> String) -> Result<i32, ZkError> {
+        self.gate.check(what)?;
+        self.version().ok_or_else(|| ZkError::ClaimChanged {
+            ensemble: self.ensemble.clone(),
+            path: self.claim_path(),
+        })
+    }
+
+    fn failed(&self, path: &str, e: zk::MultiWriteError, claim_index: usize) -> ZkError {
+        match e {
+            zk::MultiWriteError::OperationFailed {
+                index,
+                source: zk::Error::BadVersion | zk::Error::NoNode,
+            } if index == claim_index => ZkError::ClaimChanged {
+                ensemble: self.ensemble.clone(),
+                path: self.claim_path(),
+            },
+            e => self.op_err("write", path)(e.into()),
+        }
+    }
+
+    /// Executes a plan's operations in order, each fenced. Idempotent: a node that already
+    /// exists (create) or is already gone (delete) is not an error, so a plan interrupted
+    /// half-way is simply re-planned and finished. Returns the znode writes made.
+    pub async fn apply(&self, ops: &[ZkOp]) -> Result<u32, ZkError> {
+        let mut writes = 0;
+        for op in ops {
+            self.gate
+                .check(|| format!("ZooKeeper: {}", op.describe()))?;
+            tracing::info!(ensemble = %self.ensemble, op = %op.describe(), "zk write");
+            writes += match op {
+                ZkOp::CreateNode { path, data } => self.create_node(path, data).await?,
+                ZkOp::CreateMapping {
+                    key, service_code, ..
+                } => self.create_mapping(key, service_code).await?,
+                ZkOp::DeleteMapping {
+                    key, service_code, ..
+                } => {
+                    let parent = format!("{MAPPING_ROOT}/{key}");
+                    let child = format!("{parent}/{service_code}");
+                    self.delete_fenced(&[child, parent]).await?
+                }
+                ZkOp::DeleteNodeAndChildren { path, children } => {
+                    self.delete_tree(path, children).await?
+                }
+            };
+        }
+        self.metrics.zk_writes.inc_by(writes as u64);
+        Ok(writes)
+    }
+
+    async fn create_node(&self, path: &str, data: &str) -> Result<u32, ZkError> {
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        let created = self.client.create(path, data.as_bytes(), &persistent).await;
+        let wrote = ignore(created, zk::Error::NodeExists).map_err(self.op_err("create", path))?;
+        if wrote && path == self.claim_path() {
+            // Our claim is new: version 0, no operation.
+            *self.state.lock().expect("claim state") = ClaimState {
+                version: Some(0),
+                epoch: 0,
+            };
+        }
+        Ok(wrote as u32)
+    }
+
+    /// `cache_server_mapping/<key>` and its child `<svc>` in one transaction, with the claim's
+    /// version checked.
+    async fn create_mapping(&self, key: &str, service_code: &str) -> Result<u32, ZkError> {
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        let parent = format!("{MAPPING_ROOT}/{key}");
+        let child = format!("{parent}/{service_code}");
+        for with_parent in [true, false] {
+            let version = self.fence(|| format!("ZooKeeper: map {key}"))?;
+            let mut multi = self.client.new_multi_writer();
+            let build = (|| {
+                multi.add_check_version(&self.claim_path(), version)?;
+                if with_parent {
+                    multi.add_create(&parent, b"", &persistent)?;
+                }
+                multi.add_create(&child, b"", &persistent)
+            })();
+            build.map_err(self.op_err("create", &child))?;
+            match self.commit("map", multi, 0, 0, None).await {
+                Ok(_) => return Ok(1 + with_parent as u32),
+                // The parent survived an interrupted create: complete it.
+                Err(zk::MultiWriteError::OperationFailed {
+                    index: 1,
+                    source: zk::Error::NodeExists,
+                }) if with_parent => continue,
+                Err(zk::MultiWriteError::OperationFailed {
+                    index,
+                    source: zk::Error::NodeExists,
+                }) if index > 0 => return Ok(0),
+                Err(e) => return Err(self.failed(&child, e, 0)),
+            }
+        }
+        Ok(0)
+    }
+
+    /// Deletes `paths` in order, each with the claim's version checked; absent ones are done.
+    async fn delete_fenced(&self, paths: &[String]) -> Result<u32, ZkError> {
+        let mut writes = 0;
+        for path in paths {
+            let version = self.fence(|| format!("ZooKeeper: delete {path}"))?;
+            let mut multi = self.client.new_multi_writer();
+            let build = multi
+                .add_check_version(&self.claim_path(), version)
+                .and_then(|_| multi.add_delete(path, None));
+            build.map_err(self.op_err("delete", path))?;
+            match self.commit("delete", multi, 0, 0, None).await {
+                Ok(_) => writes += 1,
+                Err(zk::MultiWriteError::OperationFailed {
+                    index: 1,
+                    source: zk::Error::NoNode,
+                }) => {}
+                Err(e) => return Err(self.failed(path, e, 0)),
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Deletion: the nodes' (ephemeral) registrations, then the claim itself at its version.
+    async fn delete_tree(&self, path: &str, children: &[String]) -> Result<u32, ZkError> {
+        let paths: Vec<String> = children.iter().map(|c| format!("{path}/{c}")).collect();
+        let mut writes = if path == self.claim_path() {
+            self.delete_fenced(&paths).await?
+        } else {
+            let mut w = 0;
+            for p in &paths {
+                let gone = self.client.delete(p, None).await;
+                w += ignore(gone, zk::Error::NoNode).map_err(self.op_err("delete", p))? as u32;
+            }
+            w
+        };
+        let version = (path == self.claim_path())
+            .then(|| self.version())
+            .flatten();
+        match self.client.delete(path, version).await {
+            Ok(()) => writes += 1,
+            Err(zk::Error::NoNode) => {}
+            Err(zk::Error::BadVersion) => {
+                return Err(ZkError::ClaimChanged {
+                    ensemble: self.ensemble.clone(),
+                    path: path.into(),
+                })
+            }
+            Err(e) => return Err(self.op_err("delete", path)(e)),
+        }
+        Ok(writes)
+    }
+}
+
+impl Registry for ZkRegistry {
+    async fn ring(&self) -> Result<Vec<CacheZnode>, ZkError> {
+        let path = self.claim_path();
+        let (children, _) = self
+            .client
+            .get_children(&path)
+            .await
+            .map_err(self.op_err("list", &path))?;
+        Ok(CacheZnode::parse_all(&children))
+    }
+
+    async fn persist(&self, operation: Option<&Operation>) -> Result<(), ZkError> {
+        self.leave_ring(&[], operation).await
+    }
+
+    async fn leave_ring(
+        &self,
+        znodes: &[CacheZnode],
+        then: Option<&Operation>,
+    ) -> Result<(), ZkError> {
+        let path = self.claim_path();
+        // A node can leave by itself between our listing and the transaction: list again.
+        for _ in 0..5 {
+            let version = self.fence(|| format!("ZooKeeper: operation record of {path}"))?;
+            let ring = if znodes.is_empty() {
+                vec![]
+            } else {
+                self.ring().await?
+            };
+            let present: Vec<String> = znodes
+                .iter()
+                .filter(|z| ring.contains(z))
+                .map(|z| format!("{path}/{z}"))
+                .collect();
+            let (data, epoch) = self.record_data(then);
+            let mut multi = self.client.new_multi_writer();
+            let build = (|| {
+                multi.add_set_data(&path, &data, Some(version))?;
+                for p in &present {
+                    multi.add_delete(p, None)?;
+                }
+                Ok::<_, zk::Error>(())
+            })();
+            build.map_err(self.op_err("write", &path))?;
+            match self.commit("record", multi, 0, 1, Some(epoch)).await {
+                Ok(_) => {
+                    self.metrics.zk_writes.inc_by(1 + present.len() as u64);
+                    tracing::info!(ensemble = %self.ensemble, %path, epoch, left = ?present, stage = then.map(|o| o.stage_name()).unwrap_or("none"), "operation recorded");
+                    return Ok(());
+                }
+                Err(zk::MultiWriteError::OperationFailed {
+                    index,
+                    source: zk::Error::NoNode,
+                }) if index > 0 => continue,
+                Err(e) => return Err(self.failed(&path, e, 0)),
+            }
+        }
+        Err(self.op_err("delete", &path)(zk::Error::NoNode))
+    }
+
+    fn epoch(&self) -> u64 {
+        self.state.lock().expect("claim state").epoch
+    }
+}
+
+/// The claim data: the claim, the epoch of the last record, and what is in flight.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ClaimRecord {
+    #[serde(flatten)]
+    claim: ServiceClaim,
+    epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    operation: Option<OperationRecord>,
 }
 
 async fn children(client: &zk::Client, path: &str) -> Result<Option<Vec<String>>, zk::Error> {
@@ -246,108 +623,6 @@ async fn children(client: &zk::Client, path: &str) -> Result<Option<Vec<String>>
         Err(zk::Error::NoNode) => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// Executes `ops` in order; every write is re-checked against leadership first and counted.
-/// Idempotent: a node that already exists (create) or is already gone (delete) is not an error,
-/// so a plan interrupted half-way is simply re-planned and finished.
-pub async fn apply(
-    client: &zk::Client,
-    ensemble: &str,
-    ops: &[ZkOp],
-    leader: &LeaderGate,
-    metrics: &Metrics,
-) -> Result<u32, ZkError> {
-    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-    let mut writes = 0;
-    let err = |action: &'static str, path: &str, source| ZkError::Op {
-        ensemble: ensemble.to_string(),
-        action,
-        path: path.to_string(),
-        source,
-    };
-    for op in ops {
-        if !leader.is_leader() {
-            return Err(ZkError::NotLeader(op.describe()));
-        }
-        tracing::info!(%ensemble, op = %op.describe(), "zk write");
-        match op {
-            ZkOp::CreateNode { path, data } => {
-                if ignore(
-                    client.create(path, data.as_bytes(), &persistent).await,
-                    zk::Error::NodeExists,
-                )
-                .map_err(|e| err("create", path, e))?
-                {
-                    writes += 1;
-                }
-            }
-            ZkOp::CreateMapping {
-                key, service_code, ..
-            } => {
-                let parent = format!("{MAPPING_ROOT}/{key}");
-                let child = format!("{parent}/{service_code}");
-                let mut multi = client.new_multi_writer();
-                multi
-                    .add_create(&parent, b"", &persistent)
-                    .map_err(|e| err("create", &parent, e))?;
-                multi
-                    .add_create(&child, b"", &persistent)
-                    .map_err(|e| err("create", &child, e))?;
-                match multi.commit().await {
-                    Ok(_) => writes += 2,
-                    Err(zk::MultiWriteError::OperationFailed {
-                        index: 0,
-                        source: zk::Error::NodeExists,
-                    }) => {
-                        // The parent survived an interrupted create: complete it.
-                        if ignore(
-                            client.create(&child, b"", &persistent).await,
-                            zk::Error::NodeExists,
-                        )
-                        .map_err(|e| err("create", &child, e))?
-                        {
-                            writes += 1;
-                        }
-                    }
-                    Err(e) => return Err(err("create", &child, e.into())),
-                }
-            }
-            ZkOp::DeleteMapping {
-                key, service_code, ..
-            } => {
-                let parent = format!("{MAPPING_ROOT}/{key}");
-                let child = format!("{parent}/{service_code}");
-                if ignore(client.delete(&child, None).await, zk::Error::NoNode)
-                    .map_err(|e| err("delete", &child, e))?
-                {
-                    writes += 1;
-                }
-                if ignore(client.delete(&parent, None).await, zk::Error::NoNode)
-                    .map_err(|e| err("delete", &parent, e))?
-                {
-                    writes += 1;
-                }
-            }
-            ZkOp::DeleteNodeAndChildren { path, children } => {
-                for c in children {
-                    let p = format!("{path}/{c}");
-                    if ignore(client.delete(&p, None).await, zk::Error::NoNode)
-                        .map_err(|e| err("delete", &p, e))?
-                    {
-                        writes += 1;
-                    }
-                }
-                if ignore(client.delete(path, None).await, zk::Error::NoNode)
-                    .map_err(|e| err("delete", path, e))?
-                {
-                    writes += 1;
-                }
-            }
-        }
-    }
-    metrics.zk_writes.inc_by(writes as u64);
-    Ok(writes)
 }
 
 /// Ok(true) when the write happened, Ok(false) when it failed with `benign` (already done).
@@ -361,11 +636,9 @@ fn ignore<T>(r: Result<T, zk::Error>, benign: zk::Error) -> Result<bool, zk::Err
 
 /// Registered hostnames under `cache_list/<svc>`.
 pub fn registered_hostnames(observed: &ZkObserved) -> Vec<String> {
-    observed
-        .cache_list_children
+    CacheZnode::parse_all(&observed.cache_list_children)
         .iter()
-        .filter_map(|c| zk_plan::registered_hostname(c))
-        .map(str::to_string)
+        .map(|z| z.host().to_string())
         .collect()
 }
 

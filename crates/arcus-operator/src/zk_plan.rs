@@ -300,9 +300,80 @@ fn ordinal_list(ordinals: &[u32]) -> String {
         .join(", ")
 }
 
-/// The hostname part of a `cache_list` child `<ip>:<port>-<hostname>` (ip:port has no '-').
-pub fn registered_hostname(child: &str) -> Option<&str> {
-    child.split_once('-').map(|(_, host)| host)
+/// A node's ephemeral znode under `cache_list/<svc>`: `<ip>:<port>-<hostname>` (ip:port has no
+/// '-'), parsed once. Serialized as the znode name, so records keep the name ZooKeeper shows.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct CacheZnode {
+    name: String,
+    dash: usize,
+}
+
+impl CacheZnode {
+    pub fn parse(name: &str) -> Option<CacheZnode> {
+        let dash = name.find('-')?;
+        (dash > 0 && dash + 1 < name.len()).then(|| CacheZnode {
+            name: name.to_string(),
+            dash,
+        })
+    }
+
+    /// The znode a node at `addr` (`<ip>:<port>`) registers as `host`.
+    pub fn new(addr: &str, host: &str) -> CacheZnode {
+        CacheZnode {
+            name: format!("{addr}-{host}"),
+            dash: addr.len(),
+        }
+    }
+
+    /// `<ip>:<port>`.
+    pub fn addr(&self) -> &str {
+        &self.name[..self.dash]
+    }
+
+    /// The node's hostname (`<pod>.<namespace>` for ours).
+    pub fn host(&self) -> &str {
+        &self.name[self.dash + 1..]
+    }
+
+    /// The pod name (the hostname's first label).
+    pub fn pod(&self) -> &str {
+        self.host().split('.').next().unwrap_or_default()
+    }
+
+    /// The znode's name under `cache_list/<svc>`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The nodes among `children` that parse (others are not ARCUS registrations).
+    pub fn parse_all(children: &[String]) -> Vec<CacheZnode> {
+        children
+            .iter()
+            .filter_map(|c| CacheZnode::parse(c))
+            .collect()
+    }
+}
+
+impl TryFrom<String> for CacheZnode {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        CacheZnode::parse(&name).ok_or_else(|| format!("{name:?} is not <ip>:<port>-<hostname>"))
+    }
+}
+
+impl From<CacheZnode> for String {
+    fn from(z: CacheZnode) -> String {
+        z.name
+    }
+}
+
+impl std::fmt::Display for CacheZnode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
 }
 
 #[cfg(test)]
@@ -554,12 +625,20 @@ mod tests {
     }
 
     #[test]
-    fn registered_hostname_splits_at_first_dash() {
+    fn cache_znodes_split_at_the_first_dash() {
+        let z = CacheZnode::parse("127.1.0.2:11211-test-arcus-mc-0.ns-a").unwrap();
+        assert_eq!(z.addr(), "127.1.0.2:11211");
+        assert_eq!(z.host(), "test-arcus-mc-0.ns-a");
+        assert_eq!(z.pod(), "test-arcus-mc-0");
         assert_eq!(
-            registered_hostname("127.1.0.2:11211-test-arcus-mc-0"),
-            Some("test-arcus-mc-0")
+            z,
+            CacheZnode::new("127.1.0.2:11211", "test-arcus-mc-0.ns-a")
         );
-        assert_eq!(registered_hostname("nodash"), None);
+        assert_eq!(CacheZnode::parse("nodash"), None);
+        assert_eq!(CacheZnode::parse("-x"), None);
+        let json = serde_json::to_string(&z).unwrap();
+        assert_eq!(json, "\"127.1.0.2:11211-test-arcus-mc-0.ns-a\"");
+        assert!(serde_json::from_str::<CacheZnode>("\"nodash\"").is_err());
     }
 
     #[test]

@@ -85,6 +85,18 @@ pub async fn deploy_operator(
     ns: &TestNamespace,
     replicas: i32,
 ) -> anyhow::Result<()> {
+    deploy_operator_with(sandbox, ns, replicas, |_| {}).await
+}
+
+/// [`deploy_operator`], with `customize` editing the Deployment (JSON, as in deploy/operator.yaml
+/// after the namespace, replicas and WATCH_NAMESPACE are set) before it is applied: for a test
+/// that needs a variant, e.g. no liveness probe while it holds a process stopped.
+pub async fn deploy_operator_with(
+    sandbox: &Sandbox,
+    ns: &TestNamespace,
+    replicas: i32,
+    customize: impl Fn(&mut Value),
+) -> anyhow::Result<()> {
     install_crd(sandbox).await?;
     for mut d in docs(sandbox, "rbac.yaml")? {
         match d["kind"].as_str() {
@@ -122,6 +134,7 @@ pub async fn deploy_operator(
                 }
             }
         }
+        customize(&mut d);
         apply_json(sandbox, &d).await?;
     }
     let pods: Api<Pod> = ns.api();
@@ -185,4 +198,111 @@ pub async fn leader_pod(ns: &TestNamespace) -> anyhow::Result<Option<Pod>> {
         .get_opt(&holder)
         .await?
         .filter(|p| p.name_any() == holder))
+}
+
+/// Sends `signal` (a name kill(1) knows: STOP, CONT, KILL, ...) to the process `pid`.
+pub fn signal_process(pid: i32, signal: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .output()
+        .map_err(|e| anyhow::anyhow!("running kill -{signal} {pid}: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kill -{signal} {pid} failed ({}): {}; is the process still there and ours to signal?",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// One process as /proc shows it: its PID and start time (clock ticks after boot), which tell
+/// it apart from a later process that reuses the PID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl ProcessId {
+    /// The process now running as `pid`, if any.
+    pub fn of(pid: i32) -> Option<Self> {
+        let (_, start_ticks) = proc_stat(pid)?;
+        Some(Self { pid, start_ticks })
+    }
+
+    /// Its state letter from /proc/<pid>/stat (R, S, T (stopped), Z (exited, not reaped), ...),
+    /// or None once it is gone (or the PID belongs to another process now).
+    pub fn state(&self) -> Option<char> {
+        proc_stat(self.pid)
+            .filter(|(_, start)| *start == self.start_ticks)
+            .map(|(state, _)| state)
+    }
+
+    /// Whether it has exited: gone from /proc, a zombie, or its PID reused.
+    pub fn exited(&self) -> bool {
+        matches!(self.state(), None | Some('Z') | Some('X'))
+    }
+}
+
+/// (state, starttime) from /proc/<pid>/stat; the command name may hold spaces and parentheses,
+/// so the fields are counted after its last ')'.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: field 3 is the state, field 22 the start time (proc(5)).
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// A process held stopped with SIGSTOP: [`StoppedProcess::resume`] sends SIGCONT, and so does
+/// dropping it, so no exit path of a test (an error, a failed assertion) leaves it stopped.
+#[derive(Debug)]
+pub struct StoppedProcess {
+    process: ProcessId,
+    resumed: bool,
+}
+
+impl StoppedProcess {
+    /// SIGSTOPs `pid` and waits (bounded, 5 s) until the kernel reports it stopped.
+    pub fn stop(pid: i32) -> anyhow::Result<Self> {
+        let process = ProcessId::of(pid)
+            .ok_or_else(|| anyhow::anyhow!("no process {pid} to stop (it exited already?)"))?;
+        signal_process(pid, "STOP")?;
+        let stopped = Self {
+            process,
+            resumed: false,
+        };
+        crate::wait::wait_until_blocking(
+            Duration::from_secs(5),
+            &format!("process {pid} in state T (stopped) after SIGSTOP"),
+            || stopped.process.state() == Some('T'),
+        )?;
+        Ok(stopped)
+    }
+
+    pub fn process(&self) -> ProcessId {
+        self.process
+    }
+
+    /// Sends SIGCONT (unless the process is gone already).
+    pub fn resume(mut self) -> anyhow::Result<()> {
+        self.resumed = true;
+        if self.process.exited() {
+            return Ok(());
+        }
+        signal_process(self.process.pid, "CONT")
+    }
+}
+
+impl Drop for StoppedProcess {
+    fn drop(&mut self) {
+        if !self.resumed && !self.process.exited() {
+            if let Err(e) = signal_process(self.process.pid, "CONT") {
+                eprintln!("resuming the stopped process {}: {e}", self.process.pid);
+            }
+        }
+    }
 }

@@ -887,7 +887,7 @@ async fn live_config_rolling_restart_and_self_healing() -> anyhow::Result<()> {
                     .await
                     .ok()?
                     .0;
-                (!String::from_utf8_lossy(&data).contains("\"pending\"")).then_some(())
+                (!String::from_utf8_lossy(&data).contains("\"operation\"")).then_some(())
             };
             wait_until(
                 Duration::from_secs(60),
@@ -1258,7 +1258,7 @@ async fn scale_in_and_out_migrate_the_cache_while_a_client_writes() -> anyhow::R
             // 3 → 5.
             let pending_cleared = || async {
                 let data = zk.get_data(&format!("/arcus/cache_list/{svc}")).await.ok()?.0;
-                (!String::from_utf8_lossy(&data).contains("\"pending\"")).then_some(())
+                (!String::from_utf8_lossy(&data).contains("\"operation\"")).then_some(())
             };
             let (stop, writer) = start_writer(11);
             let churn = start_churn(&["out-f", "out-p"]);
@@ -1353,7 +1353,7 @@ async fn operator_killed_during_scale_in_migration_resumes_and_loses_nothing() -
                         .await
                         .ok()?
                         .0;
-                    let settled = !String::from_utf8_lossy(&data).contains("\"pending\"");
+                    let settled = !String::from_utf8_lossy(&data).contains("\"operation\"");
                     (three && settled && pods_named(&ns, "rs-arcus-mc-").await.len() == 3)
                         .then_some(())
                 },
@@ -1433,7 +1433,7 @@ async fn operator_killed_during_scale_in_migration_resumes_and_loses_nothing() -
                         .await
                         .ok()?
                         .0;
-                    let settled = !String::from_utf8_lossy(&data).contains("\"pending\"");
+                    let settled = !String::from_utf8_lossy(&data).contains("\"operation\"");
                     let four = children(&zk, &format!("/arcus/cache_list/{svc}"))
                         .await
                         .len()

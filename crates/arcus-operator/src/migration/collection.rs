@@ -21,10 +21,9 @@
 //! turned off again); a b+tree's `trimmed` state is not carried over; collections have no CAS,
 //! so changes between pass 1 and the ring change are not propagated (see the module docs).
 
-use super::conn::{lossy, ConnError, ConnResult, NodePool, ReplyReader};
 use super::keys::{unix_now, Expiry, TtlArg};
-use super::MigrationError;
-use arcus_client::ItemType;
+use arcus_client::connection::{ConnError, ConnResult, Connection, ReplyReader};
+use arcus_client::{ItemType, NodePool};
 use std::collections::BTreeMap;
 
 /// Largest b+tree byte-array bkey: 31 bytes.
@@ -310,27 +309,39 @@ pub enum CollectionCopy {
     Unreadable,
 }
 
-fn server(line: &str) -> ConnError {
-    ConnError::Server(line.to_string())
+/// What reading a collection on its source found.
+enum Read {
+    Gone,
+    Unreadable,
+    Found {
+        attrs: CollectionAttrs,
+        elements: Vec<Element>,
+    },
 }
 
-async fn read_attrs(r: &mut ReplyReader<'_>) -> ConnResult<Option<Vec<String>>> {
+/// Writes `request` and reads its reply with `read`.
+async fn exchange<T>(
+    c: &mut Connection,
+    request: &[u8],
+    read: impl AsyncFnOnce(&mut ReplyReader) -> ConnResult<T>,
+) -> ConnResult<T> {
+    c.request().extend_from_slice(request);
+    c.exchange(read).await
+}
+
+async fn read_attrs(r: &mut ReplyReader) -> ConnResult<Option<Vec<String>>> {
     let mut lines = Vec::new();
     loop {
-        let l = r.line().await?;
-        match l {
+        match r.read_line().await? {
             b"END" => return Ok(Some(lines)),
             b"NOT_FOUND" => return Ok(None),
             l if l.starts_with(b"ATTR ") => lines.push(String::from_utf8_lossy(l).into_owned()),
-            l => return Err(server(&lossy(l))),
+            l => return Err(ConnError::server(l)),
         }
     }
 }
 
-async fn read_elements(
-    r: &mut ReplyReader<'_>,
-    t: ItemType,
-) -> ConnResult<Result<GetReply, String>> {
+async fn read_elements(r: &mut ReplyReader, t: ItemType) -> ConnResult<Result<GetReply, String>> {
     let mut buf = Vec::new();
     loop {
         match parse_get_reply(&buf, t) {
@@ -340,9 +351,90 @@ async fn read_elements(
             // A one-line answer: NOT_FOUND, NOT_FOUND_ELEMENT, UNREADABLE, ...
             Err(line) => return Ok(Err(line)),
         }
-        let chunk = r.some_bytes().await?;
+        let chunk = r.read_some().await?;
         buf.extend_from_slice(&chunk);
     }
+}
+
+/// Reads the attributes and every element of `key` (a collection of type `t`).
+async fn read_collection(c: &mut Connection, key: &str, t: ItemType) -> ConnResult<Read> {
+    let getattr = encode_getattr(key, t);
+    let Some(lines) = exchange(c, getattr.as_bytes(), async |r| read_attrs(r).await).await? else {
+        return Ok(Read::Gone);
+    };
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let attrs = parse_attrs(&refs).map_err(ConnError::Protocol)?;
+    if !attrs.readable {
+        return Ok(Read::Unreadable);
+    }
+    let get = encode_get_all(key, t, &attrs).expect("a collection type");
+    let elements = match exchange(c, get.as_bytes(), async |r| read_elements(r, t).await).await? {
+        Ok(reply) => reply.elements,
+        Err(l) if l == "NOT_FOUND_ELEMENT" => Vec::new(),
+        Err(l) if l == "NOT_FOUND" => return Ok(Read::Gone),
+        Err(l) if l == "UNREADABLE" => return Ok(Read::Unreadable),
+        Err(l) => return Err(ConnError::Server(l)),
+    };
+    Ok(Read::Found { attrs, elements })
+}
+
+/// Fails unless the server answered `want`.
+fn expect(line: String, want: &str) -> ConnResult<()> {
+    if line == want {
+        Ok(())
+    } else {
+        Err(ConnError::Server(line))
+    }
+}
+
+/// Creates the (unreadable) copy; `false` when the target has the key and it is kept.
+async fn create(c: &mut Connection, create: &str, key: &str, replace: bool) -> ConnResult<bool> {
+    let mut created = c.request_line(&[create]).await?;
+    if created == "EXISTS" {
+        if !replace {
+            return Ok(false);
+        }
+        c.request_line(&["delete", key]).await?;
+        created = c.request_line(&[create]).await?;
+    }
+    expect(created, "CREATED")?;
+    Ok(true)
+}
+
+/// Inserts every element (pipelined), then sets the attributes `create` cannot and makes the
+/// copy readable.
+async fn fill(
+    c: &mut Connection,
+    key: &str,
+    attrs: &CollectionAttrs,
+    elements: &[Element],
+) -> ConnResult<()> {
+    let mut inserts = Vec::new();
+    for e in elements {
+        encode_insert(&mut inserts, key, e);
+    }
+    let replies = exchange(c, &inserts, async |r| {
+        let mut out = Vec::with_capacity(elements.len());
+        for _ in elements {
+            out.push(String::from_utf8_lossy(r.read_line().await?).into_owned());
+        }
+        Ok(out)
+    })
+    .await?;
+    if let Some(bad) = replies
+        .into_iter()
+        .find(|l| l != "STORED" && l != "ELEMENT_EXISTS")
+    {
+        return Err(ConnError::Server(bad));
+    }
+    if let Some(r) = attrs.maxbkeyrange.as_ref().filter(|v| *v != "0") {
+        let set = format!("maxbkeyrange={r}");
+        expect(c.request_line(&["setattr", key, &set]).await?, "OK")?;
+    }
+    expect(
+        c.request_line(&["setattr", key, "readable=on"]).await?,
+        "OK",
+    )
 }
 
 /// Copies `key` (a collection of type `t`) from `src` to `tgt`. With `replace`, an item already
@@ -354,96 +446,32 @@ pub(crate) async fn copy(
     key: &str,
     t: ItemType,
     replace: bool,
-) -> Result<CollectionCopy, MigrationError> {
-    let getattr = encode_getattr(key, t);
+) -> arcus_client::Result<CollectionCopy> {
     let read = src
         .run("collection read", async |c| {
-            let Some(lines) = c
-                .raw(getattr.as_bytes(), async |r| read_attrs(r).await)
-                .await?
-            else {
-                return Ok(None);
-            };
-            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-            let attrs = parse_attrs(&refs).map_err(ConnError::Protocol)?;
-            if !attrs.readable {
-                return Ok(Some((attrs, Err("UNREADABLE".to_string()))));
-            }
-            let get = encode_get_all(key, t, &attrs).expect("a collection type");
-            let elems = c
-                .raw(get.as_bytes(), async |r| read_elements(r, t).await)
-                .await?;
-            Ok(Some((attrs, elems)))
+            read_collection(c, key, t).await
         })
         .await?;
-    let Some((attrs, elems)) = read else {
-        return Ok(CollectionCopy::Gone);
-    };
-    let elements = match elems {
-        Ok(reply) => reply.elements,
-        Err(l) if l == "NOT_FOUND_ELEMENT" => Vec::new(),
-        Err(l) if l == "NOT_FOUND" => return Ok(CollectionCopy::Gone),
-        Err(l) if l == "UNREADABLE" => return Ok(CollectionCopy::Unreadable),
-        Err(l) => {
-            return Err(MigrationError::Node {
-                node: src.addr().to_string(),
-                op: "collection get",
-                message: l,
-            })
-        }
+    let (attrs, elements) = match read {
+        Read::Gone => return Ok(CollectionCopy::Gone),
+        Read::Unreadable => return Ok(CollectionCopy::Unreadable),
+        Read::Found { attrs, elements } => (attrs, elements),
     };
     let now = unix_now();
     let exptime = match Expiry::from_attr(attrs.expiretime, now).map(|e| e.exptime_at(now)) {
         Some(TtlArg::Exptime(e)) => e,
         _ => return Ok(CollectionCopy::Expired),
     };
-    let create = encode_create(key, t, &attrs, exptime).expect("a collection type");
-    let mut inserts = Vec::new();
-    for e in &elements {
-        encode_insert(&mut inserts, key, e);
-    }
-    let n = elements.len();
-    let bytes: u64 = elements.iter().map(|e| e.value().len() as u64).sum();
-    let maxbkeyrange = attrs.maxbkeyrange.clone().filter(|v| v != "0");
+    let create_line = encode_create(key, t, &attrs, exptime).expect("a collection type");
     tgt.run("collection write", async |c| {
-        let mut created = c.request_line(&[create.trim_end()]).await?;
-        if created == "EXISTS" {
-            if !replace {
-                return Ok(CollectionCopy::Exists);
-            }
-            c.request_line(&["delete", key]).await?;
-            created = c.request_line(&[create.trim_end()]).await?;
+        if !create(c, create_line.trim_end(), key, replace).await? {
+            return Ok(CollectionCopy::Exists);
         }
-        if created != "CREATED" {
-            return Err(server(&created));
-        }
-        let replies = c
-            .raw(&inserts, async |r| {
-                let mut out = Vec::with_capacity(n);
-                for _ in 0..n {
-                    out.push(String::from_utf8_lossy(r.line().await?).into_owned());
-                }
-                Ok(out)
-            })
-            .await?;
-        if let Some(bad) = replies
-            .iter()
-            .find(|l| *l != "STORED" && *l != "ELEMENT_EXISTS")
-        {
-            return Err(server(bad));
-        }
-        if let Some(r) = &maxbkeyrange {
-            let set = format!("maxbkeyrange={r}");
-            let l = c.request_line(&["setattr", key, &set]).await?;
-            if l != "OK" {
-                return Err(server(&l));
-            }
-        }
-        let l = c.request_line(&["setattr", key, "readable=on"]).await?;
-        if l != "OK" {
-            return Err(server(&l));
-        }
-        Ok(CollectionCopy::Copied { elements: n, bytes })
+        fill(c, key, &attrs, &elements).await?;
+        Ok(CollectionCopy::Copied {
+            elements: elements.len(),
+            bytes: elements.iter().map(|e| e.value().len() as u64).sum(),
+        })
     })
     .await
 }
@@ -705,6 +733,139 @@ mod tests {
             String::from_utf8(buf).unwrap(),
             "lop insert l -1 6\r\ndatum1\r\nsop insert s 1\r\nx\r\nmop insert m f 1\r\nv\r\n\
              bop insert b 0x0090 0x11FF 6\r\ndatum9\r\nbop insert b 30 1\r\nd\r\n"
+        );
+    }
+
+    // ------------------------------------------------------------------ copy over sockets
+    // No arcus-memcached binary exists on this machine (tests/real_arcus.rs runs against one
+    // when ARCUS_MEMCACHED_BIN is set), so these serve arcus-memcached's replies from a
+    // scripted socket and check what the copy sends, line by line.
+
+    use arcus_client::PoolLimits;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    type Script = &'static [(&'static str, &'static str)];
+
+    /// Answers each line it receives with its scripted reply (none for lines not in the
+    /// script, e.g. an insert's header before its data line); records every line.
+    async fn scripted(script: Script) -> (NodePool, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let line = line.trim_end().to_string();
+                        let reply = script.iter().find(|(l, _)| *l == line).map_or("", |r| r.1);
+                        log.lock().unwrap().push(line);
+                        if w.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let limits = PoolLimits {
+            op_timeout: std::time::Duration::from_secs(5),
+            ..PoolLimits::default()
+        };
+        (NodePool::new(addr, limits), seen)
+    }
+
+    const GETATTR: &str = "getattr l flags expiretime count maxcount overflowaction readable";
+    const ATTRS: &str = "ATTR flags=17\r\nATTR expiretime=0\r\nATTR count=2\r\n\
+        ATTR maxcount=4000\r\nATTR overflowaction=tail_trim\r\nATTR readable=on\r\nEND\r\n";
+    /// A source holding the list `l` (flags 17, no expiry) with two elements, as t/coll_lop_*.t
+    /// shows them.
+    const SOURCE: Script = &[
+        (GETATTR, ATTRS),
+        (
+            "lop get l 0..-1",
+            "VALUE 17 2\r\n6 datum1\r\n6 datum2\r\nEND\r\n",
+        ),
+    ];
+
+    #[tokio::test]
+    async fn a_list_is_created_unreadable_filled_then_made_readable() {
+        let (src, _) = scripted(SOURCE).await;
+        let (tgt, seen) = scripted(&[
+            ("lop create l 17 0 4000 tail_trim unreadable", "CREATED\r\n"),
+            ("datum1", "STORED\r\n"),
+            ("datum2", "STORED\r\n"),
+            ("setattr l readable=on", "OK\r\n"),
+        ])
+        .await;
+        let outcome = copy(&src, &tgt, "l", ItemType::List, true).await.unwrap();
+        assert_eq!(
+            outcome,
+            CollectionCopy::Copied {
+                elements: 2,
+                bytes: 12
+            }
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "lop create l 17 0 4000 tail_trim unreadable",
+                "lop insert l -1 6",
+                "datum1",
+                "lop insert l -1 6",
+                "datum2",
+                "setattr l readable=on",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_existing_target_item_is_kept_or_replaced() {
+        let (src, _) = scripted(SOURCE).await;
+        let create = "lop create l 17 0 4000 tail_trim unreadable";
+        let (tgt, seen) = scripted(&[
+            ("lop create l 17 0 4000 tail_trim unreadable", "EXISTS\r\n"),
+            ("delete l", "DELETED\r\n"),
+        ])
+        .await;
+        let kept = copy(&src, &tgt, "l", ItemType::List, false).await.unwrap();
+        assert_eq!(kept, CollectionCopy::Exists);
+        assert_eq!(*seen.lock().unwrap(), [create]);
+        // With `replace` the leftover is deleted and created again; a second EXISTS fails,
+        // naming the target.
+        let err = copy(&src, &tgt, "l", ItemType::List, true)
+            .await
+            .unwrap_err();
+        assert_eq!(seen.lock().unwrap()[1..], [create, "delete l", create]);
+        assert_eq!(err.node(), Some(tgt.addr()), "{err}");
+        assert!(err.to_string().contains("EXISTS"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_unreadable_and_odd_sources() {
+        let (tgt, seen) = scripted(&[]).await;
+        let (gone, _) = scripted(&[(GETATTR, "NOT_FOUND\r\n")]).await;
+        let outcome = copy(&gone, &tgt, "l", ItemType::List, true).await.unwrap();
+        assert_eq!(outcome, CollectionCopy::Gone);
+        let (locked, _) =
+            scripted(&[(GETATTR, ATTRS), ("lop get l 0..-1", "UNREADABLE\r\n")]).await;
+        let outcome = copy(&locked, &tgt, "l", ItemType::List, true)
+            .await
+            .unwrap();
+        assert_eq!(outcome, CollectionCopy::Unreadable);
+        let (odd, _) =
+            scripted(&[(GETATTR, ATTRS), ("lop get l 0..-1", "TYPE_MISMATCH\r\n")]).await;
+        let err = copy(&odd, &tgt, "l", ItemType::List, true)
+            .await
+            .unwrap_err();
+        assert_eq!(err.node(), Some(odd.addr()), "{err}");
+        assert!(err.to_string().contains("TYPE_MISMATCH"), "{err}");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "nothing written to the target"
         );
     }
 }

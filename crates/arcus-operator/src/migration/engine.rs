@@ -1,17 +1,17 @@
 //! The executor: pass 1, pass 2, the add-only copy, progress.
 
 use super::collection::{self, CollectionCopy};
-use super::conn::{NodePool, StoreOp, EXPIRED_EXPTIME};
 use super::keys::{self, unix_now, KeyInfo, Listing, TtlArg};
-use super::plan::{self, Hashing};
+use super::plan::{self, Hashing, SourcePlan};
 use super::rules::{self, Copied, Decision, SourceState, TargetState, Watermarks};
-use super::MigrationError;
+use super::{MigrationError, Step};
+use arcus_client::connection::{ConnError, StoreOp, StoreReply};
 use arcus_client::protocol::{Item, StoreCommand, StoreStatus};
-use arcus_client::{ItemType, Ring};
+use arcus_client::{ItemType, NodePools, PoolLimits, Ring};
 use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -22,6 +22,20 @@ type Result<T, E = MigrationError> = std::result::Result<T, E>;
 pub const WATERMARK_KEY: &str = "arcus-operator:migration-watermark";
 /// Keys never migrated: our marker, and ARCUS's heartbeat key (each node writes its own).
 const IGNORED_KEYS: &[&str] = &[WATERMARK_KEY, "arcus:zk-ping"];
+
+/// The `exptime` that makes a stored item expired at once on stock memcached and ARCUS alike:
+/// a value over 30 days is an absolute unix time, and one at or before the server's start makes
+/// `realtime()` answer 1, which is already past. (`-1` would mean "sticky" on ARCUS, so negative
+/// values are not portable.) `cas <key> 0 EXPIRED_EXPTIME 0 <unique>` is therefore a
+/// compare-and-delete over the classic ascii protocol.
+pub const EXPIRED_EXPTIME: i64 = 30 * 24 * 3600 + 1;
+
+/// Pass 1 tries a key this many times (an `add`, then `cas` over what the target holds) before
+/// counting it failed.
+const PASS1_ATTEMPTS: usize = 4;
+
+/// Reply buffer of a migration connection: batches of values arrive in bulk.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Tuning and behaviour. `MigrationOptions::default()` gives the documented values.
 #[derive(Clone, Debug)]
@@ -198,7 +212,7 @@ pub struct Migration {
     opts: MigrationOptions,
     sources: Vec<String>,
     targets: Vec<String>,
-    pools: HashMap<String, Arc<NodePool>>,
+    pools: NodePools,
     listings: Mutex<HashMap<String, Listing>>,
     progress: watch::Sender<Progress>,
     /// Pass 1's memory: per source, the keys it stored on their target. `None` until a pass 1
@@ -219,6 +233,220 @@ impl std::fmt::Debug for Migration {
     }
 }
 
+/// One unit of copying work from a source.
+enum Job<'a> {
+    /// Key-value batch to a target, with the CAS below which a key is unchanged (pass 1).
+    Kv(&'a str, Vec<&'a KeyInfo>, Option<u64>),
+    Collection(&'a str, &'a KeyInfo),
+}
+
+/// One key-value copy of pass 1: the key, the source's item, the exptime to store it with.
+struct KvCopy<'a> {
+    key: &'a str,
+    item: &'a Item,
+    exptime: i64,
+}
+
+impl<'a> KvCopy<'a> {
+    fn op(&self, cmd: StoreCommand) -> StoreOp<'a> {
+        StoreOp {
+            cmd,
+            key: self.key,
+            flags: self.item.flags,
+            exptime: self.exptime,
+            data: &self.item.value,
+        }
+    }
+}
+
+/// A pass-2 write and what it is for: the decision and the value bytes it carries.
+type Pass2Write<'a> = (StoreOp<'a>, Decision, u64);
+
+/// `cas <key> 0 EXPIRED_EXPTIME 0 <unique>`: deletes `key` if its CAS unique is still `cas`.
+fn compare_and_delete(key: &str, cas: u64) -> StoreOp<'_> {
+    StoreOp {
+        cmd: StoreCommand::Cas(cas),
+        key,
+        flags: 0,
+        exptime: EXPIRED_EXPTIME,
+        data: b"",
+    }
+}
+
+fn key_names<'k>(keys: &[&'k KeyInfo]) -> Vec<&'k str> {
+    keys.iter().map(|k| k.key.as_str()).collect()
+}
+
+/// The process identity in a node's `stats`: (`time - uptime`, its start; `pid`).
+fn identity_in(stats: &BTreeMap<String, String>) -> (i64, u64) {
+    let num = |k: &str| stats.get(k).and_then(|v| v.parse::<i64>().ok());
+    (
+        num("time").unwrap_or(0) - num("uptime").unwrap_or(0),
+        num("pid").unwrap_or(0) as u64,
+    )
+}
+
+/// Which listed `keys` pass 1 stores, given the source's items: a key gone from the source, or
+/// unchanged since the previous round (`prev`), is not; an expired one is counted, not stored.
+fn pass1_copies<'a>(
+    keys: &[&'a KeyInfo],
+    s_items: &'a HashMap<String, Item>,
+    prev: Option<u64>,
+    now: i64,
+    t: &mut Tally,
+) -> Vec<KvCopy<'a>> {
+    let mut copies = Vec::with_capacity(keys.len());
+    for k in keys {
+        let Some(item) = s_items.get(&k.key) else {
+            if prev.is_none() {
+                t.total += 1;
+                t.gone += 1;
+            }
+            continue;
+        };
+        if let (Some(p), Some(c)) = (prev, item.cas) {
+            if c <= p {
+                continue; // unchanged since the previous round copied it
+            }
+        }
+        t.total += 1;
+        match k.expiry.exptime_at(now) {
+            TtlArg::Expired => t.expired += 1,
+            TtlArg::Exptime(exptime) => copies.push(KvCopy {
+                key: &k.key,
+                item,
+                exptime,
+            }),
+        }
+    }
+    copies
+}
+
+/// Counts the replies to one attempt of pass 1's writes; returns the copies to try again (the
+/// target held the key, or it changed under our `cas`).
+fn tally_pass1<'c, 'a>(
+    target: &str,
+    batch: &[(&'c KvCopy<'a>, StoreCommand)],
+    replies: Vec<StoreReply>,
+    t: &mut Tally,
+    stored: &mut Vec<String>,
+) -> Vec<&'c KvCopy<'a>> {
+    let mut again = Vec::new();
+    for ((copy, _), r) in batch.iter().zip(replies) {
+        match r {
+            Ok(StoreStatus::Stored) => {
+                t.moved += 1;
+                t.bytes += copy.item.value.len() as u64;
+                stored.push(copy.key.to_string());
+            }
+            Ok(_) => again.push(*copy),
+            Err(msg) => {
+                warn!(target, key = copy.key, %msg, "target refused a copy");
+                t.failed += 1;
+            }
+        }
+    }
+    again
+}
+
+/// The rules' decision for one moved key in pass 2, with the `exptime` to write it with.
+fn pass2_decision(
+    k: &KeyInfo,
+    s_item: Option<&Item>,
+    t_item: Option<&Item>,
+    memory: Option<&HashSet<String>>,
+    wm: Watermarks,
+    now: i64,
+) -> (Decision, i64) {
+    let ttl = k.expiry.exptime_at(now);
+    let s = s_item.map(|i| SourceState {
+        cas: i.cas.unwrap_or_default(),
+        expired: ttl == TtlArg::Expired,
+    });
+    let t = t_item.map(|ti| TargetState {
+        cas: ti.cas.unwrap_or_default(),
+        same_as_source: s_item.is_some_and(|si| si.value == ti.value && si.flags == ti.flags),
+    });
+    let copied = match memory {
+        Some(m) if m.contains(&k.key) => Copied::Yes,
+        Some(_) => Copied::No,
+        None => Copied::Unknown,
+    };
+    let exptime = match ttl {
+        TtlArg::Exptime(e) => e,
+        TtlArg::Expired => EXPIRED_EXPTIME,
+    };
+    (rules::decide(s, t, copied, wm), exptime)
+}
+
+/// The write a pass-2 decision asks for, or `None` (counted in `t`) when it asks for none.
+fn pass2_write<'a>(
+    key: &'a str,
+    d: Decision,
+    s_item: Option<&'a Item>,
+    exptime: i64,
+    t: &mut Tally,
+) -> Option<StoreOp<'a>> {
+    let write = |cmd, i: &'a Item| StoreOp {
+        cmd,
+        key,
+        flags: i.flags,
+        exptime,
+        data: &i.value,
+    };
+    match (d, s_item) {
+        (Decision::Add, Some(i)) => Some(write(StoreCommand::Add, i)),
+        (Decision::Update { expect }, Some(i)) => Some(write(StoreCommand::Cas(expect), i)),
+        (Decision::Delete { expect }, _) => Some(compare_and_delete(key, expect)),
+        (Decision::UpToDate, _) => {
+            t.unchanged += 1;
+            None
+        }
+        (Decision::Absent, None) => {
+            t.gone += 1;
+            None
+        }
+        (Decision::Absent, Some(_)) => {
+            t.expired += 1;
+            None
+        }
+        (Decision::KeepNewer, _) => {
+            t.newer += 1;
+            None
+        }
+        (Decision::KeepDeleted, _) => {
+            t.kept_deleted += 1;
+            None
+        }
+        (Decision::Add | Decision::Update { .. }, None) => {
+            unreachable!("decided on a source item")
+        }
+    }
+}
+
+/// Counts the replies to pass 2's writes.
+fn tally_pass2(target: &str, writes: &[Pass2Write<'_>], replies: Vec<StoreReply>, t: &mut Tally) {
+    for ((_, d, len), r) in writes.iter().zip(replies) {
+        match (d, r) {
+            (Decision::Add, Ok(StoreStatus::Stored)) => {
+                t.moved += 1;
+                t.bytes += len;
+            }
+            (Decision::Update { .. }, Ok(StoreStatus::Stored)) => {
+                t.updated += 1;
+                t.bytes += len;
+            }
+            (Decision::Delete { .. }, Ok(StoreStatus::Stored)) => t.deleted += 1,
+            // A client wrote (or deleted) it between our read and our write: theirs wins.
+            (_, Ok(_)) => t.newer += 1,
+            (_, Err(msg)) => {
+                warn!(target, %msg, "target refused a pass-2 write");
+                t.failed += 1;
+            }
+        }
+    }
+}
+
 impl Migration {
     /// A migration from the ring `before` to the ring `after` (any change of membership).
     pub fn new(before: Ring, after: Ring, opts: MigrationOptions) -> Result<Migration> {
@@ -233,12 +461,15 @@ impl Migration {
             ));
         }
         let (sources, targets) = plan::sources_and_targets(&before, &after);
-        let pools = before
-            .nodes()
-            .iter()
-            .chain(after.nodes())
-            .map(|n| (n.clone(), Arc::new(NodePool::new(n, opts.op_timeout))))
-            .collect();
+        // Every source runs `concurrency_per_node` batches at once, each holding one connection
+        // at a time: this many connections to one node are never all busy.
+        let nodes = before.len() + after.len();
+        let pools = NodePools::new(PoolLimits {
+            max_connections: nodes.saturating_mul(opts.concurrency_per_node),
+            connect_timeout: opts.op_timeout,
+            op_timeout: opts.op_timeout,
+            read_buffer: READ_BUFFER,
+        });
         Ok(Migration {
             before,
             after,
@@ -281,16 +512,31 @@ impl Migration {
         self.progress.borrow().clone()
     }
 
-    fn pool(&self, node: &str) -> &NodePool {
-        &self.pools[node]
-    }
-
     fn set_phase(&self, phase: Phase) {
         self.progress.send_modify(|p| p.phase = phase);
     }
 
     fn record(&self, t: &Tally) {
         self.progress.send_modify(|p| p.add(t));
+    }
+
+    /// `gets` of `keys` on `node` (one command).
+    async fn gets(&self, node: &str, keys: &[&str]) -> arcus_client::Result<HashMap<String, Item>> {
+        self.pools
+            .run(node, "gets", async |c| c.gets_many(keys).await)
+            .await
+    }
+
+    /// The storage commands `ops` on `node`, pipelined (`op` names them in errors).
+    async fn store(
+        &self,
+        node: &str,
+        op: &'static str,
+        ops: &[StoreOp<'_>],
+    ) -> arcus_client::Result<Vec<StoreReply>> {
+        self.pools
+            .run(node, op, async |c| c.store_many(ops).await)
+            .await
     }
 
     /// How `node` lists its keys (asked once, then remembered).
@@ -317,11 +563,12 @@ impl Migration {
         .await
     }
 
-    /// Runs `f` up to `1 + retries` times, backing off between attempts.
-    async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    /// Runs `f` up to `1 + retries` times, backing off between attempts; the last error is
+    /// reported as a failure of `step`.
+    async fn retry<T, F, Fut>(&self, step: &'static str, mut f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
+        Fut: std::future::Future<Output = arcus_client::Result<T>>,
     {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0;
@@ -329,76 +576,76 @@ impl Migration {
             match f().await {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < self.opts.retries => {
-                    warn!(error = %e, attempt, "{what} failed; retrying");
+                    warn!(error = %e, attempt, "{step} failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                     attempt += 1;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e).step(step),
             }
         }
+    }
+
+    /// Runs `jobs` with up to `concurrency_per_node` in flight: (keys stored, any failed).
+    async fn run_jobs<J, F, Fut>(&self, jobs: Vec<J>, run: F) -> Result<(u64, bool)>
+    where
+        F: Fn(J) -> Fut,
+        Fut: std::future::Future<Output = Result<(u64, bool)>>,
+    {
+        let results: Vec<Result<(u64, bool)>> = stream::iter(jobs)
+            .map(run)
+            .buffer_unordered(self.opts.concurrency_per_node)
+            .collect()
+            .await;
+        let mut stored = 0;
+        let mut failed = false;
+        for r in results {
+            let (n, f) = r?;
+            stored += n;
+            failed |= f;
+        }
+        Ok((stored, failed))
     }
 
     /// Stores [`WATERMARK_KEY`] on `node` and reads back its CAS unique, with the process
     /// identity from `stats`.
     pub async fn watermark(&self, node: &str) -> Result<NodeMark> {
-        self.retry("watermark", || async {
-            self.pool(node)
-                .run("watermark", async |c| {
-                    let token = unix_now().to_string();
-                    let op = StoreOp {
-                        cmd: StoreCommand::Set,
-                        key: WATERMARK_KEY,
-                        flags: 0,
-                        exptime: 0,
-                        data: token.as_bytes(),
-                    };
-                    match c.store_many(std::slice::from_ref(&op)).await?.pop() {
-                        Some(Ok(StoreStatus::Stored)) => {}
-                        other => {
-                            return Err(super::conn::ConnError::Protocol(format!(
-                                "storing the watermark answered {other:?}"
-                            )))
-                        }
+        self.retry("watermark", || {
+            self.pools.run(node, "watermark", async |c| {
+                let token = unix_now().to_string();
+                let set = c.store(StoreCommand::Set, WATERMARK_KEY, 0, 0, token.as_bytes());
+                match set.await? {
+                    StoreStatus::Stored => {}
+                    other => {
+                        return Err(ConnError::Protocol(format!(
+                            "storing the watermark answered {other:?}"
+                        )))
                     }
-                    let items = c.gets_many(&[WATERMARK_KEY]).await?;
-                    let cas = items
-                        .get(WATERMARK_KEY)
-                        .and_then(|i| i.cas)
-                        .unwrap_or_default();
-                    if cas == 0 {
-                        return Err(super::conn::ConnError::Protocol(
-                            "no CAS unique on the watermark (CAS disabled with -C?)".into(),
-                        ));
-                    }
-                    let stats = c.stats().await?;
-                    let num = |k: &str| stats.get(k).and_then(|v| v.parse::<i64>().ok());
-                    let process_started = num("time").unwrap_or(0) - num("uptime").unwrap_or(0);
-                    let pid = num("pid").unwrap_or(0) as u64;
-                    Ok(NodeMark {
-                        cas,
-                        process_started,
-                        pid,
-                    })
+                }
+                let items = c.gets_many(&[WATERMARK_KEY]).await?;
+                let cas = items.get(WATERMARK_KEY).and_then(|i| i.cas);
+                let Some(cas) = cas.filter(|&c| c != 0) else {
+                    return Err(ConnError::Protocol(
+                        "no CAS unique on the watermark (CAS disabled with -C?)".into(),
+                    ));
+                };
+                let (process_started, pid) = identity_in(&c.stats(None).await?);
+                Ok(NodeMark {
+                    cas,
+                    process_started,
+                    pid,
                 })
-                .await
+            })
         })
         .await
     }
 
     /// The process identity of `node` now (to see whether it restarted since a mark).
     async fn identity(&self, node: &str) -> Result<(i64, u64)> {
-        self.retry("stats", || async {
-            self.pool(node)
-                .run("stats", async |c| {
-                    let stats = c.stats().await?;
-                    let num = |k: &str| stats.get(k).and_then(|v| v.parse::<i64>().ok());
-                    Ok((
-                        num("time").unwrap_or(0) - num("uptime").unwrap_or(0),
-                        num("pid").unwrap_or(0) as u64,
-                    ))
-                })
-                .await
+        self.retry("stats", || {
+            self.pools.run(node, "stats", async |c| {
+                Ok(identity_in(&c.stats(None).await?))
+            })
         })
         .await
     }
@@ -494,11 +741,7 @@ impl Migration {
             .map(|(source, target, keys)| async move {
                 let names: Vec<&str> = keys.iter().map(String::as_str).collect();
                 let found = self
-                    .retry("copy check", || async {
-                        self.pool(&target)
-                            .run("gets", async |c| c.gets_many(&names).await)
-                            .await
-                    })
+                    .retry("copy check", || self.gets(&target, &names))
                     .await?;
                 let gone = keys.iter().filter(|k| !found.contains_key(*k)).cloned();
                 Ok((source, gone.collect()))
@@ -535,19 +778,49 @@ impl Migration {
             self.progress
                 .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
         }
-        // Later rounds copy what changed since the previous round started (metadump's CAS
-        // tells before reading), and every key no earlier round stored: a listing may miss
-        // keys (memcached's LRU crawler can skip items the LRU maintainer moves under it).
-        let known: HashSet<String> = match prev {
-            Some(_) => self
-                .copied
-                .lock()
-                .unwrap()
-                .as_ref()
-                .and_then(|m| m.get(source).cloned())
-                .unwrap_or_default(),
+        let known = match prev {
+            Some(_) => self.copied_from(source),
             None => HashSet::new(),
         };
+        let jobs = self.pass1_jobs(&sp, prev, &known);
+        let (stored, failed) = self
+            .run_jobs(jobs, |job| async move {
+                match job {
+                    Job::Kv(target, keys, prev) => {
+                        self.retry("pass 1 batch", || {
+                            self.pass1_batch(source, target, &keys, prev)
+                        })
+                        .await
+                    }
+                    Job::Collection(target, key) => {
+                        self.copy_collection(source, target, key, true, true).await
+                    }
+                }
+            })
+            .await?;
+        Ok((mark, stored, failed))
+    }
+
+    /// The keys pass 1's memory holds as copied from `source`.
+    fn copied_from(&self, source: &str) -> HashSet<String> {
+        self.copied
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|m| m.get(source).cloned())
+            .unwrap_or_default()
+    }
+
+    /// The work of one pass-1 round on a source. Later rounds (`prev`: the CAS the previous
+    /// round started at) copy what changed since (metadump's CAS tells before reading), and
+    /// every key no earlier round stored (`known` are those stored): a listing may miss keys
+    /// (memcached's LRU crawler can skip items the LRU maintainer moves under it).
+    fn pass1_jobs<'a>(
+        &self,
+        sp: &'a SourcePlan,
+        prev: Option<u64>,
+        known: &HashSet<String>,
+    ) -> Vec<Job<'a>> {
         let mut jobs = Vec::new();
         for (target, keys) in &sp.moves {
             let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) = keys
@@ -570,35 +843,13 @@ impl Migration {
             for chunk in missed.chunks(self.opts.batch) {
                 jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), None));
             }
-            for c in colls {
-                jobs.push(Job::Collection(target.as_str(), c));
-            }
+            jobs.extend(
+                colls
+                    .into_iter()
+                    .map(|c| Job::Collection(target.as_str(), c)),
+            );
         }
-        let results: Vec<Result<(u64, bool)>> = stream::iter(jobs)
-            .map(|job| async move {
-                match job {
-                    Job::Kv(target, keys, prev) => {
-                        self.retry("pass 1 batch", || {
-                            self.pass1_batch(source, target, &keys, prev)
-                        })
-                        .await
-                    }
-                    Job::Collection(target, key) => {
-                        self.copy_collection(source, target, key, true, true).await
-                    }
-                }
-            })
-            .buffer_unordered(self.opts.concurrency_per_node)
-            .collect()
-            .await;
-        let mut stored = 0;
-        let mut failed = false;
-        for r in results {
-            let (n, f) = r?;
-            stored += n;
-            failed |= f;
-        }
-        Ok((mark, stored, failed))
+        jobs
     }
 
     fn remember(&self, source: &str, keys: impl IntoIterator<Item = String>) {
@@ -614,107 +865,39 @@ impl Migration {
         target: &str,
         keys: &[&KeyInfo],
         prev: Option<u64>,
-    ) -> Result<(u64, bool)> {
-        let names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
-        let s_items = self
-            .pool(source)
-            .run("gets", async |c| c.gets_many(&names).await)
-            .await?;
-        let now = unix_now();
+    ) -> arcus_client::Result<(u64, bool)> {
+        let s_items = self.gets(source, &key_names(keys)).await?;
         let mut t = Tally::default();
-        // (key, item, exptime) to store.
-        let mut work: Vec<(&str, &Item, i64)> = Vec::new();
-        for k in keys {
-            let Some(item) = s_items.get(&k.key) else {
-                if prev.is_none() {
-                    t.total += 1;
-                    t.gone += 1;
-                }
-                continue;
-            };
-            if let (Some(p), Some(c)) = (prev, item.cas) {
-                if c <= p {
-                    continue; // unchanged since the previous round copied it
-                }
-            }
-            t.total += 1;
-            match k.expiry.exptime_at(now) {
-                TtlArg::Expired => t.expired += 1,
-                TtlArg::Exptime(e) => work.push((&k.key, item, e)),
-            }
-        }
-        let mut stored: Vec<String> = Vec::new();
-        let mut pending: Vec<usize> = (0..work.len()).collect();
-        let mut first = true;
-        // add; where refused, compare with the target's copy and replace it with cas. The
-        // target does not own these keys yet, so its copy is a leftover (or ours).
-        for _ in 0..4 {
+        let copies = pass1_copies(keys, &s_items, prev, unix_now(), &mut t);
+        let stored = self.store_copies(target, &copies, &mut t).await?;
+        let n = stored.len() as u64;
+        self.remember(source, stored);
+        self.record(&t);
+        Ok((n, t.failed > 0))
+    }
+
+    /// Stores pass 1's `copies` on `target`: `add`; where refused, compare with the target's
+    /// copy and replace it with `cas` (the target does not own these keys yet, so its copy is
+    /// a leftover, or ours). Returns the keys now right on the target.
+    async fn store_copies(
+        &self,
+        target: &str,
+        copies: &[KvCopy<'_>],
+        t: &mut Tally,
+    ) -> arcus_client::Result<Vec<String>> {
+        let mut stored = Vec::new();
+        let mut pending: Vec<&KvCopy> = copies.iter().collect();
+        for attempt in 0..PASS1_ATTEMPTS {
             if pending.is_empty() {
                 break;
             }
-            let mut ops = Vec::with_capacity(pending.len());
-            let mut op_idx = Vec::with_capacity(pending.len());
-            if first {
-                for &i in &pending {
-                    let (key, item, e) = work[i];
-                    ops.push(StoreOp {
-                        cmd: StoreCommand::Add,
-                        key,
-                        flags: item.flags,
-                        exptime: e,
-                        data: &item.value,
-                    });
-                    op_idx.push(i);
-                }
-            } else {
-                let names: Vec<&str> = pending.iter().map(|&i| work[i].0).collect();
-                let t_items = self
-                    .pool(target)
-                    .run("gets", async |c| c.gets_many(&names).await)
-                    .await?;
-                for &i in &pending {
-                    let (key, item, e) = work[i];
-                    let cmd = match t_items.get(key) {
-                        None => StoreCommand::Add,
-                        Some(ti) if ti.value == item.value && ti.flags == item.flags => {
-                            t.unchanged += 1;
-                            stored.push(key.to_string());
-                            continue;
-                        }
-                        Some(ti) => StoreCommand::Cas(ti.cas.unwrap_or_default()),
-                    };
-                    ops.push(StoreOp {
-                        cmd,
-                        key,
-                        flags: item.flags,
-                        exptime: e,
-                        data: &item.value,
-                    });
-                    op_idx.push(i);
-                }
-            }
-            first = false;
-            let replies = self
-                .pool(target)
-                .run("add", async |c| c.store_many(&ops).await)
-                .await?;
-            let mut next = Vec::new();
-            for (&i, r) in op_idx.iter().zip(replies) {
-                let (key, item, _) = work[i];
-                match r {
-                    Ok(StoreStatus::Stored) => {
-                        t.moved += 1;
-                        t.bytes += item.value.len() as u64;
-                        stored.push(key.to_string());
-                    }
-                    Ok(_) => next.push(i),
-                    Err(msg) => {
-                        warn!(target, key, %msg, "target refused a copy");
-                        t.failed += 1;
-                    }
-                }
-            }
-            pending = next;
+            let batch = match attempt {
+                0 => pending.iter().map(|c| (*c, StoreCommand::Add)).collect(),
+                _ => self.replacements(target, &pending, t, &mut stored).await?,
+            };
+            let ops: Vec<StoreOp> = batch.iter().map(|(c, cmd)| c.op(*cmd)).collect();
+            let replies = self.store(target, "add", &ops).await?;
+            pending = tally_pass1(target, &batch, replies, t, &mut stored);
         }
         if !pending.is_empty() {
             warn!(
@@ -724,10 +907,35 @@ impl Migration {
             );
             t.failed += pending.len() as u64;
         }
-        let n = stored.len() as u64;
-        self.remember(source, stored);
-        self.record(&t);
-        Ok((n, t.failed > 0))
+        Ok(stored)
+    }
+
+    /// For copies the target refused to `add`: the command that replaces what the target holds
+    /// now (`add` again if it is gone, `cas` over it otherwise); a copy already equal to it is
+    /// counted unchanged and stored.
+    async fn replacements<'c, 'a>(
+        &self,
+        target: &str,
+        pending: &[&'c KvCopy<'a>],
+        t: &mut Tally,
+        stored: &mut Vec<String>,
+    ) -> arcus_client::Result<Vec<(&'c KvCopy<'a>, StoreCommand)>> {
+        let names: Vec<&str> = pending.iter().map(|c| c.key).collect();
+        let t_items = self.gets(target, &names).await?;
+        let mut batch = Vec::with_capacity(pending.len());
+        for &copy in pending {
+            let cmd = match t_items.get(copy.key) {
+                None => StoreCommand::Add,
+                Some(ti) if ti.value == copy.item.value && ti.flags == copy.item.flags => {
+                    t.unchanged += 1;
+                    stored.push(copy.key.to_string());
+                    continue;
+                }
+                Some(ti) => StoreCommand::Cas(ti.cas.unwrap_or_default()),
+            };
+            batch.push((copy, cmd));
+        }
+        Ok(batch)
     }
 
     // ---------------------------------------------------------------- pass 2
@@ -748,31 +956,9 @@ impl Migration {
             wm_target.insert(t.clone(), self.valid_mark(t, cp.targets.get(t)).await?);
         }
         let memory = self.copied.lock().unwrap().clone();
-        // Keys on targets that may be our copies of items since deleted on their source (or
-        // stale leftovers of an older ring whose source item is gone), per source: pass 1's
-        // memory of copied keys, and the moved keys found by listing the targets.
-        let mut candidates: HashMap<String, HashSet<String>> = match &memory {
-            Some(m) => m.clone(),
-            None => HashMap::new(),
-        };
-        {
-            for t in &self.targets {
-                if wm_target[t] == 0 {
-                    continue;
-                }
-                for k in self.enumerate(t).await? {
-                    let h = self.opts.hashing.hash(&k.key);
-                    if self.after.node_for_hash(h) != Some(t.as_str()) {
-                        continue;
-                    }
-                    if let Some(s) = self.before.node_for_hash(h) {
-                        if s != t && wm_source.contains_key(s) {
-                            candidates.entry(s.to_string()).or_default().insert(k.key);
-                        }
-                    }
-                }
-            }
-        }
+        let mut candidates = self
+            .delete_candidates(memory.as_ref(), &wm_source, &wm_target)
+            .await?;
         let results = futures::future::join_all(self.sources.iter().map(|s| {
             let cands = candidates.remove(s).unwrap_or_default();
             let memory = memory
@@ -788,6 +974,33 @@ impl Migration {
         Ok(self.progress_now())
     }
 
+    /// Keys on targets that may be our copies of items since deleted on their source (or
+    /// stale leftovers of an older ring whose source item is gone), per source: pass 1's
+    /// memory of copied keys, and the moved keys found by listing the targets that kept their
+    /// watermark.
+    async fn delete_candidates(
+        &self,
+        memory: Option<&HashMap<String, HashSet<String>>>,
+        wm_source: &HashMap<String, u64>,
+        wm_target: &HashMap<String, u64>,
+    ) -> Result<HashMap<String, HashSet<String>>> {
+        let mut candidates = memory.cloned().unwrap_or_default();
+        for t in self.targets.iter().filter(|t| wm_target[*t] != 0) {
+            for k in self.enumerate(t).await? {
+                let h = self.opts.hashing.hash(&k.key);
+                if self.after.node_for_hash(h) != Some(t.as_str()) {
+                    continue;
+                }
+                if let Some(s) = self.before.node_for_hash(h) {
+                    if s != t && wm_source.contains_key(s) {
+                        candidates.entry(s.to_string()).or_default().insert(k.key);
+                    }
+                }
+            }
+        }
+        Ok(candidates)
+    }
+
     /// Scale-out after the new nodes joined the ring: pass 2 with no watermarks, an add-only
     /// copy from the previous owners (see the module docs for its resurrection window).
     pub async fn copy_after_join(&self) -> Result<Progress> {
@@ -795,6 +1008,7 @@ impl Migration {
         self.pass2(&Checkpoint::default()).await
     }
 
+    /// Pass 2 on one source: its moved keys, then the `candidates` no longer on it.
     async fn pass2_source(
         &self,
         source: &str,
@@ -808,6 +1022,34 @@ impl Migration {
         self.progress
             .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
         let cleanup = self.opts.delete_moved_from_sources && self.after.contains(source);
+        let jobs = self.pass2_jobs(&sp, &mut candidates);
+        let memory = memory.as_ref();
+        self.run_jobs(jobs, |job| async move {
+            match job {
+                Job::Kv(target, keys, _) => {
+                    let wm = Watermarks {
+                        source: c_s,
+                        target: wm_target.get(target).copied().unwrap_or(0),
+                    };
+                    self.retry("pass 2 batch", || {
+                        self.pass2_batch(source, target, &keys, wm, memory, cleanup)
+                    })
+                    .await
+                }
+                Job::Collection(_, key) if memory.is_some_and(|m| m.contains(&key.key)) => {
+                    Ok((0, false))
+                }
+                Job::Collection(target, key) => {
+                    self.copy_collection(source, target, key, false, true).await
+                }
+            }
+        })
+        .await?;
+        self.pass2_gone(source, candidates, wm_target).await
+    }
+
+    /// The moved keys of one source in pass 2, as jobs; they are no delete candidates.
+    fn pass2_jobs<'a>(&self, sp: &'a SourcePlan, candidates: &mut HashSet<String>) -> Vec<Job<'a>> {
         let mut jobs = Vec::new();
         for (target, keys) in &sp.moves {
             for k in keys {
@@ -818,11 +1060,23 @@ impl Migration {
             for chunk in kv.chunks(self.opts.batch) {
                 jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), None));
             }
-            for c in colls {
-                jobs.push(Job::Collection(target.as_str(), c));
-            }
+            jobs.extend(
+                colls
+                    .into_iter()
+                    .map(|c| Job::Collection(target.as_str(), c)),
+            );
         }
-        // Keys gone from the source whose copies may still be on their target.
+        jobs
+    }
+
+    /// Keys gone from `source` whose copies may still be on their target: compare-and-delete
+    /// our copies.
+    async fn pass2_gone(
+        &self,
+        source: &str,
+        candidates: HashSet<String>,
+        wm_target: &HashMap<String, u64>,
+    ) -> Result<()> {
         let mut gone: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for k in candidates {
             if let Some(t) = plan::owner(&self.after, &k, self.opts.hashing) {
@@ -831,36 +1085,7 @@ impl Migration {
                 }
             }
         }
-        let memory = memory.as_ref();
-        let results: Vec<Result<(u64, bool)>> = stream::iter(jobs)
-            .map(|job| async move {
-                match job {
-                    Job::Kv(target, keys, _) => {
-                        let wm = Watermarks {
-                            source: c_s,
-                            target: wm_target.get(target).copied().unwrap_or(0),
-                        };
-                        self.retry("pass 2 batch", || {
-                            self.pass2_batch(source, target, &keys, wm, memory, cleanup)
-                        })
-                        .await
-                    }
-                    Job::Collection(target, key) => {
-                        let copied = memory.is_some_and(|m| m.contains(&key.key));
-                        if copied {
-                            return Ok((0, false));
-                        }
-                        self.copy_collection(source, target, key, false, true).await
-                    }
-                }
-            })
-            .buffer_unordered(self.opts.concurrency_per_node)
-            .collect()
-            .await;
-        for r in results {
-            r?;
-        }
-        let gone_jobs: Vec<(String, Vec<String>)> = gone
+        let jobs: Vec<(String, Vec<String>)> = gone
             .into_iter()
             .flat_map(|(t, keys)| {
                 keys.chunks(self.opts.batch)
@@ -868,23 +1093,19 @@ impl Migration {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let results: Vec<Result<()>> = stream::iter(gone_jobs)
-            .map(|(target, keys)| async move {
-                let wm = wm_target.get(&target).copied().unwrap_or(0);
-                self.retry("pass 2 deletions", || {
-                    self.pass2_gone_batch(source, &target, &keys, wm)
-                })
-                .await
+        self.run_jobs(jobs, |(target, keys)| async move {
+            let wm = wm_target.get(&target).copied().unwrap_or(0);
+            self.retry("pass 2 deletions", || {
+                self.pass2_gone_batch(source, &target, &keys, wm)
             })
-            .buffer_unordered(self.opts.concurrency_per_node)
-            .collect()
-            .await;
-        for r in results {
-            r?;
-        }
+            .await?;
+            Ok((0, false))
+        })
+        .await?;
         Ok(())
     }
 
+    /// One batch of pass 2: (keys moved or updated, any failed).
     async fn pass2_batch(
         &self,
         source: &str,
@@ -893,143 +1114,50 @@ impl Migration {
         wm: Watermarks,
         memory: Option<&HashSet<String>>,
         cleanup: bool,
-    ) -> Result<(u64, bool)> {
-        let names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
-        let s_items = self
-            .pool(source)
-            .run("gets", async |c| c.gets_many(&names).await)
-            .await?;
-        let t_items = self
-            .pool(target)
-            .run("gets", async |c| c.gets_many(&names).await)
-            .await?;
+    ) -> arcus_client::Result<(u64, bool)> {
+        let names = key_names(keys);
+        let s_items = self.gets(source, &names).await?;
+        let t_items = self.gets(target, &names).await?;
         let now = unix_now();
         let mut t = Tally {
             total: keys.len() as u64,
             ..Tally::default()
         };
-        let mut ops: Vec<StoreOp> = Vec::new();
-        let mut kinds: Vec<(Decision, u64)> = Vec::new();
+        let mut writes: Vec<Pass2Write> = Vec::new();
         for k in keys {
             let s_item = s_items.get(&k.key);
-            let t_item = t_items.get(&k.key);
-            let ttl = k.expiry.exptime_at(now);
-            let s = s_item.map(|i| SourceState {
-                cas: i.cas.unwrap_or_default(),
-                expired: ttl == TtlArg::Expired,
-            });
-            let tt = t_item.map(|ti| TargetState {
-                cas: ti.cas.unwrap_or_default(),
-                same_as_source: s_item
-                    .is_some_and(|si| si.value == ti.value && si.flags == ti.flags),
-            });
-            let copied = match memory {
-                Some(m) if m.contains(&k.key) => Copied::Yes,
-                Some(_) => Copied::No,
-                None => Copied::Unknown,
-            };
-            let d = rules::decide(s, tt, copied, wm);
-            let exptime = match ttl {
-                TtlArg::Exptime(e) => e,
-                TtlArg::Expired => EXPIRED_EXPTIME,
-            };
-            let op = match (d, s_item) {
-                (Decision::Add, Some(i)) => StoreOp {
-                    cmd: StoreCommand::Add,
-                    key: &k.key,
-                    flags: i.flags,
-                    exptime,
-                    data: &i.value,
-                },
-                (Decision::Update { expect }, Some(i)) => StoreOp {
-                    cmd: StoreCommand::Cas(expect),
-                    key: &k.key,
-                    flags: i.flags,
-                    exptime,
-                    data: &i.value,
-                },
-                (Decision::Delete { expect }, _) => StoreOp {
-                    cmd: StoreCommand::Cas(expect),
-                    key: &k.key,
-                    flags: 0,
-                    exptime: EXPIRED_EXPTIME,
-                    data: b"",
-                },
-                (Decision::UpToDate, _) => {
-                    t.unchanged += 1;
-                    continue;
-                }
-                (Decision::Absent, _) => {
-                    if s_item.is_none() {
-                        t.gone += 1;
-                    } else {
-                        t.expired += 1;
-                    }
-                    continue;
-                }
-                (Decision::KeepNewer, _) => {
-                    t.newer += 1;
-                    continue;
-                }
-                (Decision::KeepDeleted, _) => {
-                    t.kept_deleted += 1;
-                    continue;
-                }
-                (Decision::Add | Decision::Update { .. }, None) => {
-                    unreachable!("decided on a source item")
-                }
-            };
-            kinds.push((d, s_item.map(|i| i.value.len() as u64).unwrap_or(0)));
-            ops.push(op);
-        }
-        let replies = self
-            .pool(target)
-            .run("pass 2 writes", async |c| c.store_many(&ops).await)
-            .await?;
-        for ((d, len), r) in kinds.into_iter().zip(replies) {
-            match (d, r) {
-                (Decision::Add, Ok(StoreStatus::Stored)) => {
-                    t.moved += 1;
-                    t.bytes += len;
-                }
-                (Decision::Update { .. }, Ok(StoreStatus::Stored)) => {
-                    t.updated += 1;
-                    t.bytes += len;
-                }
-                (Decision::Delete { .. }, Ok(StoreStatus::Stored)) => t.deleted += 1,
-                // A client wrote (or deleted) it between our read and our write: theirs wins.
-                (_, Ok(_)) => t.newer += 1,
-                (_, Err(msg)) => {
-                    warn!(target, %msg, "target refused a pass-2 write");
-                    t.failed += 1;
-                }
+            let (d, exptime) = pass2_decision(k, s_item, t_items.get(&k.key), memory, wm, now);
+            if let Some(op) = pass2_write(&k.key, d, s_item, exptime, &mut t) {
+                writes.push((op, d, s_item.map_or(0, |i| i.value.len() as u64)));
             }
         }
+        let ops: Vec<StoreOp> = writes.iter().map(|(op, ..)| *op).collect();
+        let replies = self.store(target, "pass 2 writes", &ops).await?;
+        tally_pass2(target, &writes, replies, &mut t);
         if cleanup {
-            let ops: Vec<StoreOp> = keys
-                .iter()
-                .filter_map(|k| {
-                    let i = s_items.get(&k.key)?;
-                    Some(StoreOp {
-                        cmd: StoreCommand::Cas(i.cas?),
-                        key: &k.key,
-                        flags: 0,
-                        exptime: EXPIRED_EXPTIME,
-                        data: b"",
-                    })
-                })
-                .collect();
-            let replies = self
-                .pool(source)
-                .run("source cleanup", async |c| c.store_many(&ops).await)
-                .await?;
-            t.source_deleted += replies
-                .iter()
-                .filter(|r| matches!(r, Ok(StoreStatus::Stored)))
-                .count() as u64;
+            t.source_deleted += self.delete_moved(source, keys, &s_items).await?;
         }
         self.record(&t);
         Ok((t.moved + t.updated, t.failed > 0))
+    }
+
+    /// Compare-and-deletes the moved `keys` on a source that stays in the ring (scale-out
+    /// cleanup), each only if unchanged since it was read (`s_items`); returns how many went.
+    async fn delete_moved(
+        &self,
+        source: &str,
+        keys: &[&KeyInfo],
+        s_items: &HashMap<String, Item>,
+    ) -> arcus_client::Result<u64> {
+        let ops: Vec<StoreOp> = keys
+            .iter()
+            .filter_map(|k| Some(compare_and_delete(&k.key, s_items.get(&k.key)?.cas?)))
+            .collect();
+        let replies = self.store(source, "source cleanup", &ops).await?;
+        Ok(replies
+            .iter()
+            .filter(|r| matches!(r, Ok(StoreStatus::Stored)))
+            .count() as u64)
     }
 
     /// Keys no longer on `source` whose copy may be on `target`: compare-and-delete our copies.
@@ -1039,50 +1167,31 @@ impl Migration {
         target: &str,
         keys: &[String],
         w_t: u64,
-    ) -> Result<()> {
+    ) -> arcus_client::Result<()> {
         let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let s_items = self
-            .pool(source)
-            .run("gets", async |c| c.gets_many(&names).await)
-            .await?;
-        let t_items = self
-            .pool(target)
-            .run("gets", async |c| c.gets_many(&names).await)
-            .await?;
+        let s_items = self.gets(source, &names).await?;
+        let t_items = self.gets(target, &names).await?;
         let mut t = Tally::default();
         let mut ops = Vec::new();
-        for k in &names {
-            if s_items.contains_key(*k) {
-                // Written again on the source after its listing (a client with a stale ring):
-                // not ours to judge from here; the next pass 2 run sees it listed.
-                continue;
-            }
+        let wm = Watermarks {
+            source: 0,
+            target: w_t,
+        };
+        // A key written again on the source after its listing (a client with a stale ring) is
+        // not ours to judge from here; the next pass 2 run sees it listed.
+        for k in names.iter().filter(|k| !s_items.contains_key(**k)) {
             t.total += 1;
             let tt = t_items.get(*k).map(|i| TargetState {
                 cas: i.cas.unwrap_or_default(),
                 same_as_source: false,
             });
-            let wm = Watermarks {
-                source: 0,
-                target: w_t,
-            };
             match rules::decide(None, tt, Copied::Unknown, wm) {
-                Decision::Delete { expect } => ops.push(StoreOp {
-                    cmd: StoreCommand::Cas(expect),
-                    key: k,
-                    flags: 0,
-                    exptime: EXPIRED_EXPTIME,
-                    data: b"",
-                }),
+                Decision::Delete { expect } => ops.push(compare_and_delete(k, expect)),
                 Decision::KeepNewer => t.newer += 1,
                 _ => t.gone += 1,
             }
         }
-        let replies = self
-            .pool(target)
-            .run("compare-and-delete", async |c| c.store_many(&ops).await)
-            .await?;
-        for r in replies {
+        for r in self.store(target, "compare-and-delete", &ops).await? {
             match r {
                 Ok(StoreStatus::Stored) => t.deleted += 1,
                 Ok(_) => t.newer += 1,
@@ -1116,15 +1225,10 @@ impl Migration {
             total: count_total as u64,
             ..Tally::default()
         };
+        let (src, tgt) = (self.pools.pool(source), self.pools.pool(target));
         let outcome = self
             .retry("collection copy", || {
-                collection::copy(
-                    self.pool(source),
-                    self.pool(target),
-                    &key.key,
-                    key.item_type,
-                    replace,
-                )
+                collection::copy(&src, &tgt, &key.key, key.item_type, replace)
             })
             .await?;
         let mut stored = 0;
@@ -1150,12 +1254,6 @@ impl Migration {
         self.record(&t);
         Ok((stored, t.failed > 0))
     }
-}
-
-enum Job<'a> {
-    /// Key-value batch to a target, with the CAS below which a key is unchanged (pass 1).
-    Kv(&'a str, Vec<&'a KeyInfo>, Option<u64>),
-    Collection(&'a str, &'a KeyInfo),
 }
 
 /// Scale-in: nodes leave; their items go to the remaining nodes. Sequence:

@@ -12,7 +12,7 @@
 use arcus_client::{AdminClient, Error as ClientError, ItemType, ScanOptions};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::MigrationError;
+use super::{MigrationError, Step};
 
 /// memcached's largest relative exptime (30 days); larger values are absolute unix times.
 pub const REALTIME_MAXDELTA: i64 = 30 * 24 * 3600;
@@ -126,7 +126,7 @@ pub async fn detect_listing(node: &str, timeout: Duration) -> Result<Listing, Mi
     match admin.scan_keys("0", &probe).await {
         Ok(_) => Ok(Listing::Scan),
         Err(ClientError::Unsupported { .. }) => Ok(Listing::Metadump),
-        Err(e) => Err(MigrationError::client(node, "scan key probe", e)),
+        Err(e) => Err(e).step("asking how the node lists its keys"),
     }
 }
 
@@ -141,10 +141,14 @@ pub async fn enumerate(
     list_timeout: Duration,
     ignore: &[&str],
 ) -> Result<Vec<KeyInfo>, MigrationError> {
-    let deadline = Instant::now() + list_timeout;
+    let bounds = Bounds {
+        op_timeout,
+        list_timeout,
+        deadline: Instant::now() + list_timeout,
+    };
     let keys = match listing {
-        Listing::Scan => scan_all(node, op_timeout, deadline).await?,
-        Listing::Metadump => metadump(node, op_timeout, list_timeout, deadline).await?,
+        Listing::Scan => scan_all(node, &bounds).await?,
+        Listing::Metadump => metadump(node, &bounds).await?,
     };
     Ok(keys
         .into_iter()
@@ -152,12 +156,18 @@ pub async fn enumerate(
         .collect())
 }
 
-async fn scan_all(
-    node: &str,
+/// The step named in listing errors.
+const LISTING: &str = "listing keys";
+
+/// What bounds one listing: each command, and the whole of it (ending at `deadline`).
+struct Bounds {
     op_timeout: Duration,
+    list_timeout: Duration,
     deadline: Instant,
-) -> Result<Vec<KeyInfo>, MigrationError> {
-    let admin = AdminClient::with_timeout(node, op_timeout);
+}
+
+async fn scan_all(node: &str, bounds: &Bounds) -> Result<Vec<KeyInfo>, MigrationError> {
+    let admin = AdminClient::with_timeout(node, bounds.op_timeout);
     let opts = ScanOptions {
         count: Some(1000),
         ..ScanOptions::default()
@@ -165,17 +175,13 @@ async fn scan_all(
     let mut cursor = "0".to_string();
     let mut out = Vec::new();
     loop {
-        if Instant::now() >= deadline {
-            return Err(MigrationError::Node {
+        if Instant::now() >= bounds.deadline {
+            return Err(MigrationError::ListTimeout {
                 node: node.to_string(),
-                op: "scan key",
-                message: "listing took longer than the list timeout".into(),
+                timeout: bounds.list_timeout,
             });
         }
-        let page = admin
-            .scan_keys(&cursor, &opts)
-            .await
-            .map_err(|e| MigrationError::client(node, "scan key", e))?;
+        let page = admin.scan_keys(&cursor, &opts).await.step(LISTING)?;
         let now = unix_now();
         out.extend(page.keys.into_iter().filter_map(|k| {
             Some(KeyInfo {
@@ -192,21 +198,13 @@ async fn scan_all(
     }
 }
 
-async fn metadump(
-    node: &str,
-    op_timeout: Duration,
-    list_timeout: Duration,
-    deadline: Instant,
-) -> Result<Vec<KeyInfo>, MigrationError> {
-    let admin = AdminClient::with_timeout(node, op_timeout);
-    let dump_admin = AdminClient::with_timeout(node, list_timeout);
+async fn metadump(node: &str, bounds: &Bounds) -> Result<Vec<KeyInfo>, MigrationError> {
+    let admin = AdminClient::with_timeout(node, bounds.op_timeout);
+    let dump_admin = AdminClient::with_timeout(node, bounds.list_timeout);
     let mut backoff = Duration::from_millis(20);
     loop {
         // Our clock and the server's, read together, to place metadump's absolute times.
-        let stats = admin
-            .stats(None)
-            .await
-            .map_err(|e| MigrationError::client(node, "stats", e))?;
+        let stats = admin.stats(None).await.step(LISTING)?;
         let local_now = unix_now();
         let server_now: i64 = stats
             .get("time")
@@ -227,12 +225,12 @@ async fn metadump(
             }
             // Another crawl (ours from a parallel listing, or someone else's) is running.
             Err(ClientError::Server { message, .. })
-                if message.starts_with("BUSY") && Instant::now() + backoff < deadline =>
+                if message.starts_with("BUSY") && Instant::now() + backoff < bounds.deadline =>
             {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-            Err(e) => return Err(MigrationError::client(node, "lru_crawler metadump", e)),
+            Err(e) => return Err(e).step(LISTING),
         }
     }
 }

@@ -34,7 +34,7 @@
 //! add items that appeared after pass 1, compare-and-delete our copies of items deleted before
 //! the change, and leave alone everything a client wrote or deleted on the target after it.
 //! Conditional delete uses `cas <key> 0 <1970 unix time> 0 <unique>` (see
-//! [`conn::EXPIRED_EXPTIME`]): the classic ascii protocol has no `delete` with a CAS.
+//! [`EXPIRED_EXPTIME`]): the classic ascii protocol has no `delete` with a CAS.
 //!
 //! # Scale-out after the new nodes joined
 //! When new nodes enter the ring before anything was copied (the ARCUS node registers itself at
@@ -78,54 +78,62 @@
 //!   collections). See [`collection`].
 
 pub mod collection;
-pub(crate) mod conn;
 mod engine;
 pub mod keys;
 pub mod plan;
 pub mod rules;
 
-pub use conn::EXPIRED_EXPTIME;
 pub use engine::{
     Checkpoint, Migration, MigrationOptions, NodeMark, Phase, Progress, ScaleIn, ScaleOut,
-    WATERMARK_KEY,
+    EXPIRED_EXPTIME, WATERMARK_KEY,
 };
 pub use keys::{Expiry, KeyInfo, Listing};
 pub use plan::Hashing;
 
-/// Why a migration step failed. Every variant names the node.
+use std::time::Duration;
+
+/// Why a migration step failed. Every variant but `Invalid` names the node.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("node {node}: {op}: {message}")]
+    /// A command on a node failed during `step`; the cause names the node and the command.
+    #[error("{step}: {source}")]
     Node {
-        node: String,
-        op: &'static str,
-        message: String,
-    },
-    #[error("node {node}: {op}: {source}")]
-    Client {
-        node: String,
-        op: &'static str,
+        step: &'static str,
         #[source]
         source: Box<arcus_client::Error>,
     },
+    /// Listing a node's keys did not finish in time (each page did answer).
+    #[error(
+        "node {node}: listing its keys took longer than {timeout:?}; raise \
+         MigrationOptions::list_timeout for nodes with this many keys"
+    )]
+    ListTimeout { node: String, timeout: Duration },
     #[error("invalid migration: {0}")]
     Invalid(String),
 }
 
 impl MigrationError {
-    pub(crate) fn client(node: &str, op: &'static str, source: arcus_client::Error) -> Self {
-        MigrationError::Client {
-            node: node.to_string(),
-            op,
-            source: Box::new(source),
-        }
-    }
-
     /// The node the error is about.
     pub fn node(&self) -> Option<&str> {
         match self {
-            MigrationError::Node { node, .. } | MigrationError::Client { node, .. } => Some(node),
+            MigrationError::Node { source, .. } => source.node(),
+            MigrationError::ListTimeout { node, .. } => Some(node),
             MigrationError::Invalid(_) => None,
         }
+    }
+}
+
+/// Names the migration step a node command belonged to, keeping the command's error as the
+/// cause: `admin.stats(None).await.step("listing keys")?`.
+pub(crate) trait Step<T> {
+    fn step(self, step: &'static str) -> Result<T, MigrationError>;
+}
+
+impl<T> Step<T> for arcus_client::Result<T> {
+    fn step(self, step: &'static str) -> Result<T, MigrationError> {
+        self.map_err(|source| MigrationError::Node {
+            step,
+            source: Box::new(source),
+        })
     }
 }

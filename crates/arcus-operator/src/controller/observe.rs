@@ -1,0 +1,269 @@
+//! Stage 2: every read one pass needs, each made once, and the per-pod views built once.
+
+use super::{namespace_of, Context, Error, KubeContext};
+use crate::build;
+use crate::crd::ArcusMemcached;
+use crate::day2::{self, LiveConfig, NodePod};
+use crate::migrate::{ArcusAdmin, NodeAdmin};
+use crate::operation::{self, Operation, PodState};
+use crate::status::{self, NodeView};
+use crate::validate::ValidSpec;
+use crate::zk::{ObserveRequest, ServiceClaim, ZkPool, ZkRegistry};
+use crate::zk_plan::{self, CacheZnode, ZkObserved};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use std::collections::BTreeSet;
+
+/// The world as one pass read it.
+pub struct World {
+    pub deleting: bool,
+    /// Replicas the spec asks for (0 while deleting).
+    pub desired: u32,
+    pub statefulset: Option<StatefulSet>,
+    /// The cache pods by ordinal.
+    pub pods: Vec<(u32, Pod)>,
+    pub zk: ZkObserved,
+    /// The operation recorded in the claim.
+    pub operation: Option<Operation>,
+    /// The ring: `cache_list/<svc>` registrations, parsed.
+    pub ring: Vec<CacheZnode>,
+    /// Registered hostnames.
+    pub registered: BTreeSet<String>,
+    pub nodes: Vec<NodeView>,
+    pub pod_states: Vec<PodState>,
+    pub day2_pods: Vec<NodePod>,
+    pub claim: ServiceClaim,
+    /// Every ZooKeeper read and write for this service code.
+    pub registry: ZkRegistry,
+}
+
+impl World {
+    pub fn statefulset_replicas(&self) -> Option<u32> {
+        let spec = self.statefulset.as_ref()?.spec.as_ref()?;
+        spec.replicas.map(|r| r.max(0) as u32)
+    }
+}
+
+pub async fn observe(
+    cr: &ArcusMemcached,
+    valid: &ValidSpec,
+    ctx: &Context,
+) -> Result<World, Error> {
+    let ns = namespace_of(cr);
+    let deleting = cr.metadata.deletion_timestamp.is_some();
+    let desired = if deleting {
+        0
+    } else {
+        cr.spec.replicas.max(0) as u32
+    };
+    let sts_name = valid.statefulset_name();
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let statefulset = sts_api
+        .get_opt(&sts_name)
+        .await
+        .or_kube("read", format_args!("StatefulSet {ns}/{sts_name}"))?;
+    let pods = cache_pods(ctx, cr, &sts_name).await?;
+
+    let sts_replicas = statefulset
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .map(|r| r.max(0) as u32);
+    let (registry, claim, zk, operation) =
+        observe_zookeeper(cr, valid, ctx, desired, sts_replicas).await?;
+    let ring = CacheZnode::parse_all(&zk.cache_list_children);
+    let registered: BTreeSet<String> = ring.iter().map(|z| z.host().to_string()).collect();
+    let nodes = pods
+        .iter()
+        .map(|(o, p)| status::node_view(p, *o, valid.pod_hostname(*o)))
+        .collect();
+    let mut pod_states: Vec<PodState> = pods.iter().map(|(o, p)| pod_state(valid, *o, p)).collect();
+    probe_rejoin(
+        &ArcusAdmin {
+            gate: ctx.leader.clone(),
+        },
+        operation.as_ref(),
+        &ring,
+        &mut pod_states,
+    )
+    .await;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let day2_pods = pods
+        .iter()
+        .map(|(o, p)| node_pod(valid, &registered, *o, p, now))
+        .collect();
+    Ok(World {
+        deleting,
+        desired,
+        statefulset,
+        pods,
+        zk,
+        operation,
+        ring,
+        registered,
+        nodes,
+        pod_states,
+        day2_pods,
+        claim,
+        registry,
+    })
+}
+
+/// The ZooKeeper side: the session, the registry for this service code, what it holds.
+async fn observe_zookeeper(
+    cr: &ArcusMemcached,
+    valid: &ValidSpec,
+    ctx: &Context,
+    desired: u32,
+    sts_replicas: Option<u32>,
+) -> Result<(ZkRegistry, ServiceClaim, ZkObserved, Option<Operation>), Error> {
+    let svc = valid.service_code.as_str();
+    let ensemble = ZkPool::ensemble(&cr.spec.zookeeper_servers);
+    ctx.by_service.lock().expect("service index lock").insert(
+        (ensemble.clone(), svc.to_string()),
+        kube::runtime::reflector::ObjectRef::from_obj(cr),
+    );
+    let uid = cr.uid().unwrap_or_default();
+    let claim = ServiceClaim {
+        managed_by: ServiceClaim::MANAGER.into(),
+        namespace: namespace_of(cr),
+        name: cr.name_any(),
+        uid: uid.clone(),
+    };
+    let session = ctx.zk.session(&ensemble).await?;
+    let registry = ZkRegistry::new(
+        session,
+        &ensemble,
+        svc,
+        claim.clone(),
+        ctx.leader.clone(),
+        ctx.metrics.clone(),
+    );
+    let recorded = cr
+        .status
+        .as_ref()
+        .and_then(|s| s.operation.as_ref())
+        .map(|o| o.from_replicas.max(o.to_replicas).max(0) as u32);
+    let mapping_key = |o: u32| valid.mapping_key(o);
+    let (zk, operation) = registry
+        .observe(&ObserveRequest {
+            our_uid: &uid,
+            mapping_key: &mapping_key,
+            read_upto: zk_plan::ordinals_to_read(desired, sts_replicas, recorded.unwrap_or(0)),
+        })
+        .await?;
+    Ok((registry, claim, zk, operation))
+}
+
+/// Asks the nodes the state machine needs to know about whether they know `zkensemble`.
+async fn probe_rejoin(
+    admin: &impl NodeAdmin,
+    op: Option<&Operation>,
+    ring: &[CacheZnode],
+    pods: &mut [PodState],
+) {
+    for ordinal in operation::pods_to_probe(op, ring, pods) {
+        let Some(p) = pods.iter_mut().find(|p| p.ordinal == ordinal) else {
+            continue;
+        };
+        if let Some(addr) = &p.addr {
+            p.can_rejoin = admin.can_rejoin(addr).await;
+        }
+    }
+}
+
+fn pod_state(valid: &ValidSpec, ordinal: u32, p: &Pod) -> PodState {
+    let status = p.status.as_ref();
+    let running = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| {
+            !c.is_empty()
+                && c.iter()
+                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        });
+    PodState {
+        ordinal,
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        host: valid.pod_hostname(ordinal),
+        addr: status
+            .and_then(|s| s.pod_ip.as_ref())
+            .map(|ip| format!("{ip}:{}", valid.port)),
+        running,
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        can_rejoin: None,
+    }
+}
+
+fn node_pod(
+    valid: &ValidSpec,
+    registered: &BTreeSet<String>,
+    ordinal: u32,
+    p: &Pod,
+    now: k8s_openapi::jiff::Timestamp,
+) -> NodePod {
+    let secs_since = |t: &Time| (now.as_second() - t.0.as_second()).max(0);
+    let annotations = p.metadata.annotations.clone().unwrap_or_default();
+    let status = p.status.clone().unwrap_or_default();
+    let ready_cond = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True");
+    let config = |key: &str| annotations.get(key).and_then(|s| LiveConfig::parse(s));
+    NodePod {
+        ordinal,
+        name: p.name_any(),
+        ip: status.pod_ip,
+        restart_hash: annotations.get(day2::RESTART_HASH).cloned(),
+        started: config(day2::STARTED_CONFIG),
+        applied: config(day2::APPLIED_CONFIG),
+        ready: ready_cond.is_some(),
+        registered: registered.contains(&valid.pod_hostname(ordinal)),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        ready_for_secs: ready_cond
+            .map(|c| c.last_transition_time.as_ref().map(secs_since).unwrap_or(0)),
+        age_secs: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(secs_since)
+            .unwrap_or(0),
+        running_for_secs: status
+            .container_statuses
+            .as_ref()
+            .and_then(|c| c.iter().find(|c| c.name == build::CONTAINER_NAME))
+            .and_then(|c| c.state.as_ref()?.running.as_ref())
+            .map(|r| r.started_at.as_ref().map(secs_since).unwrap_or(0)),
+    }
+}
+
+async fn cache_pods(
+    ctx: &Context,
+    cr: &ArcusMemcached,
+    sts_name: &str,
+) -> Result<Vec<(u32, Pod)>, Error> {
+    let ns = namespace_of(cr);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = build::selector_labels(cr)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .or_kube("list", format_args!("pods {ns}/{selector}"))?;
+    let prefix = format!("{sts_name}-");
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let ordinal = p.name_any().strip_prefix(&prefix)?.parse().ok()?;
+            Some((ordinal, p))
+        })
+        .collect())
+}

@@ -753,6 +753,43 @@ async fn a_service_code_claimed_by_another_resource_creates_nothing() {
         .await
         .expect("list mappings");
     assert!(mappings.is_empty(), "mappings were created: {mappings:?}");
+
+    // Deleted: nothing in ZooKeeper is its own, so the finalizer goes at once and ZooKeeper
+    // is left as it is (the other resource keeps its claim).
+    let mut deleted = with_finalizers(&cr, &json!({"metadata": {"finalizers": [FINALIZER]}}), "3");
+    deleted["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+    let script = vec![
+        Step::get(case.sts_path()).not_found(),
+        Step::list(case.pods_path(), SELECTOR).reply(200, pod_list(vec![])),
+        Step::merge_patch(case.cr_path())
+            .check(|b| {
+                expect(b["metadata"]["finalizers"] == json!([]), || {
+                    format!(
+                        "finalizers patched to {}, not []",
+                        b["metadata"]["finalizers"]
+                    )
+                })
+            })
+            .reply_with({
+                let d = deleted.clone();
+                move |b| (200, with_finalizers(&d, b, "4"))
+            }),
+    ];
+    let (result, t) = pass(&deleted, script, None).await;
+    result.unwrap_or_else(|e| panic!("reconcile of a deleted conflicting resource failed: {e}"));
+    assert_eq!(
+        t.writes()
+            .iter()
+            .map(|s| s.path.clone())
+            .collect::<Vec<_>>(),
+        [case.cr_path()],
+        "only the finalizer is removed"
+    );
+    assert_eq!(
+        tree(&zkc, "/arcus").await,
+        before,
+        "the deletion wrote to ZooKeeper"
+    );
 }
 
 #[tokio::test]

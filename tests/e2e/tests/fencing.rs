@@ -7,30 +7,26 @@
 //! znode is read in both formats: the operator's `pending` record and the versioned `operation`
 //! record (`{"version":2,"epoch":..,"kind":..,"host":..,"stage":{"name":..}}`).
 
-use futures::StreamExt;
+mod common;
+
+use common::*;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-    PostParams,
-};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use test_support::operator::{
-    container_pid, deploy_operator_with, leader_pod, signal_process, undeploy_operator, ProcessId,
-    StoppedProcess,
+    container_pid, leader_pod, signal_process, ProcessId, StoppedProcess,
 };
-use test_support::sandbox::{pod_ready, Sandbox, TestNamespace, ZOOKEEPER};
+use test_support::sandbox::{pod_ready, TestNamespace, ZOOKEEPER};
 use test_support::wait_until;
 use zookeeper_client as zk;
 
 const CACHE_LIST: &str = "/arcus/cache_list";
 const CLIENT_LIST: &str = "/arcus/client_list";
-const MAPPINGS: &str = "/arcus/cache_server_mapping";
 /// The pod-template annotation whose change makes the operator restart a node
 /// (`arcus_operator::day2::RESTART_HASH`; spelled out so this file reads the cluster only).
 const RESTART_HASH: &str = "jam2in.com/restart-hash";
@@ -66,61 +62,6 @@ fn cr(name: &str, svc: &str, replicas: i32) -> DynamicObject {
         }
     }))
     .expect("valid CR")
-}
-
-/// The ArcusMemcached API untyped: these tests compare status as the API server stores it.
-fn mc_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("jam2in.com", "v1", "ArcusMemcached");
-    Api::namespaced_with(
-        sandbox.client.clone(),
-        &ns.name,
-        &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"),
-    )
-}
-
-/// A unique service code per test run, so tests sharing the sandbox's ZooKeeper never collide.
-fn service_code(ns: &TestNamespace) -> String {
-    ns.name.replace('-', "_")
-}
-
-async fn zk_client() -> anyhow::Result<zk::Client> {
-    Ok(zk::Client::connector()
-        .with_session_timeout(Duration::from_secs(10))
-        .connect(ZOOKEEPER)
-        .await?)
-}
-
-async fn children(zk: &zk::Client, path: &str) -> Vec<String> {
-    let mut c = zk.list_children(path).await.unwrap_or_default();
-    c.sort();
-    c
-}
-
-/// Mapping keys (`<host>:<port>`) of this namespace that map `svc`.
-async fn mappings_of(zk: &zk::Client, svc: &str, ns: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for key in children(zk, MAPPINGS).await {
-        if key.contains(ns)
-            && children(zk, &format!("{MAPPINGS}/{key}")).await == vec![svc.to_string()]
-        {
-            out.insert(key);
-        }
-    }
-    out
-}
-
-async fn pods_named(ns: &TestNamespace, prefix: &str) -> BTreeSet<String> {
-    let pods: Api<Pod> = ns.api();
-    pods.list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .map(|p| p.name_any())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn status_of(obj: &DynamicObject) -> Value {
@@ -212,65 +153,6 @@ impl Claim {
     }
 }
 
-/// Runs `body` in a restricted namespace with `operators` operator replicas (their Deployment
-/// edited by `customize`); on failure dumps the namespace; always cleans up.
-async fn with_namespace<F, Fut>(
-    prefix: &str,
-    operators: i32,
-    customize: fn(&mut Value),
-    body: F,
-) -> anyhow::Result<()>
-where
-    F: FnOnce(&'static Sandbox, TestNamespace) -> Fut,
-    Fut: std::future::Future<Output = (TestNamespace, anyhow::Result<()>)>,
-{
-    let sandbox = Sandbox::shared().await?;
-    let ns = sandbox.restricted_namespace(prefix).await?;
-    if let Err(e) = deploy_operator_with(sandbox, &ns, operators, customize).await {
-        ns.dump().await;
-        undeploy_operator(sandbox, &ns).await;
-        ns.cleanup().await?;
-        return Err(e);
-    }
-    let (ns, result) = body(sandbox, ns).await;
-    if result.is_err() {
-        ns.dump().await;
-    }
-    // Delete CRs first so the operator (still running) removes their ZooKeeper state.
-    let crs = mc_api(sandbox, &ns);
-    let _ = crs
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await;
-    let deleted = wait_until(Duration::from_secs(120), "test CRs deleted", || async {
-        crs.list(&ListParams::default())
-            .await
-            .ok()
-            .filter(|l| l.items.is_empty())
-            .map(|_| ())
-    })
-    .await;
-    if let Err(e) = &deleted {
-        eprintln!("{e}: removing finalizers by hand");
-        for cr in crs
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default()
-        {
-            let _ = crs
-                .patch(
-                    &cr.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-                )
-                .await;
-        }
-    }
-    undeploy_operator(sandbox, &ns).await;
-    ns.cleanup().await?;
-    result.and(deleted.map_err(|e| anyhow::anyhow!("the operator did not finish deleting: {e}")))
-}
-
 /// The Deployment as deployed, without its liveness probe: the sandbox's node agent runs
 /// probes, and /healthz of a stopped process times out, so it would kill the process we hold
 /// stopped (3 failures 10 s apart) before the stand-by has finished.
@@ -282,68 +164,6 @@ fn without_liveness_probe(deployment: &mut Value) {
             }
         }
     }
-}
-
-/// A client of `svc` once its ring has `nodes` nodes (keys up to stock memcached's 250 bytes).
-/// It follows `cache_list`, and for 60 s after a ring change its deletes reach previous owners.
-async fn ring_client(svc: &str, nodes: usize) -> anyhow::Result<Arc<arcus_client::ArcusClient>> {
-    let opts = arcus_client::ClientOptions {
-        max_key_len: 250,
-        delete_previous_owners_for: Duration::from_secs(60),
-        ..Default::default()
-    };
-    let client = Arc::new(arcus_client::ArcusClient::connect(ZOOKEEPER, svc, opts).await?);
-    wait_until(
-        Duration::from_secs(10),
-        &format!("client ring of {nodes}"),
-        || async { (client.nodes().len() == nodes).then_some(()) },
-    )
-    .await?;
-    Ok(client)
-}
-
-/// Stores `count` items, 64 in flight: `item(i)` gives key, value, flags and exptime.
-async fn load(
-    client: &Arc<arcus_client::ArcusClient>,
-    count: usize,
-    item: impl Fn(usize) -> (String, String, u32, i64),
-) -> anyhow::Result<()> {
-    futures::stream::iter((0..count).map(item))
-        .map(|(k, v, f, t)| {
-            let c = client.clone();
-            async move {
-                c.set(&k, v, f, t)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("set {k}: {e}"))
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(())
-}
-
-/// `stats` of one node on its pod IP.
-fn node_stats(ip: &str) -> anyhow::Result<BTreeMap<String, String>> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::net::TcpStream::connect((ip, 11211))
-        .map_err(|e| anyhow::anyhow!("connecting to the cache node {ip}:11211: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"stats\r\n")?;
-    let mut out = BTreeMap::new();
-    for line in BufReader::new(s).lines() {
-        let line = line?;
-        if line == "END" {
-            break;
-        }
-        let mut f = line.split_whitespace().skip(1);
-        if let (Some(k), Some(v)) = (f.next(), f.next()) {
-            out.insert(k.to_string(), v.to_string());
-        }
-    }
-    Ok(out)
 }
 
 fn restart_count(p: &Pod) -> i32 {
@@ -591,7 +411,7 @@ async fn quiet_snapshot(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_stopped_during_scale_in_writes_nothing_after_it_wakes() -> anyhow::Result<()> {
-    with_namespace(
+    with_namespace_customized(
         "fence-stop",
         2,
         without_liveness_probe,
@@ -657,14 +477,7 @@ async fn leader_stopped_during_scale_in_writes_nothing_after_it_wakes() -> anyho
 
                 // The stand-by takes over and finishes the scale-in.
                 let stopped_at = Instant::now();
-                let new_leader = wait_until(Duration::from_secs(60), "a new leader", || async {
-                    leader_pod(&ns)
-                        .await
-                        .ok()
-                        .flatten()
-                        .filter(|p| p.name_any() != old)
-                })
-                .await?;
+                let new_leader = new_leader(&ns, &old, 60).await?;
                 eprintln!(
                     "takeover by {} {:?} after the stop",
                     new_leader.name_any(),
@@ -824,7 +637,7 @@ async fn kill_when_drain_ends(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_killed_when_a_restart_drain_ends_reverts_no_key() -> anyhow::Result<()> {
-    with_namespace("fence-roll", 2, |_| {}, |sandbox, ns| async move {
+    with_namespace("fence-roll", 2, |sandbox, ns| async move {
         let r = async {
             let zk = zk_client().await?;
             let svc = service_code(&ns);

@@ -2,8 +2,10 @@
 //! scale, service-code conflicts, and invalid resources. Each test deploys the operator into its
 //! own namespace from deploy/*.yaml, watching only that namespace.
 
+mod common;
+
 use arcus_operator::crd::ArcusMemcached;
-use futures::StreamExt;
+use common::*;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -13,14 +15,10 @@ use kube::api::{
 };
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use std::collections::BTreeSet;
 use std::time::Duration;
-use test_support::operator::{container_pid, deploy_operator, leader_pod, undeploy_operator};
+use test_support::operator::{container_pid, leader_pod};
 use test_support::sandbox::{Sandbox, TestNamespace, ZOOKEEPER};
 use test_support::wait_until;
-use zookeeper_client as zk;
-
-const MAPPINGS: &str = "/arcus/cache_server_mapping";
 
 fn cr(name: &str, svc: &str, replicas: i32) -> ArcusMemcached {
     serde_json::from_value(json!({
@@ -33,37 +31,6 @@ fn cr(name: &str, svc: &str, replicas: i32) -> ArcusMemcached {
         }
     }))
     .expect("valid CR")
-}
-
-/// A unique service code per test run, so tests sharing the sandbox's ZooKeeper never collide.
-fn service_code(ns: &TestNamespace) -> String {
-    ns.name.replace('-', "_")
-}
-
-async fn zk_client() -> anyhow::Result<zk::Client> {
-    Ok(zk::Client::connector()
-        .with_session_timeout(Duration::from_secs(10))
-        .connect(ZOOKEEPER)
-        .await?)
-}
-
-async fn children(zk: &zk::Client, path: &str) -> Vec<String> {
-    let mut c = zk.list_children(path).await.unwrap_or_default();
-    c.sort();
-    c
-}
-
-/// Mapping keys (`<host>:<port>`) that map `svc`.
-async fn mappings_of(zk: &zk::Client, svc: &str, ns: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for key in children(zk, MAPPINGS).await {
-        if key.contains(ns)
-            && children(zk, &format!("{MAPPINGS}/{key}")).await == vec![svc.to_string()]
-        {
-            out.insert(key);
-        }
-    }
-    out
 }
 
 async fn wait_ready(
@@ -96,75 +63,6 @@ async fn node_counts(
         }
     }
     Ok(counts)
-}
-
-async fn pods_named(ns: &TestNamespace, prefix: &str) -> BTreeSet<String> {
-    let pods: Api<Pod> = ns.api();
-    pods.list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .map(|p| p.name_any())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Runs `body`; on failure dumps the namespace; always cleans up.
-async fn with_namespace<F, Fut>(prefix: &str, operators: i32, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(&'static Sandbox, TestNamespace) -> Fut,
-    Fut: std::future::Future<Output = (TestNamespace, anyhow::Result<()>)>,
-{
-    let sandbox = Sandbox::shared().await?;
-    // The operator and every cache pod must be admitted under Pod Security "restricted".
-    let ns = sandbox.restricted_namespace(prefix).await?;
-    if let Err(e) = deploy_operator(sandbox, &ns, operators).await {
-        ns.dump().await;
-        undeploy_operator(sandbox, &ns).await;
-        ns.cleanup().await?;
-        return Err(e);
-    }
-    let (ns, result) = body(sandbox, ns).await;
-    if result.is_err() {
-        ns.dump().await;
-    }
-    // Delete CRs first so the operator (still running) removes their ZooKeeper state.
-    let crs: Api<ArcusMemcached> = ns.api();
-    let _ = crs
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await;
-    let deleted = wait_until(Duration::from_secs(120), "test CRs deleted", || async {
-        crs.list(&ListParams::default())
-            .await
-            .ok()
-            .filter(|l| l.items.is_empty())
-            .map(|_| ())
-    })
-    .await;
-    if let Err(e) = &deleted {
-        // Let the namespace go anyway; the test fails below.
-        eprintln!("{e}: removing finalizers by hand");
-        for cr in crs
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default()
-        {
-            let _ = crs
-                .patch(
-                    &cr.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-                )
-                .await;
-        }
-    }
-    undeploy_operator(sandbox, &ns).await;
-    ns.cleanup().await?;
-    result.and(deleted.map_err(|e| anyhow::anyhow!("the operator did not finish deleting: {e}")))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -371,14 +269,7 @@ async fn leader_killed_during_scale_standby_finishes_without_repeating_writes() 
             )
             .await?;
             let started = std::time::Instant::now();
-            let new_leader = wait_until(Duration::from_secs(40), "a new leader", || async {
-                leader_pod(&ns)
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|p| p.name_any() != old)
-            })
-            .await?;
+            let new_leader = new_leader(&ns, &old, 40).await?;
             eprintln!(
                 "takeover by {} after {:?}",
                 new_leader.name_any(),
@@ -672,76 +563,6 @@ fn untyped_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
         &ns.name,
         &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"),
     )
-}
-
-/// A client of `svc` once its ring has `nodes` nodes (keys up to stock memcached's 250 bytes).
-async fn ring_client(
-    svc: &str,
-    nodes: usize,
-) -> anyhow::Result<std::sync::Arc<arcus_client::ArcusClient>> {
-    ring_client_with(svc, nodes, Duration::from_secs(60)).await
-}
-
-/// [`ring_client`] whose deletes follow moved keys to their previous owners for `follow`
-/// after a ring change (zero: never, as a client without that feature).
-async fn ring_client_with(
-    svc: &str,
-    nodes: usize,
-    follow: Duration,
-) -> anyhow::Result<std::sync::Arc<arcus_client::ArcusClient>> {
-    let opts = arcus_client::ClientOptions {
-        max_key_len: 250,
-        delete_previous_owners_for: follow,
-        ..Default::default()
-    };
-    let client =
-        std::sync::Arc::new(arcus_client::ArcusClient::connect(ZOOKEEPER, svc, opts).await?);
-    wait_until(
-        Duration::from_secs(10),
-        &format!("client ring of {nodes}"),
-        || async { (client.nodes().len() == nodes).then_some(()) },
-    )
-    .await?;
-    Ok(client)
-}
-
-/// Stores `count` items, 64 in flight: `item(i)` gives key, value, flags and exptime.
-async fn load(
-    client: &std::sync::Arc<arcus_client::ArcusClient>,
-    count: usize,
-    item: impl Fn(usize) -> (String, String, u32, i64),
-) -> anyhow::Result<()> {
-    futures::stream::iter((0..count).map(item))
-        .map(|(k, v, f, t)| {
-            let c = client.clone();
-            async move { c.set(&k, v, f, t).await }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(())
-}
-
-/// `stats` of one node on its pod IP.
-fn node_stats(ip: &str) -> anyhow::Result<std::collections::HashMap<String, String>> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::net::TcpStream::connect((ip, 11211))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"stats\r\n")?;
-    let mut out = std::collections::HashMap::new();
-    for line in BufReader::new(s).lines() {
-        let line = line?;
-        if line == "END" {
-            break;
-        }
-        let mut f = line.split_whitespace().skip(1);
-        if let (Some(k), Some(v)) = (f.next(), f.next()) {
-            out.insert(k.to_string(), v.to_string());
-        }
-    }
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -33,6 +33,12 @@ pub async fn apply(
     let mut applied = Applied::default();
     if let Some(conflict) = &decision.conflict {
         publish(ctx, cr, EventType::Warning, "ServiceCodeConflict", conflict).await;
+        if decision.remove_finalizer {
+            // Deleting: nothing in ZooKeeper is ours, so there is nothing to clean up.
+            let api: Api<ArcusMemcached> = Api::namespaced(ctx.client.clone(), &namespace_of(cr));
+            remove_finalizer(&api, cr, ctx).await?;
+            applied.finalizer_removed = true;
+        }
         return Ok(applied);
     }
     // One Event tells what this pass did.

@@ -1,0 +1,232 @@
+//! Helpers shared by the operator e2e tests (`operator.rs`, `fencing.rs`): the namespace with an
+//! operator deployed and cleaned up, ZooKeeper and pod reads, a ring client, bulk loads.
+// Each test crate uses a different subset.
+#![allow(dead_code)]
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
+use kube::{Api, ResourceExt};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use test_support::operator::{deploy_operator_with, undeploy_operator};
+use test_support::sandbox::{Sandbox, TestNamespace, ZOOKEEPER};
+use test_support::wait_until;
+use zookeeper_client as zk;
+
+pub const MAPPINGS: &str = "/arcus/cache_server_mapping";
+
+/// A unique service code per test run, so tests sharing the sandbox's ZooKeeper never collide.
+pub fn service_code(ns: &TestNamespace) -> String {
+    ns.name.replace('-', "_")
+}
+
+pub async fn zk_client() -> anyhow::Result<zk::Client> {
+    Ok(zk::Client::connector()
+        .with_session_timeout(Duration::from_secs(10))
+        .connect(ZOOKEEPER)
+        .await?)
+}
+
+pub async fn children(zk: &zk::Client, path: &str) -> Vec<String> {
+    let mut c = zk.list_children(path).await.unwrap_or_default();
+    c.sort();
+    c
+}
+
+/// Mapping keys (`<host>:<port>`) of this namespace that map `svc`.
+pub async fn mappings_of(zk: &zk::Client, svc: &str, ns: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for key in children(zk, MAPPINGS).await {
+        if key.contains(ns)
+            && children(zk, &format!("{MAPPINGS}/{key}")).await == vec![svc.to_string()]
+        {
+            out.insert(key);
+        }
+    }
+    out
+}
+
+pub async fn pods_named(ns: &TestNamespace, prefix: &str) -> BTreeSet<String> {
+    let pods: Api<Pod> = ns.api();
+    pods.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .map(|p| p.name_any())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The ArcusMemcached API untyped (status as the API server stores it).
+pub fn mc_api(sandbox: &Sandbox, ns: &TestNamespace) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("jam2in.com", "v1", "ArcusMemcached");
+    Api::namespaced_with(
+        sandbox.client.clone(),
+        &ns.name,
+        &ApiResource::from_gvk_with_plural(&gvk, "memcacheds"),
+    )
+}
+
+/// Runs `body` in a restricted namespace (the operator and every cache pod must be admitted
+/// under Pod Security "restricted") with `operators` operator replicas; on failure dumps the
+/// namespace; always cleans up.
+pub async fn with_namespace<F, Fut>(prefix: &str, operators: i32, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&'static Sandbox, TestNamespace) -> Fut,
+    Fut: std::future::Future<Output = (TestNamespace, anyhow::Result<()>)>,
+{
+    with_namespace_customized(prefix, operators, |_| {}, body).await
+}
+
+/// [`with_namespace`] with the operator Deployment edited by `customize` before it is applied.
+pub async fn with_namespace_customized<F, Fut>(
+    prefix: &str,
+    operators: i32,
+    customize: fn(&mut Value),
+    body: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(&'static Sandbox, TestNamespace) -> Fut,
+    Fut: std::future::Future<Output = (TestNamespace, anyhow::Result<()>)>,
+{
+    let sandbox = Sandbox::shared().await?;
+    let ns = sandbox.restricted_namespace(prefix).await?;
+    if let Err(e) = deploy_operator_with(sandbox, &ns, operators, customize).await {
+        ns.dump().await;
+        undeploy_operator(sandbox, &ns).await;
+        ns.cleanup().await?;
+        return Err(e);
+    }
+    let (ns, result) = body(sandbox, ns).await;
+    if result.is_err() {
+        ns.dump().await;
+    }
+    let deleted = delete_resources(sandbox, &ns).await;
+    undeploy_operator(sandbox, &ns).await;
+    ns.cleanup().await?;
+    result.and(deleted.map_err(|e| anyhow::anyhow!("the operator did not finish deleting: {e}")))
+}
+
+/// Deletes the namespace's ArcusMemcacheds while the operator still runs (it removes their
+/// ZooKeeper state); if it does not finish in time, removes their finalizers by hand so the
+/// namespace can go (the test then fails).
+async fn delete_resources(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
+    let crs = mc_api(sandbox, ns);
+    let _ = crs
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let deleted = wait_until(Duration::from_secs(120), "test CRs deleted", || async {
+        crs.list(&ListParams::default())
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    if let Err(e) = &deleted {
+        eprintln!("{e}: removing finalizers by hand");
+        let left = crs.list(&ListParams::default()).await;
+        for cr in left.map(|l| l.items).unwrap_or_default() {
+            let no_finalizers = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+            let _ = crs
+                .patch(&cr.name_any(), &PatchParams::default(), &no_finalizers)
+                .await;
+        }
+    }
+    deleted
+}
+
+/// The operator pod that holds the leader Lease once it is not `old` any more.
+pub async fn new_leader(ns: &TestNamespace, old: &str, secs: u64) -> anyhow::Result<Pod> {
+    wait_until(Duration::from_secs(secs), "a new leader", || async {
+        test_support::operator::leader_pod(ns)
+            .await
+            .ok()
+            .flatten()
+            .filter(|p| p.name_any() != old)
+    })
+    .await
+}
+
+/// A client of `svc` once its ring has `nodes` nodes (keys up to stock memcached's 250 bytes);
+/// for 60 s after a ring change its deletes also reach the keys' previous owners.
+pub async fn ring_client(
+    svc: &str,
+    nodes: usize,
+) -> anyhow::Result<Arc<arcus_client::ArcusClient>> {
+    ring_client_with(svc, nodes, Duration::from_secs(60)).await
+}
+
+/// [`ring_client`] whose deletes follow moved keys to their previous owners for `follow`
+/// after a ring change (zero: never, as a client without that feature).
+pub async fn ring_client_with(
+    svc: &str,
+    nodes: usize,
+    follow: Duration,
+) -> anyhow::Result<Arc<arcus_client::ArcusClient>> {
+    let opts = arcus_client::ClientOptions {
+        max_key_len: 250,
+        delete_previous_owners_for: follow,
+        ..Default::default()
+    };
+    let client = Arc::new(arcus_client::ArcusClient::connect(ZOOKEEPER, svc, opts).await?);
+    wait_until(
+        Duration::from_secs(10),
+        &format!("client ring of {nodes}"),
+        || async { (client.nodes().len() == nodes).then_some(()) },
+    )
+    .await?;
+    Ok(client)
+}
+
+/// Stores `count` items, 64 in flight: `item(i)` gives key, value, flags and exptime.
+pub async fn load(
+    client: &Arc<arcus_client::ArcusClient>,
+    count: usize,
+    item: impl Fn(usize) -> (String, String, u32, i64),
+) -> anyhow::Result<()> {
+    futures::stream::iter((0..count).map(item))
+        .map(|(k, v, f, t)| {
+            let c = client.clone();
+            async move {
+                c.set(&k, v, f, t)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("set {k}: {e}"))
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(())
+}
+
+/// `stats` of one node on its pod IP.
+pub fn node_stats(ip: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect((ip, 11211))
+        .map_err(|e| anyhow::anyhow!("connecting to the cache node {ip}:11211: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"stats\r\n")?;
+    let mut out = BTreeMap::new();
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        if line == "END" {
+            break;
+        }
+        let mut f = line.split_whitespace().skip(1);
+        if let (Some(k), Some(v)) = (f.next(), f.next()) {
+            out.insert(k.to_string(), v.to_string());
+        }
+    }
+    Ok(out)
+}

@@ -113,37 +113,39 @@ pub struct Day2Plan {
     pub heal_pending: bool,
 }
 
+/// Heal or live configuration for one running node of the desired range.
+fn running_node_actions(p: &NodePod, desired: LiveConfig, out: &mut Day2Plan) {
+    // A node that left the cluster answers `ready` with NOT_READY, so its pod may turn
+    // unready: heal whatever runs unregistered past the grace, Ready or not.
+    if let (Some(ip), Some(running)) = (&p.ip, p.running_for_secs) {
+        if !p.registered && running >= HEAL_AFTER_SECS {
+            out.actions.push(Day2Action::Heal {
+                pod: p.name.clone(),
+                ip: ip.clone(),
+            });
+        } else if !p.registered {
+            out.heal_pending = true;
+        }
+    }
+    let Some(ip) = p.ip.clone().filter(|_| p.ready) else {
+        return;
+    };
+    if p.effective() != Some(desired) {
+        out.actions.push(Day2Action::ApplyLiveConfig {
+            pod: p.name.clone(),
+            ip: ip.clone(),
+            from: p.effective(),
+            to: desired,
+        });
+    }
+}
+
 pub fn plan(desired_hash: &str, desired: LiveConfig, replicas: u32, pods: &[NodePod]) -> Day2Plan {
     let mut out = Day2Plan::default();
     let in_range: Vec<&NodePod> = pods.iter().filter(|p| p.ordinal < replicas).collect();
 
-    for p in &in_range {
-        if p.terminating {
-            continue;
-        }
-        // A node that left the cluster answers `ready` with NOT_READY, so its pod may turn
-        // unready: heal whatever runs unregistered past the grace, Ready or not.
-        if let (Some(ip), Some(running)) = (&p.ip, p.running_for_secs) {
-            if !p.registered && running >= HEAL_AFTER_SECS {
-                out.actions.push(Day2Action::Heal {
-                    pod: p.name.clone(),
-                    ip: ip.clone(),
-                });
-            } else if !p.registered {
-                out.heal_pending = true;
-            }
-        }
-        let Some(ip) = p.ip.clone().filter(|_| p.ready) else {
-            continue;
-        };
-        if p.effective() != Some(desired) {
-            out.actions.push(Day2Action::ApplyLiveConfig {
-                pod: p.name.clone(),
-                ip: ip.clone(),
-                from: p.effective(),
-                to: desired,
-            });
-        }
+    for p in in_range.iter().filter(|p| !p.terminating) {
+        running_node_actions(p, desired, &mut out);
     }
 
     let mut stale: Vec<u32> = in_range

@@ -356,37 +356,8 @@ impl Step {
                 Outcome::Checkpoint(checkpoint),
             ) => Some(drained_record(before, leaving, purpose, checkpoint.clone())),
             (Action::Drain { .. }, _) => op,
-            (Action::ChangeRingAndPass2 { .. }, _) => match op? {
-                Operation::Restart {
-                    host,
-                    pod,
-                    pod_uid,
-                    stage: RestartStage::Draining { before, znode, .. },
-                } => Some(Operation::Restart {
-                    host,
-                    pod,
-                    pod_uid,
-                    // The ring its items come back from: without it.
-                    stage: RestartStage::Drained {
-                        before: before.into_iter().filter(|a| a != znode.addr()).collect(),
-                    },
-                }),
-                _ => None,
-            },
-            (Action::DeletePod { .. } | Action::Advance, _) => match op? {
-                Operation::Restart {
-                    host,
-                    pod,
-                    pod_uid,
-                    stage: RestartStage::Drained { before },
-                } => Some(Operation::Restart {
-                    host,
-                    pod,
-                    pod_uid,
-                    stage: RestartStage::AwaitReturn { before },
-                }),
-                other => Some(other),
-            },
+            (Action::ChangeRingAndPass2 { .. }, _) => op.and_then(after_ring_change),
+            (Action::DeletePod { .. } | Action::Advance, _) => op.map(after_pod_deleted),
             (Action::FillEarly { joining, .. }, _) => match op? {
                 Operation::Join {
                     to_replicas,
@@ -427,6 +398,45 @@ impl Step {
             },
             (Action::FillHeldOut { .. } | Action::CopyAddOnly { .. } | Action::Abandon, _) => None,
         }
+    }
+}
+
+/// The ring change and pass 2 ended the scale-in, or the drain of a node to restart.
+fn after_ring_change(op: Operation) -> Option<Operation> {
+    match op {
+        Operation::Restart {
+            host,
+            pod,
+            pod_uid,
+            stage: RestartStage::Draining { before, znode, .. },
+        } => Some(Operation::Restart {
+            host,
+            pod,
+            pod_uid,
+            // The ring its items come back from: without it.
+            stage: RestartStage::Drained {
+                before: before.into_iter().filter(|a| a != znode.addr()).collect(),
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// The drained node's pod was deleted (or already replaced): its return is awaited.
+fn after_pod_deleted(op: Operation) -> Operation {
+    match op {
+        Operation::Restart {
+            host,
+            pod,
+            pod_uid,
+            stage: RestartStage::Drained { before },
+        } => Operation::Restart {
+            host,
+            pod,
+            pod_uid,
+            stage: RestartStage::AwaitReturn { before },
+        },
+        other => other,
     }
 }
 

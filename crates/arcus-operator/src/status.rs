@@ -59,87 +59,14 @@ pub fn compute(cr: &ArcusMemcached, input: &StatusInput, now: Time) -> ArcusMemc
         (None, true) => String::new(),
     };
     let generation = cr.metadata.generation;
-    let available = input.blocking_error.is_none() && ready == input.desired;
-    let mut conditions = vec![
-        condition(
-            &old,
-            ConditionType::Available,
-            available,
-            if available {
-                "AllNodesReady"
-            } else {
-                "NodesNotReady"
-            },
-            format!(
-                "{ready}/{} cache nodes are ready and registered in ZooKeeper",
-                input.desired
-            ),
-            generation,
-            &now,
-        ),
-        match &input.progress {
-            Some((reason, msg)) => condition(
-                &old,
-                ConditionType::Progressing,
-                true,
-                reason,
-                msg.clone(),
-                generation,
-                &now,
-            ),
-            None if ready != input.desired && input.blocking_error.is_none() => condition(
-                &old,
-                ConditionType::Progressing,
-                true,
-                "WaitingForNodes",
-                format!(
-                    "waiting for {} cache node(s) to become ready and registered",
-                    input.desired - ready.min(input.desired)
-                ),
-                generation,
-                &now,
-            ),
-            None => condition(
-                &old,
-                ConditionType::Progressing,
-                false,
-                "Settled",
-                "nothing in progress".into(),
-                generation,
-                &now,
-            ),
-        },
-    ];
-    let degraded = match (&input.blocking_error, failures.is_empty()) {
-        (Some((reason, m)), _) => condition(
-            &old,
-            ConditionType::Degraded,
-            true,
-            reason,
-            m.clone(),
-            generation,
-            &now,
-        ),
-        (None, false) => condition(
-            &old,
-            ConditionType::Degraded,
-            true,
-            "NodesFailing",
-            failures.join("; "),
-            generation,
-            &now,
-        ),
-        (None, true) => condition(
-            &old,
-            ConditionType::Degraded,
-            false,
-            "Healthy",
-            "no errors".into(),
-            generation,
-            &now,
-        ),
-    };
-    conditions.push(degraded);
+    let conditions = [
+        available(input, ready),
+        progressing(input, ready),
+        degraded(input, &failures),
+    ]
+    .into_iter()
+    .map(|(type_, truth, reason, msg)| condition(&old, type_, truth, reason, msg, generation, &now))
+    .collect();
     ArcusMemcachedStatus {
         ready: Some(format!("{ready}/{}", input.desired)),
         container: Some(format!("{running}/{}", input.desired)),
@@ -156,6 +83,62 @@ pub fn compute(cr: &ArcusMemcached, input: &StatusInput, now: Time) -> ArcusMemc
         // Written only by the migration progress writer (a merge patch of its own): kept here
         // so a steady state compares equal, and left out of the status apply.
         migration: old.migration,
+    }
+}
+
+/// A condition as (type, status, reason, message).
+type ConditionParts = (ConditionType, bool, &'static str, String);
+
+fn available(input: &StatusInput, ready: u32) -> ConditionParts {
+    let available = input.blocking_error.is_none() && ready == input.desired;
+    let reason = if available {
+        "AllNodesReady"
+    } else {
+        "NodesNotReady"
+    };
+    let message = format!(
+        "{ready}/{} cache nodes are ready and registered in ZooKeeper",
+        input.desired
+    );
+    (ConditionType::Available, available, reason, message)
+}
+
+fn progressing(input: &StatusInput, ready: u32) -> ConditionParts {
+    match &input.progress {
+        Some((reason, msg)) => (ConditionType::Progressing, true, reason, msg.clone()),
+        None if ready != input.desired && input.blocking_error.is_none() => (
+            ConditionType::Progressing,
+            true,
+            "WaitingForNodes",
+            format!(
+                "waiting for {} cache node(s) to become ready and registered",
+                input.desired - ready.min(input.desired)
+            ),
+        ),
+        None => (
+            ConditionType::Progressing,
+            false,
+            "Settled",
+            "nothing in progress".into(),
+        ),
+    }
+}
+
+fn degraded(input: &StatusInput, failures: &[String]) -> ConditionParts {
+    match (&input.blocking_error, failures.is_empty()) {
+        (Some((reason, m)), _) => (ConditionType::Degraded, true, reason, m.clone()),
+        (None, false) => (
+            ConditionType::Degraded,
+            true,
+            "NodesFailing",
+            failures.join("; "),
+        ),
+        (None, true) => (
+            ConditionType::Degraded,
+            false,
+            "Healthy",
+            "no errors".into(),
+        ),
     }
 }
 

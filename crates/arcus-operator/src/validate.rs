@@ -272,7 +272,36 @@ impl InvalidSpec {
 pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
     let mut problems = Vec::new();
     let spec = &cr.spec;
+    let (name, namespace, owner) = check_identity(cr, &mut problems);
+    check_ranges(spec, &mut problems);
+    check_exporter(spec, &mut problems);
+    let service_code = check_service_code_field(cr, &mut problems);
+    let zookeeper_servers = check_zookeeper_servers(&spec.zookeeper_servers, &mut problems);
+    check_pod_fields(spec, &mut problems);
+    match problems.len() {
+        0 => {}
+        1 => return Err(problems.remove(0)),
+        _ => return Err(InvalidSpec::Several(problems)),
+    }
+    // Every `None`/`Err` below pushed a problem above.
+    let (Some(namespace), Some(owner), Ok(service_code)) = (namespace, owner, service_code) else {
+        unreachable!("a missing namespace, uid or bad service code is reported as a problem")
+    };
+    Ok(valid_spec(
+        cr,
+        name,
+        namespace,
+        owner,
+        service_code,
+        zookeeper_servers,
+    ))
+}
 
+/// The name (a Service must be able to carry it), the namespace and the owner reference.
+fn check_identity(
+    cr: &ArcusMemcached,
+    problems: &mut Vec<InvalidSpec>,
+) -> (String, Option<String>, Option<OwnerReference>) {
     let name = cr.name_any();
     if !is_dns1035_label(&name) {
         problems.push(InvalidSpec::NameNotDns1035 { name: name.clone() });
@@ -292,6 +321,11 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
         problems.push(InvalidSpec::NoUid);
     }
 
+    (name, namespace, owner)
+}
+
+/// Every number of the spec within its limits, and the exporter's port and image.
+fn check_ranges(spec: &crate::crd::ArcusMemcachedSpec, problems: &mut Vec<InvalidSpec>) {
     let mut range = |field, value: i64, min: i64, max: i64, hint| {
         if !(min..=max).contains(&value) {
             problems.push(InvalidSpec::OutOfRange {
@@ -355,14 +389,20 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
         limits::TERMINATION_GRACE_MAX,
         "arcus-memcached stops in about a second; 30 is plenty",
     );
+}
+
+/// The exporter sidecar's port (its own) and image.
+fn check_exporter(spec: &crate::crd::ArcusMemcachedSpec, problems: &mut Vec<InvalidSpec>) {
     if let Some(m) = &spec.metrics_exporter {
-        range(
-            "spec.metricsExporter.port",
-            m.port.into(),
-            limits::PORT_MIN.into(),
-            limits::PORT_MAX.into(),
-            "the exporter's port is usually 9150",
-        );
+        if !(limits::PORT_MIN..=limits::PORT_MAX).contains(&m.port) {
+            problems.push(InvalidSpec::OutOfRange {
+                field: "spec.metricsExporter.port",
+                value: m.port.into(),
+                min: limits::PORT_MIN.into(),
+                max: limits::PORT_MAX.into(),
+                hint: "the exporter's port is usually 9150",
+            });
+        }
         if m.port == spec.port {
             problems.push(InvalidSpec::PortClash { port: m.port });
         }
@@ -374,7 +414,14 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
             });
         }
     }
+}
 
+/// The service code's shape, and that it is the one recorded as ours.
+fn check_service_code_field(
+    cr: &ArcusMemcached,
+    problems: &mut Vec<InvalidSpec>,
+) -> Result<ServiceCode, InvalidSpec> {
+    let spec = &cr.spec;
     let service_code =
         check_service_code(&spec.service_code).map_err(|why| InvalidSpec::ServiceCodeInvalid {
             value: spec.service_code.clone(),
@@ -392,8 +439,12 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
         }
     }
 
-    let zookeeper_servers = check_zookeeper_servers(&spec.zookeeper_servers, &mut problems);
+    service_code
+}
 
+/// The image, labels, node selector, annotations and resources of the pod.
+fn check_pod_fields(spec: &crate::crd::ArcusMemcachedSpec, problems: &mut Vec<InvalidSpec>) {
+    let c = &spec.configuration;
     if let Err(why) = check_image(&spec.image.name) {
         problems.push(InvalidSpec::ImageInvalid {
             field: "spec.image.name",
@@ -404,36 +455,40 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
 
     for (key, value) in &spec.pod_labels {
         if labels::is_reserved_key(key) {
-            problems.push(InvalidSpec::ReservedPodLabel { key: key.clone() });
+            problems.push(InvalidSpec::ReservedPodLabel {
+                key: key.to_string(),
+            });
         } else {
-            check_label("spec.podLabels", key, value, &mut problems);
+            check_label("spec.podLabels", key, value, problems);
         }
     }
     for (key, value) in &spec.node_selector {
-        check_label("spec.nodeSelector", key, value, &mut problems);
+        check_label("spec.nodeSelector", key, value, problems);
     }
     for key in spec.pod_annotations.keys() {
         if let Err(why) = check_qualified_name(key) {
             problems.push(InvalidSpec::InvalidMapEntry {
                 field: "spec.podAnnotations",
-                key: key.clone(),
+                key: key.to_string(),
                 what: "annotation key",
                 why,
             });
         }
     }
-    check_resources(spec.resources.as_ref(), c.memlimit, &mut problems);
+    check_resources(spec.resources.as_ref(), c.memlimit, problems);
+}
 
-    match problems.len() {
-        0 => {}
-        1 => return Err(problems.remove(0)),
-        _ => return Err(InvalidSpec::Several(problems)),
-    }
-    // Every `None`/`Err` below pushed a problem above.
-    let (Some(namespace), Some(owner), Ok(service_code)) = (namespace, owner, service_code) else {
-        unreachable!("a missing namespace, uid or bad service code is reported as a problem")
-    };
-    Ok(ValidSpec {
+fn valid_spec(
+    cr: &ArcusMemcached,
+    name: String,
+    namespace: String,
+    owner: OwnerReference,
+    service_code: ServiceCode,
+    zookeeper_servers: Vec<ZkServer>,
+) -> ValidSpec {
+    let spec = &cr.spec;
+    let c = &spec.configuration;
+    ValidSpec {
         name,
         namespace,
         owner,
@@ -462,7 +517,7 @@ pub fn validate(cr: &ArcusMemcached) -> Result<ValidSpec, InvalidSpec> {
         topology_spread_constraints: spec.topology_spread_constraints.clone(),
         image_pull_secrets: spec.image_pull_secrets.clone(),
         service_account_name: spec.service_account_name.clone(),
-    })
+    }
 }
 
 fn check_service_code(code: &str) -> Result<ServiceCode, String> {

@@ -368,13 +368,13 @@ impl ZkRegistry {
         )
     }
 
-    /// Sends `multi` after the gate check; on success the claim's version moves on by
-    /// `bumps` (the number of claim writes in it) and its epoch becomes `epoch`.
+    /// Sends `multi` (its first op names the claim's version: callers pass [`Self::fence`]
+    /// first); on success the claim's version moves on by `bumps` (the number of claim writes
+    /// in it) and its epoch becomes `epoch`.
     async fn commit(
         &self,
         what: &str,
         mut multi: zk::MultiWriter<'_>,
-        claim_op: usize,
         bumps: i32,
         epoch: Option<u64>,
     ) -> Result<Vec<zk::MultiWriteResult>, zk::MultiWriteError> {
@@ -386,7 +386,7 @@ impl ZkRegistry {
                 state.epoch = e;
             }
         }
-        tracing::debug!(ensemble = %self.ensemble, %what, claim_op, ok = result.is_ok(), "zk transaction");
+        tracing::debug!(ensemble = %self.ensemble, %what, ok = result.is_ok(), "zk transaction");
         result
     }
 
@@ -472,7 +472,7 @@ impl ZkRegistry {
                 multi.add_create(&child, b"", &persistent)
             })();
             build.map_err(self.op_err("create", &child))?;
-            match self.commit("map", multi, 0, 0, None).await {
+            match self.commit("map", multi, 0, None).await {
                 Ok(_) => return Ok(1 + with_parent as u32),
                 // The parent survived an interrupted create: complete it.
                 Err(zk::MultiWriteError::OperationFailed {
@@ -499,7 +499,7 @@ impl ZkRegistry {
                 .add_check_version(&self.claim_path(), version)
                 .and_then(|_| multi.add_delete(path, None));
             build.map_err(self.op_err("delete", path))?;
-            match self.commit("delete", multi, 0, 0, None).await {
+            match self.commit("delete", multi, 0, None).await {
                 Ok(_) => writes += 1,
                 Err(zk::MultiWriteError::OperationFailed {
                     index: 1,
@@ -586,7 +586,7 @@ impl Registry for ZkRegistry {
                 Ok::<_, zk::Error>(())
             })();
             build.map_err(self.op_err("write", &path))?;
-            match self.commit("record", multi, 0, 1, Some(epoch)).await {
+            match self.commit("record", multi, 1, Some(epoch)).await {
                 Ok(_) => {
                     self.metrics.zk_writes.inc_by(1 + present.len() as u64);
                     tracing::info!(ensemble = %self.ensemble, %path, epoch, left = ?present, stage = then.map(|o| o.stage_name()).unwrap_or("none"), "operation recorded");

@@ -33,12 +33,8 @@ pub async fn apply(
     let mut applied = Applied::default();
     if let Some(conflict) = &decision.conflict {
         publish(ctx, cr, EventType::Warning, "ServiceCodeConflict", conflict).await;
-        if decision.remove_finalizer {
-            // Deleting: nothing in ZooKeeper is ours, so there is nothing to clean up.
-            let api: Api<ArcusMemcached> = Api::namespaced(ctx.client.clone(), &namespace_of(cr));
-            remove_finalizer(&api, cr, ctx).await?;
-            applied.finalizer_removed = true;
-        }
+        // Deleting: nothing in ZooKeeper is ours, so there is nothing to clean up.
+        applied.finalizer_removed = finish_deletion(cr, ctx, decision, None).await?;
         return Ok(applied);
     }
     // One Event tells what this pass did.
@@ -98,15 +94,28 @@ pub async fn apply(
     if let Some(stuck) = &decision.day2.roll_stuck {
         publish(ctx, cr, EventType::Warning, "RollingRestartStuck", stuck).await;
     }
-    if decision.remove_finalizer {
-        let svc = &valid.service_code;
-        let note = format!("service code {svc} removed from ZooKeeper");
-        publish(ctx, cr, EventType::Normal, "ZooKeeperCleanedUp", &note).await;
-        let api: Api<ArcusMemcached> = Api::namespaced(ctx.client.clone(), &namespace_of(cr));
-        remove_finalizer(&api, cr, ctx).await?;
-        applied.finalizer_removed = true;
-    }
+    let cleaned = format!("service code {} removed from ZooKeeper", valid.service_code);
+    applied.finalizer_removed = finish_deletion(cr, ctx, decision, Some(&cleaned)).await?;
     Ok(applied)
+}
+
+/// Removes our finalizer when the decision says the deletion is done (after an Event saying
+/// what was cleaned up). Returns whether it did.
+async fn finish_deletion(
+    cr: &ArcusMemcached,
+    ctx: &Context,
+    decision: &Decision,
+    cleaned_up: Option<&str>,
+) -> Result<bool, Error> {
+    if !decision.remove_finalizer {
+        return Ok(false);
+    }
+    if let Some(note) = cleaned_up {
+        publish(ctx, cr, EventType::Normal, "ZooKeeperCleanedUp", note).await;
+    }
+    let api: Api<ArcusMemcached> = Api::namespaced(ctx.client.clone(), &namespace_of(cr));
+    remove_finalizer(&api, cr, ctx).await?;
+    Ok(true)
 }
 
 /// Runs the operation's step on the real effects, its copies reported to `status.migration`.

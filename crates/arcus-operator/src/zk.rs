@@ -191,11 +191,14 @@ pub struct ObserveRequest<'a> {
 pub trait Registry: Send + Sync {
     /// The ring now: the `cache_list/<svc>` children that are node registrations.
     fn ring(&self) -> impl Future<Output = Result<Vec<CacheZnode>, ZkError>> + Send;
-    /// Persists `operation` (None: nothing in flight) in the claim.
+    /// Persists `operation` (None: nothing in flight) in the claim: a ring change that takes
+    /// no node out.
     fn persist(
         &self,
         operation: Option<&Operation>,
-    ) -> impl Future<Output = Result<(), ZkError>> + Send;
+    ) -> impl Future<Output = Result<(), ZkError>> + Send {
+        self.leave_ring(&[], operation)
+    }
     /// Deletes `znodes` from the ring and persists `then`, in one transaction: clients go from
     /// the ring before straight to the ring after (one at a time, a client could route by a
     /// ring in between, where a key of one leaving node belongs to another), and the record
@@ -553,10 +556,6 @@ impl Registry for ZkRegistry {
         Ok(CacheZnode::parse_all(&children))
     }
 
-    async fn persist(&self, operation: Option<&Operation>) -> Result<(), ZkError> {
-        self.leave_ring(&[], operation).await
-    }
-
     async fn leave_ring(
         &self,
         znodes: &[CacheZnode],
@@ -632,14 +631,6 @@ fn ignore<T>(r: Result<T, zk::Error>, benign: zk::Error) -> Result<bool, zk::Err
         Err(e) if e == benign => Ok(false),
         Err(e) => Err(e),
     }
-}
-
-/// Registered hostnames under `cache_list/<svc>`.
-pub fn registered_hostnames(observed: &ZkObserved) -> Vec<String> {
-    CacheZnode::parse_all(&observed.cache_list_children)
-        .iter()
-        .map(|z| z.host().to_string())
-        .collect()
 }
 
 pub type SharedZkPool = Arc<ZkPool>;

@@ -256,10 +256,6 @@ impl Registry for Fake {
             .collect())
     }
 
-    async fn persist(&self, operation: Option<&Operation>) -> Result<(), ZkError> {
-        self.leave_ring(&[], operation).await
-    }
-
     async fn leave_ring(
         &self,
         znodes: &[CacheZnode],

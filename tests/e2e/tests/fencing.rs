@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use test_support::operator::{
     container_pid, leader_pod, signal_process, ProcessId, StoppedProcess,
 };
-use test_support::sandbox::{pod_ready, TestNamespace, ZOOKEEPER};
+use test_support::sandbox::{pod_ready, TestNamespace};
 use test_support::wait_until;
 use zookeeper_client as zk;
 
@@ -52,16 +52,7 @@ const WRITE_COUNTERS: &[&str] = &[
 ];
 
 fn cr(name: &str, svc: &str, replicas: i32) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas, "serviceCode": svc, "zookeeperServers": [ZOOKEEPER],
-            "configuration": {"memlimit": 64, "connections": 1000, "threads": 2},
-            "image": {"name": "jam2in/arcus-memcached:1.11.7", "pullPolicy": "Always"}
-        }
-    }))
-    .expect("valid CR")
+    serde_json::from_value(cr_json(name, svc, replicas)).expect("valid CR")
 }
 
 fn status_of(obj: &DynamicObject) -> Value {

@@ -21,16 +21,7 @@ use test_support::sandbox::{Sandbox, TestNamespace, ZOOKEEPER};
 use test_support::wait_until;
 
 fn cr(name: &str, svc: &str, replicas: i32) -> ArcusMemcached {
-    serde_json::from_value(json!({
-        "apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas, "serviceCode": svc, "zookeeperServers": [ZOOKEEPER],
-            "configuration": {"memlimit": 64, "connections": 1000, "threads": 2},
-            "image": {"name": "jam2in/arcus-memcached:1.11.7", "pullPolicy": "Always"}
-        }
-    }))
-    .expect("valid CR")
+    serde_json::from_value(cr_json(name, svc, replicas)).expect("valid CR")
 }
 
 async fn wait_ready(

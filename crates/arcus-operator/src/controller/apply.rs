@@ -13,6 +13,7 @@ use crate::crd::ArcusMemcached;
 use crate::day2::{self, Day2Action};
 use crate::migrate::{ArcusAdmin, CacheMover, Executor, NodeAdmin, Ran};
 use crate::migration::Progress;
+use crate::operation::{Action, Step};
 use crate::status::{self, StatusInput};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -48,19 +49,12 @@ pub async fn apply(
             format!("{} ({writes} znode writes)", summary.join(", ")),
         ));
     }
-    if let Some(step) = decision
-        .step
-        .as_ref()
-        .filter(|s| s.persists() || matches!(s.action, crate::operation::Action::RestartPod { .. }))
-    {
+    let acts = |s: &&Step| !matches!(s.action, Action::Idle | Action::Wait(_));
+    if let Some(step) = decision.step.as_ref().filter(acts) {
         applied.ran = run_step(cr, world, step, ctx).await?;
         if let Some(p) = &applied.ran.copied {
-            let what = world
-                .operation
-                .as_ref()
-                .or(decision.after.as_ref())
-                .map(|o| o.label())
-                .unwrap_or_else(|| "cache".into());
+            // Named as its progress records are.
+            let what = crate::migrate::Label::of(step).operation;
             actions.push(("Migrated", migrated_note(&what, p)));
         }
         if let Some((reason, note)) = &applied.ran.event {
@@ -122,7 +116,7 @@ async fn finish_deletion(
 async fn run_step(
     cr: &ArcusMemcached,
     world: &World,
-    step: &crate::operation::Step,
+    step: &Step,
     ctx: &Context,
 ) -> Result<Ran, Error> {
     let (reporter, writer) = ProgressWriter::start(ctx, cr, &world.registry);

@@ -20,6 +20,19 @@ use zookeeper_client as zk;
 
 pub const MAPPINGS: &str = "/arcus/cache_server_mapping";
 
+/// The ArcusMemcached the tests start from: `replicas` stand-in nodes of 64 MB.
+pub fn cr_json(name: &str, svc: &str, replicas: i32) -> Value {
+    json!({
+        "apiVersion": "jam2in.com/v1", "kind": "ArcusMemcached",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas, "serviceCode": svc, "zookeeperServers": [ZOOKEEPER],
+            "configuration": {"memlimit": 64, "connections": 1000, "threads": 2},
+            "image": {"name": "jam2in/arcus-memcached:1.11.7", "pullPolicy": "Always"}
+        }
+    })
+}
+
 /// A unique service code per test run, so tests sharing the sandbox's ZooKeeper never collide.
 pub fn service_code(ns: &TestNamespace) -> String {
     ns.name.replace('-', "_")

@@ -1,7 +1,10 @@
 //! Throughput and latency of `ArcusClient` against one memcached node, shaped like memcaslap's
 //! default workload so the two can run side by side (`scripts/bench-client`):
 //! 64-byte keys from a window of 10k keys stored first, 90% get / 10% set, `--concurrency`
-//! operations in flight (one connection each), `--threads` runtime threads.
+//! operations in flight, `--threads` runtime threads. Shapes (`--runtime`): `multi` and
+//! `per-thread` use one pooled connection per operation in flight; `pipelined` is `multi` with
+//! `ClientOptions::pipeline` (`--pipeline-connections` per node, default 1), and
+//! `pipelined-per-thread` is `per-thread` with it.
 //!
 //! ```text
 //! cargo run --release -p arcus-client --example bench -- \
@@ -10,7 +13,7 @@
 //! Prints one `key=value` line: `ops`, `ops_per_sec`, `get_ops`, `set_ops`, `avg_us`, `p50_us`,
 //! `p99_us`, `p999_us`, `get_p99_us`, `set_p99_us`, `errors`.
 
-use arcus_client::{protocol, ArcusClient, ClientOptions};
+use arcus_client::{protocol, ArcusClient, ClientOptions, PipelineOptions};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +24,11 @@ enum RuntimeKind {
     /// `threads` OS threads, each a current-thread runtime with its own client and its share of
     /// the concurrency: memcaslap's architecture (one event loop per thread).
     PerThread,
+    /// `Multi` with the pipelined transport.
+    Pipelined,
+    /// `PerThread` with the pipelined transport: each thread's client pipelines over its own
+    /// connection(s).
+    PipelinedPerThread,
 }
 
 impl RuntimeKind {
@@ -28,7 +36,16 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Multi => "multi",
             RuntimeKind::PerThread => "per-thread",
+            RuntimeKind::Pipelined => "pipelined",
+            RuntimeKind::PipelinedPerThread => "pipelined-per-thread",
         }
+    }
+
+    fn pipelined(self) -> bool {
+        matches!(
+            self,
+            RuntimeKind::Pipelined | RuntimeKind::PipelinedPerThread
+        )
     }
 }
 
@@ -41,6 +58,7 @@ struct Args {
     seconds: f64,
     keys: usize,
     set_ratio: f64,
+    pipeline_connections: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         seconds: 10.0,
         keys: 10_000,
         set_ratio: 0.1,
+        pipeline_connections: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +83,8 @@ fn parse_args() -> Result<Args, String> {
                 a.runtime = match val()?.as_str() {
                     "multi" => RuntimeKind::Multi,
                     "per-thread" => RuntimeKind::PerThread,
+                    "pipelined" => RuntimeKind::Pipelined,
+                    "pipelined-per-thread" => RuntimeKind::PipelinedPerThread,
                     v => return Err(bad(v)),
                 }
             }
@@ -75,9 +96,12 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => a.seconds = val().and_then(|v| v.parse().map_err(|_| bad(&v)))?,
             "--keys" => a.keys = val().and_then(|v| v.parse().map_err(|_| bad(&v)))?,
             "--set-ratio" => a.set_ratio = val().and_then(|v| v.parse().map_err(|_| bad(&v)))?,
+            "--pipeline-connections" => {
+                a.pipeline_connections = val().and_then(|v| v.parse().map_err(|_| bad(&v)))?
+            }
             "-h" | "--help" => return Err(
-                "usage: bench [--server ip:port] [--runtime multi|per-thread] [--threads N] [--concurrency N] [--value-size B] \
-                            [--seconds S] [--keys N] [--set-ratio R]"
+                "usage: bench [--server ip:port] [--runtime multi|per-thread|pipelined|pipelined-per-thread] [--threads N] [--concurrency N] [--value-size B] \
+                            [--seconds S] [--keys N] [--set-ratio R] [--pipeline-connections N]"
                     .into(),
             ),
             other => return Err(format!("unknown argument {other:?}")),
@@ -162,11 +186,17 @@ async fn worker(
     }
 }
 
-fn client(server: &str, connections: usize) -> ArcusClient {
+/// A client of `server` with `connections` pooled connections, or pipelined over
+/// `pipelined` connections.
+fn client(server: &str, connections: usize, pipelined: Option<usize>) -> ArcusClient {
     let opts = ClientOptions {
         max_connections_per_node: connections,
         max_key_len: protocol::MEMCACHED_MAX_KEY_LEN,
         op_timeout: Duration::from_secs(5),
+        pipeline: pipelined.map(|n| PipelineOptions {
+            connections_per_node: n,
+            ..PipelineOptions::default()
+        }),
         ..ClientOptions::default()
     };
     ArcusClient::with_nodes([server.to_string()], opts)
@@ -183,7 +213,12 @@ fn run_on(
     until: Instant,
 ) -> Samples {
     rt.block_on(async {
-        let client = client(&args.server, tasks);
+        let pipelined = args.runtime.pipelined();
+        let client = client(
+            &args.server,
+            tasks,
+            pipelined.then_some(args.pipeline_connections),
+        );
         let handles: Vec<_> = (0..tasks)
             .map(|i| {
                 let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul((first_seed + i) as u64 + 1);
@@ -224,7 +259,7 @@ fn main() {
             .expect("runtime")
     };
     current().block_on(async {
-        let c = client(&args.server, 1);
+        let c = client(&args.server, 1, None);
         for k in keys.iter() {
             if let Err(e) = c.set(k, value.as_slice(), 0, 0).await {
                 eprintln!("preloading {k}: {e}");
@@ -236,7 +271,7 @@ fn main() {
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.seconds);
     let mut all = match args.runtime {
-        RuntimeKind::Multi => {
+        RuntimeKind::Multi | RuntimeKind::Pipelined => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(args.threads)
                 .enable_all()
@@ -244,7 +279,7 @@ fn main() {
                 .expect("runtime");
             run_on(&rt, &args, args.concurrency, 0, &keys, &value, until)
         }
-        RuntimeKind::PerThread => std::thread::scope(|scope| {
+        RuntimeKind::PerThread | RuntimeKind::PipelinedPerThread => std::thread::scope(|scope| {
             let threads: Vec<_> = (0..args.threads)
                 .map(|t| {
                     // Spread the concurrency over the threads as memcaslap does.

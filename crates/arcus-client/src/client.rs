@@ -4,6 +4,7 @@ use crate::admin::AdminClient;
 use crate::connection::{NodePool, PoolLimits};
 use crate::discovery::{self, DiscoveryState, RingSink};
 use crate::error::{Error, Result};
+use crate::pipeline::{Bounds, Cmd, PipelineOptions, PipelinedNode, Reply};
 use crate::protocol::{self, Item, StoreCommand, StoreStatus};
 use crate::ring::{self, Ring};
 use std::collections::{HashMap, HashSet};
@@ -43,6 +44,12 @@ pub struct ClientOptions {
     /// deleted on its new owner before the copy reached it would come back. Default 60 s
     /// (longer than a migration's pass 2 and ARCUS's scrub-stale window); zero turns it off.
     pub delete_previous_owners_for: Duration,
+    /// `Some`: each node's requests are pipelined over `connections_per_node` long-lived
+    /// connections (a writer coalesces queued requests into one socket write, a reader matches
+    /// replies in order), as the Java client does; `max_connections_per_node` then does not
+    /// apply. `None`: one pooled connection per request in flight. Default `None`. Fastest with
+    /// one current-thread runtime per core, each with its own client (docs/BENCHMARKS.md).
+    pub pipeline: Option<PipelineOptions>,
 }
 
 impl Default for ClientOptions {
@@ -58,6 +65,7 @@ impl Default for ClientOptions {
             zk_connect_timeout: Duration::from_secs(10),
             shard_key: false,
             delete_previous_owners_for: Duration::from_secs(60),
+            pipeline: None,
         }
     }
 }
@@ -65,24 +73,44 @@ impl Default for ClientOptions {
 /// Rings replaced less than `delete_previous_owners_for` ago, at most this many.
 const MAX_RETIRED_RINGS: usize = 8;
 
-/// A ring the client routed by until `at`, with the pools it used then.
+/// How requests reach one node: its connection pool, or its pipelined connections.
+pub(crate) struct Node {
+    pool: NodePool,
+    pipe: Option<PipelinedNode>,
+}
+
+impl Node {
+    fn addr(&self) -> &str {
+        self.pool.addr()
+    }
+
+    /// Runs `cmd` as operation `op` on this node, within the operation timeout.
+    async fn call(&self, op: &'static str, cmd: &Cmd<'_>) -> Result<Reply> {
+        match &self.pipe {
+            Some(p) => p.call(op, cmd).await,
+            None => self.pool.run(op, async |c| cmd.run_on(c).await).await,
+        }
+    }
+}
+
+/// A ring the client routed by until `at`, with the nodes it used then.
 struct Retired {
     at: Instant,
     ring: Arc<Ring>,
-    pools: Vec<Arc<NodePool>>,
+    nodes: Vec<Arc<Node>>,
     /// Nodes a follow-up delete could not reach: gone for good, most likely, so they are not
     /// tried again (each try could cost a connect timeout).
     unreachable: Mutex<HashSet<String>>,
 }
 
 impl Retired {
-    fn pool(&self, addr: &str) -> Option<&Arc<NodePool>> {
+    fn node(&self, addr: &str) -> Option<&Arc<Node>> {
         let i = self
             .ring
             .nodes()
             .binary_search_by(|n| n.as_str().cmp(addr))
             .ok()?;
-        Some(&self.pools[i])
+        Some(&self.nodes[i])
     }
 }
 
@@ -104,22 +132,22 @@ pub(crate) fn previous_owners<'r>(
     out
 }
 
-/// The ring and one pool per node on it (same order as `ring.nodes()`), and the rings it
+/// The ring and one [`Node`] per node on it (same order as `ring.nodes()`), and the rings it
 /// replaced recently (oldest first).
 struct Topology {
     ring: Arc<Ring>,
-    pools: Vec<Arc<NodePool>>,
+    nodes: Vec<Arc<Node>>,
     retired: Vec<Arc<Retired>>,
 }
 
 impl Topology {
-    fn pool(&self, addr: &str) -> Option<&Arc<NodePool>> {
+    fn node(&self, addr: &str) -> Option<&Arc<Node>> {
         let i = self
             .ring
             .nodes()
             .binary_search_by(|n| n.as_str().cmp(addr))
             .ok()?;
-        Some(&self.pools[i])
+        Some(&self.nodes[i])
     }
 }
 
@@ -133,6 +161,7 @@ enum Session {
 struct Shared {
     service_code: String,
     limits: PoolLimits,
+    pipeline: Option<PipelineOptions>,
     keep_retired_for: Duration,
     topology: RwLock<Arc<Topology>>,
     ring_tx: watch::Sender<Arc<Ring>>,
@@ -151,10 +180,11 @@ impl Shared {
         Shared {
             service_code,
             limits,
+            pipeline: opts.pipeline.clone(),
             keep_retired_for: opts.delete_previous_owners_for,
             topology: RwLock::new(Arc::new(Topology {
                 ring: ring.clone(),
-                pools: Vec::new(),
+                nodes: Vec::new(),
                 retired: Vec::new(),
             })),
             ring_tx: watch::Sender::new(ring),
@@ -169,18 +199,34 @@ impl Shared {
             .clone()
     }
 
-    /// Installs `ring`, keeping the pools (and their open connections) of nodes that stay.
+    fn new_node(&self, addr: &str) -> Arc<Node> {
+        let pipe = self.pipeline.as_ref().map(|opts| {
+            let bounds = Bounds {
+                connect_timeout: self.limits.connect_timeout,
+                op_timeout: self.limits.op_timeout,
+                // Replies of many requests arrive together: read them in few system calls.
+                read_buffer: self.limits.read_buffer.max(64 * 1024),
+            };
+            PipelinedNode::new(addr.to_string(), opts.clone(), bounds)
+        });
+        Arc::new(Node {
+            pool: NodePool::new(addr, self.limits.clone()),
+            pipe,
+        })
+    }
+
+    /// Installs `ring`, keeping the nodes (and their open connections) that stay.
     fn install(&self, ring: Ring) {
         let mut slot = self.topology.write().unwrap_or_else(|p| p.into_inner());
         if *slot.ring == ring {
             return;
         }
-        let pools = ring
+        let nodes = ring
             .nodes()
             .iter()
-            .map(|addr| match slot.pool(addr) {
-                Some(p) => p.clone(),
-                None => Arc::new(NodePool::new(addr.clone(), self.limits.clone())),
+            .map(|addr| match slot.node(addr) {
+                Some(n) => n.clone(),
+                None => self.new_node(addr),
             })
             .collect();
         let added: Vec<&String> = ring
@@ -206,7 +252,7 @@ impl Shared {
             retired.push(Arc::new(Retired {
                 at: now,
                 ring: slot.ring.clone(),
-                pools: slot.pools.clone(),
+                nodes: slot.nodes.clone(),
                 unreachable: Mutex::new(HashSet::new()),
             }));
         }
@@ -215,7 +261,7 @@ impl Shared {
         let ring = Arc::new(ring);
         *slot = Arc::new(Topology {
             ring: ring.clone(),
-            pools,
+            nodes,
             retired,
         });
         drop(slot);
@@ -477,27 +523,24 @@ impl ArcusClient {
         Ok(())
     }
 
-    /// Validates `key` and finds its node's pool.
-    fn route(&self, key: &str) -> Result<Arc<NodePool>> {
+    /// Validates `key` and finds its node.
+    fn route(&self, key: &str) -> Result<Arc<Node>> {
         self.check_key(key)?;
         let topo = self.inner.shared.topology();
         let node = topo
             .ring
             .node_for_key(self.hash_key(key))
             .ok_or_else(|| self.no_nodes())?;
-        Ok(topo.pool(node).expect("every ring node has a pool").clone())
+        Ok(topo.node(node).expect("every ring node has a Node").clone())
     }
 
     async fn retrieve_one(&self, key: &str, with_cas: bool) -> Result<Option<Item>> {
-        let pool = self.route(key)?;
+        let node = self.route(key)?;
         let op = if with_cas { "gets" } else { "get" };
-        pool.run(op, async |c| {
-            let mut out = None;
-            c.retrieve(&[key], with_cas, |_, item| out = Some(item))
-                .await?;
-            Ok(out)
-        })
-        .await
+        match node.call(op, &Cmd::One { key, with_cas }).await? {
+            Reply::One(item) => Ok(item),
+            other => Err(shape_mismatch(node.addr(), op, other)),
+        }
     }
 
     /// `get`: the item, or `None` when absent.
@@ -539,22 +582,21 @@ impl ArcusClient {
         }
         let op = if with_cas { "gets" } else { "get" };
         let chunk = self.inner.opts.max_keys_per_get.max(1);
-        let requests = per_node.into_iter().flat_map(|(node, ks)| {
-            let pool = topo.pool(node).expect("every ring node has a pool").clone();
+        let requests = per_node.into_iter().flat_map(|(addr, ks)| {
+            let node = topo.node(addr).expect("every ring node has a Node").clone();
             ks.chunks(chunk)
-                .map(|c| (pool.clone(), c.to_vec()))
+                .map(|c| (node.clone(), c.to_vec()))
                 .collect::<Vec<_>>()
         });
-        let replies = futures::future::try_join_all(requests.map(|(pool, batch)| async move {
-            pool.run(op, async |c| {
-                let mut found = Vec::with_capacity(batch.len());
-                c.retrieve(&batch, with_cas, |k, item| {
-                    found.push((k.to_string(), item))
-                })
-                .await?;
-                Ok(found)
-            })
-            .await
+        let replies = futures::future::try_join_all(requests.map(|(node, batch)| async move {
+            let cmd = Cmd::Many {
+                keys: &batch,
+                with_cas,
+            };
+            match node.call(op, &cmd).await? {
+                Reply::Many(found) => Ok(found),
+                other => Err(shape_mismatch(node.addr(), op, other)),
+            }
         }))
         .await?;
         Ok(replies.into_iter().flatten().collect())
@@ -564,16 +606,24 @@ impl ArcusClient {
         &self,
         cmd: StoreCommand,
         key: &str,
-        value: &[u8],
+        data: &[u8],
         flags: u32,
         exptime: i64,
     ) -> Result<StoreStatus> {
-        let pool = self.route(key)?;
-        self.check_value(value)?;
-        pool.run(cmd.name(), async |c| {
-            c.store(cmd, key, flags, exptime, value).await
-        })
-        .await
+        let node = self.route(key)?;
+        self.check_value(data)?;
+        let op = cmd.name();
+        let cmd = Cmd::Store {
+            cmd,
+            key,
+            flags,
+            exptime,
+            data,
+        };
+        match node.call(op, &cmd).await? {
+            Reply::Store(status) => Ok(status),
+            other => Err(shape_mismatch(node.addr(), op, other)),
+        }
     }
 
     /// `set`: store unconditionally. `exptime` in seconds (0 = never; over 30 days = unix time).
@@ -651,43 +701,40 @@ impl ArcusClient {
             .ring
             .node_for_key(hashed)
             .ok_or_else(|| self.no_nodes())?;
-        let pool = topo
-            .pool(owner)
-            .expect("every ring node has a pool")
+        let node = topo
+            .node(owner)
+            .expect("every ring node has a Node")
             .clone();
-        let delete_on = async |pool: &Arc<NodePool>| {
-            pool.run("delete", async |c| {
-                c.yes_no(&["delete", key], b"DELETED", b"NOT_FOUND").await
-            })
-            .await
-        };
-        let followers = self.previous_owner_pools(&topo, hashed, owner);
+        let words = ["delete", key];
+        let delete_on =
+            async |node: &Arc<Node>| yes_no(node, "delete", &words, b"DELETED", b"NOT_FOUND").await;
+        let followers = self.previous_owner_nodes(&topo, hashed, owner);
         if followers.is_empty() {
-            return delete_on(&pool).await;
+            return delete_on(&node).await;
         }
-        let follow = futures::future::join_all(followers.iter().map(|(retired, pool)| async {
-            if let Err(e) = delete_on(pool).await {
-                debug!(node = pool.addr(), error = %e, "previous owner unreachable; not followed again");
+        let follow = futures::future::join_all(followers.iter().map(|(retired, node)| async {
+            if let Err(e) = delete_on(node).await {
+                debug!(node = node.addr(), error = %e, "previous owner unreachable; not followed again");
                 retired
                     .unreachable
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(pool.addr().to_string());
+                    .insert(node.addr().to_string());
             }
         }));
-        let (result, _) = futures::future::join(delete_on(&pool), follow).await;
+        let (result, _) = futures::future::join(delete_on(&node), follow).await;
         result
     }
 
-    /// Pools of the owners of `key` on the rings replaced within the grace period, other than
-    /// `owner`, skipping nodes found unreachable. Reuses the current pool of a node that is
-    /// still on the ring.
-    fn previous_owner_pools(
+    /// Nodes owning `key` on the rings replaced within the grace period, other than `owner`,
+    /// skipping nodes found unreachable. Reuses the current Node of a node that is still on
+    /// the ring.
+    fn previous_owner_nodes(
         &self,
         topo: &Topology,
         key: &str,
         owner: &str,
-    ) -> Vec<(Arc<Retired>, Arc<NodePool>)> {
+    ) -> Vec<(Arc<Retired>, Arc<Node>)> {
         let grace = self.inner.opts.delete_previous_owners_for;
         let live: Vec<&Arc<Retired>> = topo
             .retired
@@ -700,30 +747,33 @@ impl ArcusClient {
         }
         previous_owners(live.iter().map(|r| &*r.ring), key, owner)
             .into_iter()
-            .filter_map(|node| {
-                let retired = live.iter().find(|r| r.ring.contains(node))?;
+            .filter_map(|addr| {
+                let retired = live.iter().find(|r| r.ring.contains(addr))?;
                 if retired
                     .unreachable
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .contains(node)
+                    .contains(addr)
                 {
                     return None;
                 }
-                let pool = topo.pool(node).or_else(|| retired.pool(node))?.clone();
-                Some((Arc::clone(retired), pool))
+                let node = topo.node(addr).or_else(|| retired.node(addr))?.clone();
+                Some((Arc::clone(retired), node))
             })
             .collect()
     }
 
     /// `touch`: sets a new exptime; `true` if the item existed.
     pub async fn touch(&self, key: &str, exptime: i64) -> Result<bool> {
-        let pool = self.route(key)?;
+        let node = self.route(key)?;
         let exptime = exptime.to_string();
-        pool.run("touch", async |c| {
-            c.yes_no(&["touch", key, &exptime], b"TOUCHED", b"NOT_FOUND")
-                .await
-        })
+        yes_no(
+            &node,
+            "touch",
+            &["touch", key, &exptime],
+            b"TOUCHED",
+            b"NOT_FOUND",
+        )
         .await
     }
 
@@ -739,20 +789,57 @@ impl ArcusClient {
     }
 
     async fn arith(&self, op: &'static str, key: &str, delta: u64) -> Result<Option<u64>> {
-        let pool = self.route(key)?;
+        let node = self.route(key)?;
         let delta = delta.to_string();
-        pool.run(op, async |c| c.arith(&[op, key, &delta]).await)
-            .await
+        let words = [op, key, &delta];
+        match node.call(op, &Cmd::Arith { words: &words }).await? {
+            Reply::Number(n) => Ok(n),
+            other => Err(shape_mismatch(node.addr(), op, other)),
+        }
     }
 
-    /// Idle pooled connections to `node` (diagnostics).
+    /// Idle pooled connections to `node` (diagnostics; 0 for a pipelined client).
     pub fn idle_connections(&self, node: &str) -> usize {
         self.inner
             .shared
             .topology()
-            .pool(node)
-            .map(|p| p.idle_count())
+            .node(node)
+            .map(|n| n.pool.idle_count())
             .unwrap_or(0)
+    }
+
+    /// Open pipelined connections to `node` (diagnostics; 0 without
+    /// [`ClientOptions::pipeline`]).
+    pub fn pipelined_connections(&self, node: &str) -> usize {
+        self.inner
+            .shared
+            .topology()
+            .node(node)
+            .and_then(|n| n.pipe.as_ref().map(|p| p.open_connections()))
+            .unwrap_or(0)
+    }
+}
+
+/// A one-line command answered by `ok` or `missing` on `node`.
+async fn yes_no(
+    node: &Node,
+    op: &'static str,
+    words: &[&str],
+    ok: &'static [u8],
+    missing: &'static [u8],
+) -> Result<bool> {
+    match node.call(op, &Cmd::YesNo { words, ok, missing }).await? {
+        Reply::Bool(b) => Ok(b),
+        other => Err(shape_mismatch(node.addr(), op, other)),
+    }
+}
+
+/// A reply of another command's shape: a bug here, reported rather than panicking.
+fn shape_mismatch(node: &str, op: &'static str, reply: Reply) -> Error {
+    Error::Protocol {
+        node: node.to_string(),
+        op,
+        response: format!("internal: reply {reply:?} does not fit the command"),
     }
 }
 

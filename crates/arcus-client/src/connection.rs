@@ -58,7 +58,7 @@ impl ConnError {
         }
     }
 
-    fn closed() -> ConnError {
+    pub(crate) fn closed() -> ConnError {
         ConnError::Io(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "connection closed by the server",
@@ -148,7 +148,10 @@ impl ReplyReader {
     }
 
     /// `VALUE ...` items up to `END`; calls `found` for each.
-    async fn read_values(&mut self, mut found: impl FnMut(&str, Item)) -> ConnResult<()> {
+    pub(crate) async fn read_values(
+        &mut self,
+        mut found: impl FnMut(&str, Item),
+    ) -> ConnResult<()> {
         loop {
             let line = self.read_reply().await?;
             if line == b"END" {
@@ -166,7 +169,7 @@ impl ReplyReader {
     /// One reply of a pipelined storage command. A `SERVER_ERROR` concerns that command alone;
     /// any other error reply (a `CLIENT_ERROR` may mean the server lost track of the data
     /// block) fails the whole exchange.
-    async fn read_store_reply(&mut self) -> ConnResult<StoreReply> {
+    pub(crate) async fn read_store_reply(&mut self) -> ConnResult<StoreReply> {
         let line = self.read_line().await?;
         if let Some(s) = protocol::parse_store_reply(line) {
             Ok(Ok(s))
@@ -177,6 +180,38 @@ impl ReplyReader {
         } else {
             Err(ConnError::unexpected(line))
         }
+    }
+
+    /// The reply of a storage command: its status (an error line is [`ConnError::Server`]).
+    pub(crate) async fn read_store_status(&mut self) -> ConnResult<StoreStatus> {
+        let line = self.read_reply().await?;
+        protocol::parse_store_reply(line).ok_or_else(|| ConnError::unexpected(line))
+    }
+
+    /// A reply that is one of `ok`/`missing` (e.g. `DELETED`/`NOT_FOUND`).
+    pub(crate) async fn read_yes_no(&mut self, ok: &[u8], missing: &[u8]) -> ConnResult<bool> {
+        let line = self.read_reply().await?;
+        if line == ok {
+            Ok(true)
+        } else if line == missing {
+            Ok(false)
+        } else {
+            Err(ConnError::unexpected(line))
+        }
+    }
+
+    /// The reply of `incr`/`decr`: the new value, or `None` for `NOT_FOUND`.
+    pub(crate) async fn read_arith(&mut self) -> ConnResult<Option<u64>> {
+        let line = self.read_reply().await?;
+        if line == b"NOT_FOUND" {
+            return Ok(None);
+        }
+        // memcached pads a decremented value with trailing spaces in place.
+        std::str::from_utf8(line)
+            .ok()
+            .and_then(|s| s.trim_end().parse().ok())
+            .map(Some)
+            .ok_or_else(|| ConnError::unexpected(line))
     }
 }
 
@@ -306,8 +341,7 @@ impl Connection {
     ) -> ConnResult<StoreStatus> {
         protocol::encode_store(self.request(), cmd, key, flags, exptime, data);
         self.flush_request().await?;
-        let line = self.read_reply().await?;
-        protocol::parse_store_reply(line).ok_or_else(|| ConnError::unexpected(line))
+        self.reader.read_store_status().await
     }
 
     /// The storage commands of `ops`, pipelined: one reply per command, in order. A
@@ -356,29 +390,19 @@ impl Connection {
         missing: &[u8],
     ) -> ConnResult<bool> {
         self.send_line(words).await?;
-        let line = self.read_reply().await?;
-        if line == ok {
-            Ok(true)
-        } else if line == missing {
-            Ok(false)
-        } else {
-            Err(ConnError::unexpected(line))
-        }
+        self.reader.read_yes_no(ok, missing).await
     }
 
     /// `incr`/`decr`: the new value, or `None` for `NOT_FOUND`.
     pub(crate) async fn arith(&mut self, words: &[&str]) -> ConnResult<Option<u64>> {
         self.send_line(words).await?;
-        let line = self.read_reply().await?;
-        if line == b"NOT_FOUND" {
-            return Ok(None);
-        }
-        // memcached pads a decremented value with trailing spaces in place.
-        std::str::from_utf8(line)
-            .ok()
-            .and_then(|s| s.trim_end().parse().ok())
-            .map(Some)
-            .ok_or_else(|| ConnError::unexpected(line))
+        self.reader.read_arith().await
+    }
+
+    /// The two halves, for a pipelined connection ([`crate::pipeline`]): replies are read by
+    /// one task while another writes requests.
+    pub(crate) fn into_split(self) -> (ReplyReader, OwnedWriteHalf) {
+        (self.reader, self.writer)
     }
 }
 

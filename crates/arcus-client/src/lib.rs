@@ -9,7 +9,8 @@
 //!   exchanges, bounded per-node pools and pools keyed by address (also used by the operator's
 //!   cache migration);
 //! - [`discovery`]: reading and watching the node list in ZooKeeper;
-//! - [`ArcusClient`]: key-value operations over the ring, with per-node connection pools and
+//! - [`ArcusClient`]: key-value operations over the ring, with per-node connection pools (or,
+//!   with [`ClientOptions::pipeline`], requests pipelined over a few connections per node) and
 //!   per-operation timeouts;
 //! - [`admin`]: admin commands against one node by address (`stats`, `ready`, `config`,
 //!   `zkensemble`, `scan`, `lru_crawler metadump`, ...), used by the operator.
@@ -30,6 +31,7 @@ mod client;
 pub mod connection;
 pub mod discovery;
 mod error;
+mod pipeline;
 pub mod protocol;
 pub mod ring;
 
@@ -38,5 +40,6 @@ pub use client::{ArcusClient, ClientOptions};
 pub use connection::{NodePool, NodePools, PoolLimits};
 pub use discovery::DiscoveryState;
 pub use error::{Error, KeyError, Result};
+pub use pipeline::PipelineOptions;
 pub use protocol::{Item, ItemType, MetadumpEntry, ScannedKey, StoreStatus};
 pub use ring::Ring;

@@ -52,6 +52,95 @@ impl ScanPage {
     }
 }
 
+/// An `lru_crawler metadump all` being read ([`AdminClient::metadump_stream`]).
+pub struct MetadumpStream {
+    node: String,
+    timeout: Duration,
+    /// `None` once the dump ended (`END`) or broke (an error or timeout mid-line).
+    conn: Option<Connection>,
+    /// The line read when starting, not yet returned.
+    first: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for MetadumpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadumpStream")
+            .field("node", &self.node)
+            .field("open", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl MetadumpStream {
+    /// Up to `max` more entries; `None` once the dump is complete. Fails on a broken dump
+    /// (connection closed before `END`, a malformed line, a batch slower than the timeout);
+    /// after a failure the stream is closed and every later call fails too: start over.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<MetadumpEntry>>> {
+        const OP: &str = "lru_crawler metadump";
+        let Some(mut conn) = self.conn.take() else {
+            return match self.first {
+                Some(_) => Err(Error::Protocol {
+                    node: self.node.clone(),
+                    op: OP,
+                    response: "the dump broke earlier; start a new one".into(),
+                }),
+                None => Ok(None),
+            };
+        };
+        let first = self.first.take();
+        let read = async {
+            let mut batch = Vec::with_capacity(max.min(16_384));
+            if let Some(line) = &first {
+                if !push_metadump_line(&mut batch, line)? {
+                    return Ok((batch, true));
+                }
+            }
+            while batch.len() < max.max(1) {
+                let line = conn.read_reply().await?;
+                if !push_metadump_line(&mut batch, line)? {
+                    return Ok((batch, true));
+                }
+            }
+            Ok::<_, ConnError>((batch, false))
+        };
+        let outcome = match tokio::time::timeout(self.timeout, read).await {
+            Ok(r) => r.map_err(|e| e.at(&self.node, OP)),
+            Err(_) => Err(Error::Timeout {
+                node: self.node.clone(),
+                op: OP,
+                timeout: self.timeout,
+            }),
+        };
+        match outcome {
+            Ok((batch, ended)) => {
+                if !ended {
+                    self.conn = Some(conn);
+                }
+                Ok((!batch.is_empty() || !ended).then_some(batch))
+            }
+            Err(e) => {
+                // Remembered as broken: `first` marks "not ended cleanly".
+                self.first = Some(Vec::new());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Adds one metadump line to `batch`; `false` at `END`.
+fn push_metadump_line(batch: &mut Vec<MetadumpEntry>, line: &[u8]) -> ConnResult<bool> {
+    if line == b"END" {
+        return Ok(false);
+    }
+    match protocol::parse_metadump_line(line) {
+        Some(e) => {
+            batch.push(e);
+            Ok(true)
+        }
+        None => Err(ConnError::unexpected(line)),
+    }
+}
+
 /// Admin helper for one node.
 pub struct AdminClient {
     /// One connection at most, kept between calls.
@@ -358,6 +447,49 @@ impl AdminClient {
             }
         })
         .await
+    }
+
+    /// `lru_crawler metadump all`, read incrementally: the entries come in batches
+    /// ([`MetadumpStream::next_batch`]) so a dump of millions of items is never held whole.
+    /// The dump has a connection of its own, held until the stream is dropped; memcached has
+    /// one crawler, which waits (holding no item lock) while we do not read, so read it on.
+    /// A crawler already busy answers `BUSY ...`, reported here as [`Error::Server`]; retry
+    /// later. Each batch is bounded by this helper's timeout.
+    pub async fn metadump_stream(&self) -> Result<MetadumpStream> {
+        const OP: &str = "lru_crawler metadump";
+        let limits = self.pool.limits();
+        let timeout = limits.op_timeout;
+        let node = self.addr().to_string();
+        let start = async {
+            let mut conn =
+                Connection::connect(&node, limits.connect_timeout, limits.read_buffer).await?;
+            conn.send_line(&["lru_crawler", "metadump", "all"])
+                .await
+                .map_err(|e| e.at(&node, OP))?;
+            // The first line tells a dump (an entry, or END for an empty cache) from BUSY.
+            let first = match conn.read_reply().await {
+                Ok(l) if l.starts_with(b"BUSY") => Err(ConnError::server(l)),
+                Ok(l) => Ok(l.to_vec()),
+                Err(e) => Err(e),
+            };
+            let first = first.map_err(|e| unsupported(e.at(&node, OP)))?;
+            Ok::<_, Error>((conn, first))
+        };
+        let (conn, first) = tokio::time::timeout(timeout, start)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    node: node.clone(),
+                    op: OP,
+                    timeout,
+                })
+            })?;
+        Ok(MetadumpStream {
+            node,
+            timeout,
+            conn: Some(conn),
+            first: Some(first),
+        })
     }
 
     /// `shutdown [secs]`: ARCUS drains clients for up to `secs` (0..=600) and exits.

@@ -6,6 +6,11 @@
 //! pipelined `add`s) and pass 2 (list again, compare both sides, nothing left to do). Keys/s
 //! and MiB/s count moved keys and their value bytes.
 //!
+//! `--mode load` only stores the keys, `--mode migrate` only migrates them (keys loaded
+//! before by `--mode load`), `--mode both` (the default) does both in one process. The
+//! migrate run prints its own peak RSS (`peak_rss_mib`, VmHWM from /proc/self/status): with
+//! the loading in another process, that is the migration's memory alone.
+//!
 //! ```text
 //! cargo run --release -p arcus-operator --example bench_migration -- \
 //!     --source 127.0.0.1:11211 --target 127.0.0.1:11212 --keys 200000 --value-size 100
@@ -25,6 +30,7 @@ struct Args {
     batch: usize,
     concurrency: usize,
     threads: usize,
+    mode: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -36,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
         batch: 100,
         concurrency: 4,
         threads: 2,
+        mode: "both".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,10 +59,12 @@ fn parse_args() -> Result<Args, String> {
             "--batch" => a.batch = num(&val)?,
             "--concurrency" => a.concurrency = num(&val)?,
             "--threads" => a.threads = num(&val)?,
+            "--mode" if ["load", "migrate", "both"].contains(&val.as_str()) => a.mode = val,
             _ => {
                 return Err(format!(
                     "unknown flag {flag}; usage: bench_migration [--source ip:port] [--target ip:port] \
-                     [--keys N] [--value-size B] [--batch N] [--concurrency N] [--threads N]"
+                     [--keys N] [--value-size B] [--batch N] [--concurrency N] [--threads N] \
+                     [--mode load|migrate|both]"
                 ))
             }
         }
@@ -79,35 +88,59 @@ fn main() {
     rt.block_on(run(args));
 }
 
+/// This process's peak resident set (VmHWM), MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 async fn run(a: Args) {
     let before = Ring::new([a.source.clone(), a.target.clone()]);
+    let load_s = match a.mode.as_str() {
+        "migrate" => 0.0,
+        _ => load(&a, &before).await,
+    };
+    if a.mode == "load" {
+        println!(
+            "keys={} value_size={} load_s={load_s:.2}",
+            a.keys, a.value_size
+        );
+        return;
+    }
+    migrate(&a, before, load_s).await;
+}
+
+/// Stores `--keys` keys that the source owns directly on it; returns the seconds it took.
+async fn load(a: &Args, before: &Ring) -> f64 {
     let opts = ClientOptions {
         op_timeout: Duration::from_secs(5),
         max_key_len: protocol::MEMCACHED_MAX_KEY_LEN,
         ..ClientOptions::default()
     };
-    // Keys the source owns, stored directly on it.
-    let keys: Vec<String> = (0..)
+    let keys = (0..)
         .map(|i| format!("bench:{i:010}"))
         .filter(|k| before.node_for_key(k) == Some(a.source.as_str()))
-        .take(a.keys)
-        .collect();
+        .take(a.keys);
     let src = ArcusClient::with_nodes([a.source.clone()], opts);
     let value = vec![b'v'; a.value_size];
     let t = Instant::now();
-    let errors: usize = futures::stream::iter(keys.iter())
+    let errors: usize = futures::stream::iter(keys)
         .map(|k| {
             let (src, value) = (&src, &value);
-            async move { usize::from(src.set(k, value, 7, 0).await.is_err()) }
+            async move { usize::from(src.set(&k, value, 7, 0).await.is_err()) }
         })
         .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .sum();
+        .fold(0, |n, e| async move { n + e })
+        .await;
     assert_eq!(errors, 0, "loading failed");
-    let load_s = t.elapsed().as_secs_f64();
+    t.elapsed().as_secs_f64()
+}
 
+async fn migrate(a: &Args, before: Ring, load_s: f64) {
     let mopts = MigrationOptions {
         batch: a.batch,
         concurrency_per_node: a.concurrency,
@@ -129,7 +162,7 @@ async fn run(a: Args) {
     println!(
         "keys={} value_size={} batch={} concurrency={} load_s={load_s:.2} pass1_s={pass1_s:.3} \
          pass1_keys_per_sec={:.0} pass1_mib_per_sec={:.1} pass2_s={pass2_s:.3} \
-         total_keys_per_sec={:.0} pass2_unchanged={} pass2_added={}",
+         total_keys_per_sec={:.0} pass2_unchanged={} pass2_added={} peak_rss_mib={:.1}",
         a.keys,
         a.value_size,
         a.batch,
@@ -139,5 +172,6 @@ async fn run(a: Args) {
         moved as f64 / (pass1_s + pass2_s),
         p.items_unchanged,
         p.items_moved - moved,
+        peak_rss_mib(),
     );
 }

@@ -1,17 +1,18 @@
 //! The executor: pass 1, pass 2, the add-only copy, progress.
 
 use super::collection::{self, CollectionCopy};
-use super::keys::{self, unix_now, KeyInfo, Listing, TtlArg};
+use super::copied::CopiedKeys;
+use super::keys::{self, unix_now, Bounds, KeyChunks, KeyInfo, Listing, TtlArg};
 use super::plan::{self, Hashing, SourcePlan};
 use super::rules::{self, Copied, Decision, SourceState, TargetState, Watermarks};
 use super::{MigrationError, Step};
 use arcus_client::connection::{ConnError, StoreOp, StoreReply};
 use arcus_client::protocol::{Item, StoreCommand, StoreStatus};
 use arcus_client::{ItemType, NodePools, PoolLimits, Ring};
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -46,8 +47,12 @@ pub struct MigrationOptions {
     pub concurrency_per_node: usize,
     /// Bound of one batch operation on one node (a `gets`, a pipeline). Default 5 s.
     pub op_timeout: Duration,
-    /// Bound of listing one node's keys. Default 120 s.
+    /// Bound of reading one chunk of a node's key listing (and of waiting for its crawler, on
+    /// stock memcached). Default 120 s.
     pub list_timeout: Duration,
+    /// Keys per chunk of a listing: a listing is read and copied a chunk at a time, never held
+    /// whole. Default 10,000 (about 1 MB of keys).
+    pub list_chunk: usize,
     /// Retries of a failed or timed-out batch (each retry starts the batch over, which is safe:
     /// every write is conditional). Default 3.
     pub retries: u32,
@@ -70,6 +75,7 @@ impl Default for MigrationOptions {
             concurrency_per_node: 4,
             op_timeout: Duration::from_secs(5),
             list_timeout: Duration::from_secs(120),
+            list_chunk: 10_000,
             retries: 3,
             max_rounds: 3,
             settle_keys: 200,
@@ -215,12 +221,13 @@ pub struct Migration {
     pools: NodePools,
     listings: Mutex<HashMap<String, Listing>>,
     progress: watch::Sender<Progress>,
-    /// Pass 1's memory: per source, the keys it stored on their target. `None` until a pass 1
-    /// of this object completed.
-    copied: Mutex<Option<HashMap<String, HashSet<String>>>>,
-    /// Collections among `copied` (not readable with `gets`).
-    copied_collections: Mutex<HashSet<String>>,
+    /// Pass 1's memory: per source, the keys it stored on their target (compact, see
+    /// [`CopiedKeys`]). `None` until a pass 1 of this object started.
+    copied: Mutex<Option<HashMap<String, Memory>>>,
 }
+
+/// One source's memory of copied keys, shared by the batches in flight.
+type Memory = Arc<Mutex<CopiedKeys>>;
 
 impl std::fmt::Debug for Migration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,11 +240,21 @@ impl std::fmt::Debug for Migration {
     }
 }
 
-/// One unit of copying work from a source.
-enum Job<'a> {
+/// One unit of copying work from a source (owning its chunk's keys).
+enum Job {
     /// Key-value batch to a target, with the CAS below which a key is unchanged (pass 1).
-    Kv(&'a str, Vec<&'a KeyInfo>, Option<u64>),
-    Collection(&'a str, &'a KeyInfo),
+    Kv(String, Vec<KeyInfo>, Option<u64>),
+    Collection(String, KeyInfo),
+}
+
+/// `items` in batches of `n` (at least 1), without copying them.
+fn into_batches<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len().div_ceil(n.max(1)));
+    let mut it = items.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(it.by_ref().take(n.max(1)).collect());
+    }
+    out
 }
 
 /// One key-value copy of pass 1: the key, the source's item, the exptime to store it with.
@@ -273,7 +290,7 @@ fn compare_and_delete(key: &str, cas: u64) -> StoreOp<'_> {
     }
 }
 
-fn key_names<'k>(keys: &[&'k KeyInfo]) -> Vec<&'k str> {
+fn key_names(keys: &[KeyInfo]) -> Vec<&str> {
     keys.iter().map(|k| k.key.as_str()).collect()
 }
 
@@ -289,7 +306,7 @@ fn identity_in(stats: &BTreeMap<String, String>) -> (i64, u64) {
 /// Which listed `keys` pass 1 stores, given the source's items: a key gone from the source, or
 /// unchanged since the previous round (`prev`), is not; an expired one is counted, not stored.
 fn pass1_copies<'a>(
-    keys: &[&'a KeyInfo],
+    keys: &'a [KeyInfo],
     s_items: &'a HashMap<String, Item>,
     prev: Option<u64>,
     now: i64,
@@ -354,7 +371,7 @@ fn pass2_decision(
     k: &KeyInfo,
     s_item: Option<&Item>,
     t_item: Option<&Item>,
-    memory: Option<&HashSet<String>>,
+    copied: Copied,
     wm: Watermarks,
     now: i64,
 ) -> (Decision, i64) {
@@ -367,11 +384,6 @@ fn pass2_decision(
         cas: ti.cas.unwrap_or_default(),
         same_as_source: s_item.is_some_and(|si| si.value == ti.value && si.flags == ti.flags),
     });
-    let copied = match memory {
-        Some(m) if m.contains(&k.key) => Copied::Yes,
-        Some(_) => Copied::No,
-        None => Copied::Unknown,
-    };
     let exptime = match ttl {
         TtlArg::Exptime(e) => e,
         TtlArg::Expired => EXPIRED_EXPTIME,
@@ -480,7 +492,6 @@ impl Migration {
             listings: Mutex::new(HashMap::new()),
             progress: watch::Sender::new(Progress::default()),
             copied: Mutex::new(None),
-            copied_collections: Mutex::new(HashSet::new()),
         })
     }
 
@@ -563,6 +574,47 @@ impl Migration {
         .await
     }
 
+    /// The listing of `node`, a chunk at a time (read ahead by at most a few chunks).
+    async fn chunks(&self, node: &str) -> Result<KeyChunks> {
+        let listing = self.listing(node).await?;
+        let bounds = Bounds {
+            op_timeout: self.opts.op_timeout,
+            list_timeout: self.opts.list_timeout,
+            chunk: self.opts.list_chunk,
+        };
+        KeyChunks::open(node, listing, bounds, IGNORED_KEYS).await
+    }
+
+    /// Lists `node` a chunk at a time and runs the jobs `plan` makes of each chunk, up to
+    /// `concurrency_per_node` at once and across chunk boundaries (the next chunk's first jobs
+    /// start as the previous chunk's last ones finish): (keys stored, any failed). Memory is a
+    /// few chunks, whatever the node's key count.
+    async fn stream_jobs<J, P, F, Fut>(
+        &self,
+        node: &str,
+        mut plan: P,
+        run: F,
+    ) -> Result<(u64, bool)>
+    where
+        P: FnMut(Vec<KeyInfo>) -> Vec<J>,
+        F: Fn(J) -> Fut,
+        Fut: std::future::Future<Output = Result<(u64, bool)>>,
+    {
+        let chunks = self.chunks(node).await?;
+        stream::try_unfold(chunks, |mut c| async move {
+            Ok(c.next().await?.map(|chunk| (chunk, c)))
+        })
+        .map_ok(move |chunk| stream::iter(plan(chunk)).map(Ok::<J, MigrationError>))
+        .try_flatten()
+        .map_ok(run)
+        .try_buffer_unordered(self.opts.concurrency_per_node)
+        .try_fold(
+            (0, false),
+            |(n, f), (m, g)| async move { Ok((n + m, f || g)) },
+        )
+        .await
+    }
+
     /// Runs `f` up to `1 + retries` times, backing off between attempts; the last error is
     /// reported as a failure of `step`.
     async fn retry<T, F, Fut>(&self, step: &'static str, mut f: F) -> Result<T>
@@ -584,27 +636,6 @@ impl Migration {
                 Err(e) => return Err(e).step(step),
             }
         }
-    }
-
-    /// Runs `jobs` with up to `concurrency_per_node` in flight: (keys stored, any failed).
-    async fn run_jobs<J, F, Fut>(&self, jobs: Vec<J>, run: F) -> Result<(u64, bool)>
-    where
-        F: Fn(J) -> Fut,
-        Fut: std::future::Future<Output = Result<(u64, bool)>>,
-    {
-        let results: Vec<Result<(u64, bool)>> = stream::iter(jobs)
-            .map(run)
-            .buffer_unordered(self.opts.concurrency_per_node)
-            .collect()
-            .await;
-        let mut stored = 0;
-        let mut failed = false;
-        for r in results {
-            let (n, f) = r?;
-            stored += n;
-            failed |= f;
-        }
-        Ok((stored, failed))
     }
 
     /// Stores [`WATERMARK_KEY`] on `node` and reads back its CAS unique, with the process
@@ -650,6 +681,25 @@ impl Migration {
         .await
     }
 
+    /// `curr_items` of `node`: what pass 1's memory of copied keys is sized for.
+    async fn item_count(&self, node: &str) -> Result<usize> {
+        self.retry("stats", || {
+            self.pools.run(node, "stats", async |c| {
+                let stats = c.stats(None).await?;
+                Ok(stats
+                    .get("curr_items")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0))
+            })
+        })
+        .await
+    }
+
+    /// Pass 1's memory of the keys copied from `source`, if a pass 1 of this object started.
+    fn memory(&self, source: &str) -> Option<Memory> {
+        self.copied.lock().unwrap().as_ref()?.get(source).cloned()
+    }
+
     /// `mark.cas` when `node` is still the process that mark was read from, else 0 (a restarted
     /// node's counter started over, so its uniques say nothing about before and after).
     async fn valid_mark(&self, node: &str, mark: Option<&NodeMark>) -> Result<u64> {
@@ -673,7 +723,15 @@ impl Migration {
     /// May be run again (e.g. after an error or an operator restart) as long as the ring has
     /// not changed yet.
     pub async fn pass1(&self) -> Result<Checkpoint> {
-        *self.copied.lock().unwrap() = Some(HashMap::new());
+        let mut memory = HashMap::new();
+        for s in &self.sources {
+            let expected = self.item_count(s).await?;
+            memory.insert(
+                s.clone(),
+                Arc::new(Mutex::new(CopiedKeys::with_capacity(expected))),
+            );
+        }
+        *self.copied.lock().unwrap() = Some(memory);
         let mut prev: BTreeMap<String, u64> = BTreeMap::new();
         let mut marks: BTreeMap<String, NodeMark> = BTreeMap::new();
         let mut failed = false;
@@ -717,48 +775,21 @@ impl Migration {
     /// keys to the target, but a client's delete can still reach it: arcus-client sends a delete
     /// to the key's owners on recent rings too, and a node held out of the ring, or a new node
     /// on a reused address, was such an owner. Pass 1 calls this last, just before the ring
-    /// changes; returns how many copies were gone.
+    /// changes; returns how many copies were gone (of keys still on their source: the sources
+    /// are listed again, as the memory is a filter that cannot be enumerated).
     pub async fn recheck_copies(&self) -> Result<u64> {
         let Some(memory) = self.copied.lock().unwrap().clone() else {
             return Ok(0);
         };
-        let collections = self.copied_collections.lock().unwrap().clone();
-        let mut jobs: Vec<(String, String, Vec<String>)> = Vec::new();
-        for (source, keys) in &memory {
-            let mut per_target: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            for k in keys.iter().filter(|k| !collections.contains(*k)) {
-                if let Some(t) = plan::owner(&self.after, k, self.opts.hashing) {
-                    per_target.entry(t).or_default().push(k.clone());
-                }
-            }
-            for (target, keys) in per_target {
-                for chunk in keys.chunks(self.opts.batch) {
-                    jobs.push((source.clone(), target.to_string(), chunk.to_vec()));
-                }
-            }
-        }
-        let results: Vec<Result<(String, Vec<String>)>> = stream::iter(jobs)
-            .map(|(source, target, keys)| async move {
-                let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let found = self
-                    .retry("copy check", || self.gets(&target, &names))
-                    .await?;
-                let gone = keys.iter().filter(|k| !found.contains_key(*k)).cloned();
-                Ok((source, gone.collect()))
-            })
-            .buffer_unordered(self.opts.concurrency_per_node)
-            .collect()
-            .await;
+        let results = futures::future::join_all(
+            self.sources
+                .iter()
+                .filter_map(|s| Some(self.recheck_source(s, memory.get(s)?))),
+        )
+        .await;
         let mut gone = 0;
-        let mut memory = self.copied.lock().unwrap();
         for r in results {
-            let (source, keys) = r?;
-            if let Some(copied) = memory.as_mut().and_then(|m| m.get_mut(&source)) {
-                for k in keys {
-                    copied.remove(&k);
-                    gone += 1;
-                }
-            }
+            gone += r?;
         }
         if gone > 0 {
             info!(
@@ -769,31 +800,79 @@ impl Migration {
         Ok(gone)
     }
 
+    /// [`Migration::recheck_copies`] for one source: lists it again (pass 1's memory cannot be
+    /// enumerated) and looks for each moved key-value item it remembers as copied on its
+    /// target. A remembered key that is a false positive of the memory and not on its target
+    /// is corrected here too.
+    async fn recheck_source(&self, source: &str, memory: &Memory) -> Result<u64> {
+        let (gone, _) = self
+            .stream_jobs(
+                source,
+                |chunk| {
+                    let sp = plan::plan_source(
+                        &self.before,
+                        &self.after,
+                        source,
+                        chunk,
+                        self.opts.hashing,
+                    );
+                    let m = memory.lock().unwrap();
+                    let mut jobs = Vec::new();
+                    for (target, keys) in sp.moves {
+                        let copied: Vec<KeyInfo> = keys
+                            .into_iter()
+                            .filter(|k| k.item_type == ItemType::KeyValue)
+                            .filter(|k| m.copied(&k.key) == Copied::Yes)
+                            .collect();
+                        for b in into_batches(copied, self.opts.batch) {
+                            jobs.push((target.clone(), b));
+                        }
+                    }
+                    jobs
+                },
+                |(target, keys)| async move {
+                    let names = key_names(&keys);
+                    let found = self
+                        .retry("copy check", || self.gets(&target, &names))
+                        .await?;
+                    let mut m = memory.lock().unwrap();
+                    let mut gone = 0;
+                    for k in keys.into_iter().filter(|k| !found.contains_key(&k.key)) {
+                        m.forget(k.key);
+                        gone += 1;
+                    }
+                    Ok((gone, false))
+                },
+            )
+            .await?;
+        Ok(gone)
+    }
+
     /// One round on one source: (its mark taken before listing, keys stored, any failure).
     async fn pass1_source(&self, source: &str, prev: Option<u64>) -> Result<(NodeMark, u64, bool)> {
         let mark = self.watermark(source).await?;
-        let listed = self.enumerate(source).await?;
-        let sp = plan::plan_source(&self.before, &self.after, source, listed, self.opts.hashing);
-        if prev.is_none() {
-            self.progress
-                .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
-        }
-        let known = match prev {
-            Some(_) => self.copied_from(source),
-            None => HashSet::new(),
+        let memory = self.memory(source);
+        let memory = memory.as_ref();
+        let plan_chunk = |chunk| {
+            let sp = plan::plan_source(&self.before, &self.after, source, chunk, self.opts.hashing);
+            if prev.is_none() {
+                self.progress
+                    .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
+            }
+            self.pass1_jobs(sp, prev, memory)
         };
-        let jobs = self.pass1_jobs(&sp, prev, &known);
         let (stored, failed) = self
-            .run_jobs(jobs, |job| async move {
+            .stream_jobs(source, plan_chunk, |job| async move {
                 match job {
                     Job::Kv(target, keys, prev) => {
                         self.retry("pass 1 batch", || {
-                            self.pass1_batch(source, target, &keys, prev)
+                            self.pass1_batch(source, &target, &keys, prev, memory)
                         })
                         .await
                     }
                     Job::Collection(target, key) => {
-                        self.copy_collection(source, target, key, true, true).await
+                        self.copy_collection(source, &target, &key, true, true)
+                            .await
                     }
                 }
             })
@@ -801,60 +880,53 @@ impl Migration {
         Ok((mark, stored, failed))
     }
 
-    /// The keys pass 1's memory holds as copied from `source`.
-    fn copied_from(&self, source: &str) -> HashSet<String> {
-        self.copied
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|m| m.get(source).cloned())
-            .unwrap_or_default()
-    }
-
-    /// The work of one pass-1 round on a source. Later rounds (`prev`: the CAS the previous
-    /// round started at) copy what changed since (metadump's CAS tells before reading), and
-    /// every key no earlier round stored (`known` are those stored): a listing may miss keys
+    /// The work of one chunk of a pass-1 round on a source. Later rounds (`prev`: the CAS the
+    /// previous round started at) copy what changed since (metadump's CAS tells before
+    /// reading), and every key no earlier round stored (by `memory`): a listing may miss keys
     /// (memcached's LRU crawler can skip items the LRU maintainer moves under it).
-    fn pass1_jobs<'a>(
-        &self,
-        sp: &'a SourcePlan,
-        prev: Option<u64>,
-        known: &HashSet<String>,
-    ) -> Vec<Job<'a>> {
+    fn pass1_jobs(&self, sp: SourcePlan, prev: Option<u64>, memory: Option<&Memory>) -> Vec<Job> {
+        let memory = memory.map(|m| m.lock().unwrap());
+        let known = |k: &KeyInfo| {
+            prev.is_some()
+                && memory
+                    .as_ref()
+                    .is_some_and(|m| m.copied(&k.key) == Copied::Yes)
+        };
         let mut jobs = Vec::new();
-        for (target, keys) in &sp.moves {
-            let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) = keys
-                .iter()
-                .filter(|k| match (prev, k.cas) {
-                    (Some(p), Some(c)) => c > p || !known.contains(&k.key),
+        for (target, keys) in sp.moves {
+            let (mut changed, mut missed) = (Vec::new(), Vec::new());
+            for k in keys {
+                let known = known(&k);
+                if k.item_type != ItemType::KeyValue {
                     // No CAS tells whether a collection changed: each is copied once per
                     // pass 1 (see the module docs), not again in every round.
-                    (Some(_), None) if k.item_type != ItemType::KeyValue => !known.contains(&k.key),
-                    _ => true,
-                })
-                .partition(|k| k.item_type == ItemType::KeyValue);
-            let (changed, missed): (Vec<&KeyInfo>, Vec<&KeyInfo>) = match prev {
-                Some(_) => kv.into_iter().partition(|k| known.contains(&k.key)),
-                None => (Vec::new(), kv),
-            };
-            for chunk in changed.chunks(self.opts.batch) {
-                jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), prev));
+                    if !known {
+                        jobs.push(Job::Collection(target.clone(), k));
+                    }
+                    continue;
+                }
+                match (prev, k.cas) {
+                    (Some(p), Some(c)) if c <= p && known => {} // unchanged since copied
+                    _ if known => changed.push(k),
+                    _ => missed.push(k),
+                }
             }
-            for chunk in missed.chunks(self.opts.batch) {
-                jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), None));
+            for b in into_batches(changed, self.opts.batch) {
+                jobs.push(Job::Kv(target.clone(), b, prev));
             }
-            jobs.extend(
-                colls
-                    .into_iter()
-                    .map(|c| Job::Collection(target.as_str(), c)),
-            );
+            for b in into_batches(missed, self.opts.batch) {
+                jobs.push(Job::Kv(target.clone(), b, None));
+            }
         }
         jobs
     }
 
-    fn remember(&self, source: &str, keys: impl IntoIterator<Item = String>) {
-        if let Some(m) = self.copied.lock().unwrap().as_mut() {
-            m.entry(source.to_string()).or_default().extend(keys);
+    fn remember<'k>(&self, memory: Option<&Memory>, keys: impl IntoIterator<Item = &'k str>) {
+        if let Some(m) = memory {
+            let mut m = m.lock().unwrap();
+            for k in keys {
+                m.insert(k);
+            }
         }
     }
 
@@ -863,15 +935,16 @@ impl Migration {
         &self,
         source: &str,
         target: &str,
-        keys: &[&KeyInfo],
+        keys: &[KeyInfo],
         prev: Option<u64>,
+        memory: Option<&Memory>,
     ) -> arcus_client::Result<(u64, bool)> {
         let s_items = self.gets(source, &key_names(keys)).await?;
         let mut t = Tally::default();
         let copies = pass1_copies(keys, &s_items, prev, unix_now(), &mut t);
         let stored = self.store_copies(target, &copies, &mut t).await?;
         let n = stored.len() as u64;
-        self.remember(source, stored);
+        self.remember(memory, stored.iter().map(String::as_str));
         self.record(&t);
         Ok((n, t.failed > 0))
     }
@@ -955,16 +1028,27 @@ impl Migration {
         for t in &self.targets {
             wm_target.insert(t.clone(), self.valid_mark(t, cp.targets.get(t)).await?);
         }
+        // First our copies of items deleted on their source before the change (see
+        // `pass2_sweep` for why first), then every moved key listed on the sources.
+        let sweeps = futures::future::join_all(
+            self.targets
+                .iter()
+                .filter(|t| wm_target[*t] != 0)
+                .map(|t| self.pass2_sweep(t, wm_target[t])),
+        )
+        .await;
+        for r in sweeps {
+            r?;
+        }
         let memory = self.copied.lock().unwrap().clone();
-        let mut candidates = self
-            .delete_candidates(memory.as_ref(), &wm_source, &wm_target)
-            .await?;
         let results = futures::future::join_all(self.sources.iter().map(|s| {
-            let cands = candidates.remove(s).unwrap_or_default();
-            let memory = memory
-                .as_ref()
-                .map(|m| m.get(s).cloned().unwrap_or_default());
-            self.pass2_source(s, cands, memory, wm_source[s], &wm_target)
+            // A pass 1 of this object that copied nothing from `s` remembers an empty set.
+            let memory = memory.as_ref().map(|m| {
+                m.get(s)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Mutex::new(CopiedKeys::with_capacity(0))))
+            });
+            self.pass2_source(s, memory, wm_source[s], &wm_target)
         }))
         .await;
         for r in results {
@@ -974,31 +1058,47 @@ impl Migration {
         Ok(self.progress_now())
     }
 
-    /// Keys on targets that may be our copies of items since deleted on their source (or
-    /// stale leftovers of an older ring whose source item is gone), per source: pass 1's
-    /// memory of copied keys, and the moved keys found by listing the targets that kept their
-    /// watermark.
-    async fn delete_candidates(
-        &self,
-        memory: Option<&HashMap<String, HashSet<String>>>,
-        wm_source: &HashMap<String, u64>,
-        wm_target: &HashMap<String, u64>,
-    ) -> Result<HashMap<String, HashSet<String>>> {
-        let mut candidates = memory.cloned().unwrap_or_default();
-        for t in self.targets.iter().filter(|t| wm_target[*t] != 0) {
-            for k in self.enumerate(t).await? {
+    /// Our copies of items deleted on their source between pass 1 and the ring change, found
+    /// by listing the target (pass 1's memory cannot be enumerated): every key on `target` it
+    /// owns on the ring after, that a source owned before, stored before the change
+    /// (`cas <= W_T`), and gone from that source, is compare-and-deleted. Runs before the
+    /// sources' pass, whose scale-out cleanup deletes moved items from their sources: after
+    /// that, "gone from the source" would no longer mean "deleted by a client".
+    async fn pass2_sweep(&self, target: &str, w_t: u64) -> Result<()> {
+        let plan_chunk = |chunk: Vec<KeyInfo>| {
+            let mut per_source: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for k in chunk {
+                if k.cas.is_some_and(|c| c > w_t) {
+                    continue; // a client's write after the change
+                }
                 let h = self.opts.hashing.hash(&k.key);
-                if self.after.node_for_hash(h) != Some(t.as_str()) {
+                if self.after.node_for_hash(h) != Some(target) {
                     continue;
                 }
-                if let Some(s) = self.before.node_for_hash(h) {
-                    if s != t && wm_source.contains_key(s) {
-                        candidates.entry(s.to_string()).or_default().insert(k.key);
-                    }
+                let Some(s) = self.before.node_for_hash(h) else {
+                    continue;
+                };
+                if s != target && self.sources.iter().any(|x| x == s) {
+                    per_source.entry(s).or_default().push(k.key);
                 }
             }
-        }
-        Ok(candidates)
+            let mut jobs = Vec::new();
+            for (s, keys) in per_source {
+                for b in into_batches(keys, self.opts.batch) {
+                    jobs.push((s.to_string(), b));
+                }
+            }
+            jobs
+        };
+        self.stream_jobs(target, plan_chunk, |(source, keys)| async move {
+            self.retry("pass 2 deletions", || {
+                self.pass2_gone_batch(&source, target, &keys, w_t)
+            })
+            .await?;
+            Ok((0, false))
+        })
+        .await?;
+        Ok(())
     }
 
     /// Scale-out after the new nodes joined the ring: pass 2 with no watermarks, an add-only
@@ -1008,101 +1108,67 @@ impl Migration {
         self.pass2(&Checkpoint::default()).await
     }
 
-    /// Pass 2 on one source: its moved keys, then the `candidates` no longer on it.
+    /// Pass 2 on one source: its moved keys, listed a chunk at a time.
     async fn pass2_source(
         &self,
         source: &str,
-        mut candidates: HashSet<String>,
-        memory: Option<HashSet<String>>,
+        memory: Option<Memory>,
         c_s: u64,
         wm_target: &HashMap<String, u64>,
     ) -> Result<()> {
-        let listed = self.enumerate(source).await?;
-        let sp = plan::plan_source(&self.before, &self.after, source, listed, self.opts.hashing);
-        self.progress
-            .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
         let cleanup = self.opts.delete_moved_from_sources && self.after.contains(source);
-        let jobs = self.pass2_jobs(&sp, &mut candidates);
         let memory = memory.as_ref();
-        self.run_jobs(jobs, |job| async move {
+        let plan_chunk = |chunk| {
+            let sp = plan::plan_source(&self.before, &self.after, source, chunk, self.opts.hashing);
+            self.progress
+                .send_modify(|p| p.items_not_owned += sp.not_owned as u64);
+            self.pass2_jobs(sp)
+        };
+        self.stream_jobs(source, plan_chunk, |job| async move {
             match job {
                 Job::Kv(target, keys, _) => {
                     let wm = Watermarks {
                         source: c_s,
-                        target: wm_target.get(target).copied().unwrap_or(0),
+                        target: wm_target.get(&target).copied().unwrap_or(0),
                     };
                     self.retry("pass 2 batch", || {
-                        self.pass2_batch(source, target, &keys, wm, memory, cleanup)
+                        self.pass2_batch(source, &target, &keys, wm, memory, cleanup)
                     })
                     .await
                 }
-                Job::Collection(_, key) if memory.is_some_and(|m| m.contains(&key.key)) => {
+                Job::Collection(_, key)
+                    if memory
+                        .is_some_and(|m| m.lock().unwrap().copied(&key.key) == Copied::Yes) =>
+                {
                     Ok((0, false))
                 }
                 Job::Collection(target, key) => {
-                    self.copy_collection(source, target, key, false, true).await
+                    self.copy_collection(source, &target, &key, false, true)
+                        .await
                 }
             }
         })
         .await?;
-        self.pass2_gone(source, candidates, wm_target).await
+        Ok(())
     }
 
-    /// The moved keys of one source in pass 2, as jobs; they are no delete candidates.
-    fn pass2_jobs<'a>(&self, sp: &'a SourcePlan, candidates: &mut HashSet<String>) -> Vec<Job<'a>> {
+    /// The moved keys of one chunk of a source in pass 2, as jobs.
+    fn pass2_jobs(&self, sp: SourcePlan) -> Vec<Job> {
         let mut jobs = Vec::new();
-        for (target, keys) in &sp.moves {
-            for k in keys {
-                candidates.remove(&k.key);
-            }
-            let (kv, colls): (Vec<&KeyInfo>, Vec<&KeyInfo>) =
-                keys.iter().partition(|k| k.item_type == ItemType::KeyValue);
-            for chunk in kv.chunks(self.opts.batch) {
-                jobs.push(Job::Kv(target.as_str(), chunk.to_vec(), None));
+        for (target, keys) in sp.moves {
+            let (kv, colls): (Vec<KeyInfo>, Vec<KeyInfo>) = keys
+                .into_iter()
+                .partition(|k| k.item_type == ItemType::KeyValue);
+            for b in into_batches(kv, self.opts.batch) {
+                jobs.push(Job::Kv(target.clone(), b, None));
             }
             jobs.extend(
                 colls
                     .into_iter()
-                    .map(|c| Job::Collection(target.as_str(), c)),
+                    .map(|c| Job::Collection(target.clone(), c)),
             );
         }
         jobs
-    }
-
-    /// Keys gone from `source` whose copies may still be on their target: compare-and-delete
-    /// our copies.
-    async fn pass2_gone(
-        &self,
-        source: &str,
-        candidates: HashSet<String>,
-        wm_target: &HashMap<String, u64>,
-    ) -> Result<()> {
-        let mut gone: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for k in candidates {
-            if let Some(t) = plan::owner(&self.after, &k, self.opts.hashing) {
-                if t != source {
-                    gone.entry(t.to_string()).or_default().push(k);
-                }
-            }
-        }
-        let jobs: Vec<(String, Vec<String>)> = gone
-            .into_iter()
-            .flat_map(|(t, keys)| {
-                keys.chunks(self.opts.batch)
-                    .map(|c| (t.clone(), c.to_vec()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        self.run_jobs(jobs, |(target, keys)| async move {
-            let wm = wm_target.get(&target).copied().unwrap_or(0);
-            self.retry("pass 2 deletions", || {
-                self.pass2_gone_batch(source, &target, &keys, wm)
-            })
-            .await?;
-            Ok((0, false))
-        })
-        .await?;
-        Ok(())
     }
 
     /// One batch of pass 2: (keys moved or updated, any failed).
@@ -1110,23 +1176,30 @@ impl Migration {
         &self,
         source: &str,
         target: &str,
-        keys: &[&KeyInfo],
+        keys: &[KeyInfo],
         wm: Watermarks,
-        memory: Option<&HashSet<String>>,
+        memory: Option<&Memory>,
         cleanup: bool,
     ) -> arcus_client::Result<(u64, bool)> {
         let names = key_names(keys);
         let s_items = self.gets(source, &names).await?;
         let t_items = self.gets(target, &names).await?;
         let now = unix_now();
+        let copied: Vec<Copied> = match memory {
+            Some(m) => {
+                let m = m.lock().unwrap();
+                keys.iter().map(|k| m.copied(&k.key)).collect()
+            }
+            None => vec![Copied::Unknown; keys.len()],
+        };
         let mut t = Tally {
             total: keys.len() as u64,
             ..Tally::default()
         };
         let mut writes: Vec<Pass2Write> = Vec::new();
-        for k in keys {
+        for (k, copied) in keys.iter().zip(copied) {
             let s_item = s_items.get(&k.key);
-            let (d, exptime) = pass2_decision(k, s_item, t_items.get(&k.key), memory, wm, now);
+            let (d, exptime) = pass2_decision(k, s_item, t_items.get(&k.key), copied, wm, now);
             if let Some(op) = pass2_write(&k.key, d, s_item, exptime, &mut t) {
                 writes.push((op, d, s_item.map_or(0, |i| i.value.len() as u64)));
             }
@@ -1146,7 +1219,7 @@ impl Migration {
     async fn delete_moved(
         &self,
         source: &str,
-        keys: &[&KeyInfo],
+        keys: &[KeyInfo],
         s_items: &HashMap<String, Item>,
     ) -> arcus_client::Result<u64> {
         let ops: Vec<StoreOp> = keys
@@ -1170,6 +1243,15 @@ impl Migration {
     ) -> arcus_client::Result<()> {
         let names: Vec<&str> = keys.iter().map(String::as_str).collect();
         let s_items = self.gets(source, &names).await?;
+        // A key written again on the source after its listing (a client with a stale ring) is
+        // not ours to judge from here; the next pass 2 run sees it listed.
+        let names: Vec<&str> = names
+            .into_iter()
+            .filter(|k| !s_items.contains_key(*k))
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
         let t_items = self.gets(target, &names).await?;
         let mut t = Tally::default();
         let mut ops = Vec::new();
@@ -1177,9 +1259,7 @@ impl Migration {
             source: 0,
             target: w_t,
         };
-        // A key written again on the source after its listing (a client with a stale ring) is
-        // not ours to judge from here; the next pass 2 run sees it listed.
-        for k in names.iter().filter(|k| !s_items.contains_key(**k)) {
+        for k in &names {
             t.total += 1;
             let tt = t_items.get(*k).map(|i| TargetState {
                 cas: i.cas.unwrap_or_default(),
@@ -1237,11 +1317,7 @@ impl Migration {
                 t.moved += 1;
                 t.bytes += bytes;
                 stored = 1;
-                self.remember(source, [key.key.clone()]);
-                self.copied_collections
-                    .lock()
-                    .unwrap()
-                    .insert(key.key.clone());
+                self.remember(self.memory(source).as_ref(), [key.key.as_str()]);
             }
             CollectionCopy::Exists => t.newer += 1,
             CollectionCopy::Gone => t.gone += 1,

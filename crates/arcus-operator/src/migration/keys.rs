@@ -9,6 +9,7 @@
 //! times on the SERVER's clock (shifted by `our clock - the server's "stats time"`), so a clock
 //! skew between the operator and a node never shortens or lengthens a copied item's life.
 
+use arcus_client::admin::MetadumpStream;
 use arcus_client::{AdminClient, Error as ClientError, ItemType, ScanOptions};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -131,9 +132,9 @@ pub async fn detect_listing(node: &str, timeout: Duration) -> Result<Listing, Mi
 }
 
 /// Every key of `node` with its expiry and type, skipping items already expired and the keys
-/// in `ignore` (the migration's own watermark key, ARCUS's `arcus:zk-ping`). `op_timeout`
-/// bounds each command, `list_timeout` the whole listing (metadump's `BUSY` is retried
-/// within it).
+/// in `ignore` (the migration's own watermark key, ARCUS's `arcus:zk-ping`), all in memory:
+/// for tests and small nodes. The migration reads [`KeyChunks`] instead. `op_timeout` bounds
+/// each command, `list_timeout` each chunk (metadump's `BUSY` is retried within it).
 pub async fn enumerate(
     node: &str,
     listing: Listing,
@@ -144,63 +145,156 @@ pub async fn enumerate(
     let bounds = Bounds {
         op_timeout,
         list_timeout,
-        deadline: Instant::now() + list_timeout,
+        chunk: 10_000,
     };
-    let keys = match listing {
-        Listing::Scan => scan_all(node, &bounds).await?,
-        Listing::Metadump => metadump(node, &bounds).await?,
-    };
-    Ok(keys
-        .into_iter()
-        .filter(|k| !ignore.contains(&k.key.as_str()))
-        .collect())
+    let ignore = ignore.iter().map(|k| k.to_string()).collect();
+    let mut keys = KeyLister::open(node, listing, &bounds, ignore).await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = keys.next_chunk().await? {
+        out.extend(chunk);
+    }
+    Ok(out)
 }
 
 /// The step named in listing errors.
 const LISTING: &str = "listing keys";
 
-/// What bounds one listing: each command, and the whole of it (ending at `deadline`).
-struct Bounds {
-    op_timeout: Duration,
-    list_timeout: Duration,
-    deadline: Instant,
+/// What bounds one listing: each command, each chunk (`chunk` keys at most).
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub op_timeout: Duration,
+    pub list_timeout: Duration,
+    pub chunk: usize,
 }
 
-async fn scan_all(node: &str, bounds: &Bounds) -> Result<Vec<KeyInfo>, MigrationError> {
-    let admin = AdminClient::with_timeout(node, bounds.op_timeout);
-    let opts = ScanOptions {
-        count: Some(1000),
-        ..ScanOptions::default()
-    };
-    let mut cursor = "0".to_string();
-    let mut out = Vec::new();
-    loop {
-        if Instant::now() >= bounds.deadline {
-            return Err(MigrationError::ListTimeout {
-                node: node.to_string(),
-                timeout: bounds.list_timeout,
-            });
+/// A listing of one node being read, a chunk at a time (in the caller's task).
+struct KeyLister {
+    node: String,
+    bounds: Bounds,
+    ignore: Vec<String>,
+    source: ListSource,
+}
+
+enum ListSource {
+    /// `scan key`: the next cursor, `None` once the scan is complete.
+    Scan {
+        admin: AdminClient,
+        cursor: Option<String>,
+    },
+    /// `lru_crawler metadump`, with the server's clock and ours read together when it started.
+    Metadump {
+        dump: MetadumpStream,
+        server_now: i64,
+        local_now: i64,
+    },
+}
+
+impl KeyLister {
+    async fn open(
+        node: &str,
+        listing: Listing,
+        bounds: &Bounds,
+        ignore: Vec<String>,
+    ) -> Result<KeyLister, MigrationError> {
+        let source = match listing {
+            Listing::Scan => ListSource::Scan {
+                admin: AdminClient::with_timeout(node, bounds.op_timeout),
+                cursor: Some("0".into()),
+            },
+            Listing::Metadump => start_metadump(node, bounds).await?,
+        };
+        Ok(KeyLister {
+            node: node.to_string(),
+            bounds: *bounds,
+            ignore,
+            source,
+        })
+    }
+
+    /// The next chunk (at most `bounds.chunk` keys, perhaps none left after filtering), or
+    /// `None` when the listing is complete. A chunk slower than `list_timeout` fails.
+    async fn next_chunk(&mut self) -> Result<Option<Vec<KeyInfo>>, MigrationError> {
+        let timeout = self.bounds.list_timeout;
+        let read = self.read_chunk();
+        let chunk = match tokio::time::timeout(timeout, read).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(MigrationError::ListTimeout {
+                    node: self.node.clone(),
+                    timeout,
+                })
+            }
+        };
+        Ok(chunk.map(|mut keys| {
+            keys.retain(|k| !self.ignore.contains(&k.key));
+            keys
+        }))
+    }
+
+    async fn read_chunk(&mut self) -> Result<Option<Vec<KeyInfo>>, MigrationError> {
+        let max = self.bounds.chunk.max(1);
+        match &mut self.source {
+            ListSource::Scan { admin, cursor } => {
+                let Some(mut at) = cursor.take() else {
+                    return Ok(None);
+                };
+                let opts = ScanOptions {
+                    count: Some(max.clamp(1, 1000) as u32),
+                    ..ScanOptions::default()
+                };
+                let mut out = Vec::new();
+                while out.len() < max {
+                    let page = admin.scan_keys(&at, &opts).await.step(LISTING)?;
+                    let now = unix_now();
+                    out.extend(page.keys.into_iter().filter_map(|k| {
+                        Some(KeyInfo {
+                            expiry: Expiry::from_scan(k.exptime, now)?,
+                            key: k.key,
+                            item_type: k.item_type,
+                            cas: None,
+                        })
+                    }));
+                    if page.next_cursor == "0" {
+                        return Ok(Some(out));
+                    }
+                    at = page.next_cursor;
+                }
+                *cursor = Some(at);
+                Ok(Some(out))
+            }
+            ListSource::Metadump {
+                dump,
+                server_now,
+                local_now,
+            } => {
+                let Some(entries) = dump.next_batch(max).await.step(LISTING)? else {
+                    return Ok(None);
+                };
+                let (server_now, local_now) = (*server_now, *local_now);
+                let now = unix_now();
+                Ok(Some(
+                    entries
+                        .into_iter()
+                        .map(|e| KeyInfo {
+                            expiry: Expiry::from_metadump(e.exp, server_now, local_now),
+                            key: e.key,
+                            item_type: ItemType::KeyValue,
+                            cas: Some(e.cas),
+                        })
+                        .filter(|k| !k.expiry.is_expired_at(now))
+                        .collect(),
+                ))
+            }
         }
-        let page = admin.scan_keys(&cursor, &opts).await.step(LISTING)?;
-        let now = unix_now();
-        out.extend(page.keys.into_iter().filter_map(|k| {
-            Some(KeyInfo {
-                expiry: Expiry::from_scan(k.exptime, now)?,
-                key: k.key,
-                item_type: k.item_type,
-                cas: None,
-            })
-        }));
-        if page.next_cursor == "0" {
-            return Ok(out);
-        }
-        cursor = page.next_cursor;
     }
 }
 
-async fn metadump(node: &str, bounds: &Bounds) -> Result<Vec<KeyInfo>, MigrationError> {
+/// Starts `lru_crawler metadump all`, retrying `BUSY` (another crawl, ours from a parallel
+/// listing or someone else's) for up to `list_timeout`.
+async fn start_metadump(node: &str, bounds: &Bounds) -> Result<ListSource, MigrationError> {
     let admin = AdminClient::with_timeout(node, bounds.op_timeout);
     let dump_admin = AdminClient::with_timeout(node, bounds.list_timeout);
+    let deadline = Instant::now() + bounds.list_timeout;
     let mut backoff = Duration::from_millis(20);
     loop {
         // Our clock and the server's, read together, to place metadump's absolute times.
@@ -210,28 +304,81 @@ async fn metadump(node: &str, bounds: &Bounds) -> Result<Vec<KeyInfo>, Migration
             .get("time")
             .and_then(|t| t.parse().ok())
             .unwrap_or(local_now);
-        match dump_admin.metadump_all().await {
-            Ok(entries) => {
-                return Ok(entries
-                    .into_iter()
-                    .map(|e| KeyInfo {
-                        expiry: Expiry::from_metadump(e.exp, server_now, local_now),
-                        key: e.key,
-                        item_type: ItemType::KeyValue,
-                        cas: Some(e.cas),
-                    })
-                    .filter(|k| !k.expiry.is_expired_at(local_now))
-                    .collect());
+        match dump_admin.metadump_stream().await {
+            Ok(dump) => {
+                return Ok(ListSource::Metadump {
+                    dump,
+                    server_now,
+                    local_now,
+                })
             }
-            // Another crawl (ours from a parallel listing, or someone else's) is running.
             Err(ClientError::Server { message, .. })
-                if message.starts_with("BUSY") && Instant::now() + backoff < bounds.deadline =>
+                if message.starts_with("BUSY") && Instant::now() + backoff < deadline =>
             {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
+            Err(ClientError::Server { message, .. }) if message.starts_with("BUSY") => {
+                return Err(MigrationError::ListTimeout {
+                    node: node.to_string(),
+                    timeout: bounds.list_timeout,
+                })
+            }
             Err(e) => return Err(e).step(LISTING),
         }
+    }
+}
+
+/// Chunks of a node's listing, read ahead by a task of their own: the listing is read on while
+/// the caller copies the previous chunks (a metadump must be read steadily: it holds the
+/// node's one crawler), yet at most [`READ_AHEAD`] chunks wait in memory. Dropping it stops the
+/// task (and closes the listing's connection).
+pub struct KeyChunks {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<KeyInfo>, MigrationError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Chunks read ahead of the caller, at most.
+pub const READ_AHEAD: usize = 2;
+
+impl KeyChunks {
+    /// Opens the listing of `node` (errors starting it are returned here) and reads it on in
+    /// the background. `ignore`: keys never returned.
+    pub async fn open(
+        node: &str,
+        listing: Listing,
+        bounds: Bounds,
+        ignore: &[&str],
+    ) -> Result<KeyChunks, MigrationError> {
+        let ignore = ignore.iter().map(|k| k.to_string()).collect();
+        let mut lister = KeyLister::open(node, listing, &bounds, ignore).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let next = lister.next_chunk().await;
+                let stop = !matches!(next, Ok(Some(_)));
+                let item = match next {
+                    Ok(Some(chunk)) => Ok(chunk),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(KeyChunks { rx, task })
+    }
+
+    /// The next chunk, or `None` when the listing is complete.
+    pub async fn next(&mut self) -> Result<Option<Vec<KeyInfo>>, MigrationError> {
+        self.rx.recv().await.transpose()
+    }
+}
+
+impl Drop for KeyChunks {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

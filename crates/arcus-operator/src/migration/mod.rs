@@ -4,7 +4,8 @@
 //!
 //! # Shape
 //! - [`keys`]: listing a node's keys (`scan key` on ARCUS, `lru_crawler metadump all` on stock
-//!   memcached, chosen by asking the node) and item lifetimes (remaining TTL).
+//!   memcached, chosen by asking the node) a chunk at a time, and item lifetimes (remaining TTL).
+//! - [`copied`]: pass 1's compact memory of the keys it stored (a Bloom filter per source).
 //! - [`plan`] (pure): which listed keys change owner between the ring before and after.
 //! - [`rules`] (pure): the pass-2 decision table.
 //! - [`collection`]: ARCUS list/set/map/b+tree: ascii encoding/parsing and copying.
@@ -51,6 +52,19 @@
 //! After a scale-out copy, [`MigrationOptions::delete_moved_from_sources`] compare-and-deletes
 //! the moved items on the previous owners (ARCUS's auto-scrub would remove them anyway).
 //!
+//! # Memory
+//! Bounded whatever the key count: every listing is read in chunks of
+//! [`MigrationOptions::list_chunk`] keys (`scan key` pages; metadump read incrementally on a
+//! connection of its own, by a task that stays at most [`keys::READ_AHEAD`] chunks ahead),
+//! each chunk is planned and turned into batches at once, and at most
+//! `concurrency_per_node` batches per listed node are in flight, across chunk boundaries. What
+//! outlives a chunk is pass 1's memory of the keys it stored: a Bloom filter per source
+//! ([`copied::CopiedKeys`], about 1.2 bytes a key, 1% false positives, grown by added filters
+//! when a source has more keys than its `curr_items` said), plus an exact set of the copies
+//! found gone by [`Migration::recheck_copies`] (capped; past the cap the memory answers
+//! "unknown" and pass 2 infers from `C_S` as after a restart). Pass 2 keeps nothing per key:
+//! it lists the sources again (moved keys) and the targets (our copies of deleted items).
+//!
 //! # Guarantees and limits
 //! - Only `add`, `cas` and compare-and-delete: never a blind `set`. Running the same plan
 //!   again converges to the same state (resumable): pass 1 any number of times while the ring
@@ -72,12 +86,28 @@
 //!   round stored, and pass 2 with pass 1's memory adds any still missing; a pass 2 resumed from
 //!   the checkpoint alone infers "copied" from `C_S` and would keep such a key uncopied if every
 //!   pass-1 listing missed it.
+//! - What the compact memory costs. Its "not copied" is exact; its "copied" is wrong for about
+//!   1% of the keys it never stored (a false positive), and always in the safe direction: a
+//!   false "copied" makes pass 1's later rounds and pass 2 leave a key uncopied (a cache miss
+//!   on its new owner), never revert or resurrect one. It matters only for keys pass 1 did not
+//!   store: (a) a key every pass-1 listing missed (metadump, about 1 in 200,000) AND a false
+//!   positive: about 1 in 20 million keys not copied; (b) a key first written on its source
+//!   after the recheck's listing and before the ring change (the settle window, a few hundred
+//!   keys) AND a false positive: about 1% of those. The recheck lists the sources again and
+//!   corrects a false positive whose key is not on its target. The exact set it used before
+//!   cost about 0.55 KB a key (557 MiB at 1M keys).
+//! - Our copies of items deleted on their source between pass 1 and the ring change are found
+//!   by listing the targets in pass 2 (keys stored before the change, `cas <= W_T`, whose source
+//!   item is gone). A target's metadump that skips such a copy (about 1 in 200,000) leaves that
+//!   deleted item on its new owner until it expires or is evicted; the exact memory of pass 1
+//!   used to cover that case too. ARCUS's `scan key` skips nothing.
 //! - TTLs are copied with one-second resolution.
 //! - Collections (ARCUS only) are copied whole in pass 1 and added when absent in pass 2;
 //!   their changes between pass 1 and the ring change are not carried over (no CAS on
 //!   collections). See [`collection`].
 
 pub mod collection;
+pub mod copied;
 mod engine;
 pub mod keys;
 pub mod plan;
@@ -104,8 +134,8 @@ pub enum MigrationError {
     },
     /// Listing a node's keys did not finish in time (each page did answer).
     #[error(
-        "node {node}: listing its keys took longer than {timeout:?}; raise \
-         MigrationOptions::list_timeout for nodes with this many keys"
+        "node {node}: one chunk of its key listing (or waiting for its busy crawler) took \
+         longer than {timeout:?}; check the node's load, or raise MigrationOptions::list_timeout"
     )]
     ListTimeout { node: String, timeout: Duration },
     #[error("invalid migration: {0}")]

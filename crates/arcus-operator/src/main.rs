@@ -1,5 +1,6 @@
 //! `arcus-operator run` (the controller) and `arcus-operator crd` (prints the CRD).
 
+use arcus_operator::controller::cache::{Caches, NamespaceStores};
 use arcus_operator::controller::{self, Capabilities, Context};
 use arcus_operator::crd::ArcusMemcached;
 use arcus_operator::metrics::Metrics;
@@ -12,8 +13,8 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store};
+use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -113,6 +114,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     metrics.leader.set(1);
 
+    let namespaces = watched_namespaces(&args.watch_namespace);
+    let watches: Vec<OwnedWatches> = namespaces
+        .iter()
+        .map(|ns| watch_owned(&client, ns))
+        .collect();
+    let caches = Arc::new(Caches::new(
+        watches.iter().map(|w| w.stores.clone()).collect(),
+    ));
+    caches.wait_until_ready().await;
+    tracing::info!("watches of owned objects listed");
+
     let (zk_tx, zk_rx) = tokio::sync::mpsc::unbounded_channel();
     let zk = Arc::new(ZkPool::new(
         Duration::from_secs(args.zk_session_timeout_seconds),
@@ -131,13 +143,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         capabilities,
         resync: Duration::from_secs(args.resync_seconds),
         by_service: Default::default(),
+        caches,
     });
     let trigger_tx = route_cache_list_changes(ctx.clone(), zk_rx);
-    let namespaces = watched_namespaces(&args.watch_namespace);
     tracing::info!(?namespaces, %identity, "leader: starting controllers");
-    let controllers = namespaces
+    let controllers = watches
         .into_iter()
-        .map(|ns| controller_for(ns, &client, &trigger_tx, &ctx, args.concurrency));
+        .map(|w| controller_for(w, &client, &trigger_tx, &ctx, args.concurrency));
     let all = futures::future::join_all(controllers);
     tokio::select! {
         _ = all => tracing::info!("controllers stopped (shutdown)"),
@@ -227,16 +239,82 @@ where
     }
 }
 
+/// Objects waiting in a shared watch stream for the slowest of its subscribers.
+const SHARED_STREAM_BUFFER: usize = 1024;
+
+/// The watches of what the operator owns in one namespace (or all): each feeds a store the
+/// passes read and a stream that triggers the controller.
+struct OwnedWatches {
+    namespace: Option<String>,
+    stores: NamespaceStores,
+    statefulsets: ReflectHandle<StatefulSet>,
+    pods: ReflectHandle<Pod>,
+    services: ReflectHandle<Service>,
+    pdbs: ReflectHandle<PodDisruptionBudget>,
+}
+
+fn watch_owned(client: &Client, ns: &Option<String>) -> OwnedWatches {
+    let (statefulsets, sts_stream) = shared_watch(api_in::<StatefulSet>(client, ns));
+    let (pods, pod_stream) = shared_watch(api_in::<Pod>(client, ns));
+    let (services, svc_stream) = shared_watch(api_in::<Service>(client, ns));
+    let (pdbs, pdb_stream) = shared_watch(api_in::<PodDisruptionBudget>(client, ns));
+    OwnedWatches {
+        namespace: ns.clone(),
+        stores: NamespaceStores {
+            namespace: ns.clone(),
+            statefulsets,
+            pods,
+            services,
+            pdbs,
+        },
+        statefulsets: sts_stream,
+        pods: pod_stream,
+        services: svc_stream,
+        pdbs: pdb_stream,
+    }
+}
+
+/// A watch of the objects carrying our managed-by label, reflected into a store (without
+/// managedFields, which the operator never reads) and shared with the controller.
+fn shared_watch<K>(api: Api<K>) -> (Store<K>, ReflectHandle<K>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store_shared(SHARED_STREAM_BUFFER);
+    let handle = writer
+        .subscribe()
+        .expect("a shared store can be subscribed");
+    let config = watcher::Config::default().labels(build::MANAGED_BY_SELECTOR);
+    let reflect = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect_shared(writer)
+        .for_each(|event| {
+            if let Err(e) = event {
+                tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying");
+            }
+            futures::future::ready(())
+        });
+    tokio::spawn(reflect);
+    (store, handle)
+}
+
 /// The controller of one watched namespace (or all): the CRs, what they own, their pods, and
 /// the `cache_list` triggers for it.
 fn controller_for(
-    ns: Option<String>,
+    watches: OwnedWatches,
     client: &Client,
     trigger_tx: &tokio::sync::broadcast::Sender<ObjectRef<ArcusMemcached>>,
     ctx: &Arc<Context>,
     concurrency: u16,
 ) -> impl std::future::Future<Output = ()> {
-    let owned = || watcher::Config::default().labels(build::MANAGED_BY_SELECTOR);
+    let ns = watches.namespace.clone();
     let rx = trigger_tx.subscribe();
     let wanted = ns.clone();
     let triggers = futures::stream::unfold(rx, |mut rx| async move {
@@ -249,23 +327,37 @@ fn controller_for(
         }
     })
     .filter(move |r| futures::future::ready(wanted.is_none() || r.namespace == wanted));
-    Controller::new(
+    // The resource's own status writes (ours) start no pass: only what a user or the API
+    // server changes does (spec → generation, deletion → generation, finalizers, metadata).
+    let (cr_store, cr_writer) = reflector::store();
+    let crs = watcher(
         api_in::<ArcusMemcached>(client, &ns),
         watcher::Config::default(),
     )
-    .with_config(ControllerConfig::default().concurrency(concurrency))
-    .owns(api_in::<StatefulSet>(client, &ns), owned())
-    // A Service or PDB deleted by hand brings its owner back at once to re-apply it.
-    .owns(api_in::<Service>(client, &ns), owned())
-    .owns(api_in::<PodDisruptionBudget>(client, &ns), owned())
-    .watches(api_in::<Pod>(client, &ns), owned(), |pod: Pod| {
-        let instance = pod.labels().get(build::INSTANCE_LABEL)?.clone();
-        Some(ObjectRef::new(&instance).within(&pod.namespace()?))
-    })
-    .reconcile_on(triggers)
-    .graceful_shutdown_on(shutdown_signal())
-    .run(controller::reconcile, controller::error_policy, ctx.clone())
-    .for_each(|_| futures::future::ready(()))
+    .default_backoff()
+    .reflect(cr_writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::finalizers)
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        Default::default(),
+    );
+    Controller::for_stream(crs, cr_store)
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .owns_shared_stream(watches.statefulsets)
+        // A Service or PDB deleted by hand brings its owner back at once to re-apply it.
+        .owns_shared_stream(watches.services)
+        .owns_shared_stream(watches.pdbs)
+        .watches_shared_stream(watches.pods, |pod: Arc<Pod>| {
+            let instance = pod.labels().get(build::INSTANCE_LABEL)?.clone();
+            Some(ObjectRef::new(&instance).within(&pod.namespace()?))
+        })
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown_signal())
+        .run(controller::reconcile, controller::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()))
 }
 
 async fn discover(client: &Client) -> Capabilities {

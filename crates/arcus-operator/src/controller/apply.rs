@@ -133,6 +133,7 @@ async fn run_step(
             api: Api::namespaced(ctx.client.clone(), &namespace_of(cr)),
             gate: ctx.leader.clone(),
             metrics: ctx.metrics.clone(),
+            caches: ctx.caches.clone(),
         },
     };
     tracing::info!(cr = %name_of(cr), action = ?step.action, stage = step.operation.as_ref().map(|o| o.stage_name()), "operation step");
@@ -210,14 +211,13 @@ async fn apply_objects(
         // have been deleted by hand since (two metadata reads, no write).
         let svc_name = objects.service.name_any();
         let pdb_name = objects.pdb.name_any();
-        let svc_there = svc_api.get_metadata_opt(&svc_name).await;
-        let svc_there = svc_there.or_kube("read", format_args!("Service {svc_name}"))?;
-        if svc_there.is_some() {
-            let pdb_there = pdb_api.get_metadata_opt(&pdb_name).await;
-            let pdb_there =
-                pdb_there.or_kube("read", format_args!("PodDisruptionBudget {pdb_name}"))?;
-            if pdb_there.is_some() {
-                return Ok(());
+        match ctx.caches.service_and_pdb_exist(&ns, &svc_name, &pdb_name) {
+            Some(true) => return Ok(()),
+            Some(false) => {}
+            None => {
+                if service_and_pdb_exist(&svc_api, &svc_name, &pdb_api, &pdb_name).await? {
+                    return Ok(());
+                }
             }
         }
     }
@@ -227,7 +227,9 @@ async fn apply_objects(
         let sm_api: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
         match &objects.service_monitor {
-            Some(sm) => server_side_apply(ctx, &sm_api, sm, "ServiceMonitor").await?,
+            Some(sm) => {
+                server_side_apply(ctx, &sm_api, sm, "ServiceMonitor").await?;
+            }
             None => delete_service_monitor(ctx, &sm_api, &valid.statefulset_name()).await?,
         }
     }
@@ -235,7 +237,27 @@ async fn apply_objects(
     sts.annotations_mut()
         .insert(APPLIED_HASH.into(), objects.hash.clone());
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    server_side_apply(ctx, &sts_api, &sts, "StatefulSet").await
+    let applied = server_side_apply(ctx, &sts_api, &sts, "StatefulSet").await?;
+    ctx.caches
+        .applied_statefulset(&ns, &sts.name_any(), applied.metadata.generation);
+    Ok(())
+}
+
+/// The Service and PDB read from the API (no store covers the namespace): two metadata reads.
+async fn service_and_pdb_exist(
+    svc_api: &Api<Service>,
+    svc_name: &str,
+    pdb_api: &Api<PodDisruptionBudget>,
+    pdb_name: &str,
+) -> Result<bool, Error> {
+    let svc_there = svc_api.get_metadata_opt(svc_name).await;
+    let svc_there = svc_there.or_kube("read", format_args!("Service {svc_name}"))?;
+    if svc_there.is_none() {
+        return Ok(false);
+    }
+    let pdb_there = pdb_api.get_metadata_opt(pdb_name).await;
+    let pdb_there = pdb_there.or_kube("read", format_args!("PodDisruptionBudget {pdb_name}"))?;
+    Ok(pdb_there.is_some())
 }
 
 /// The ServiceMonitor of a spec that no longer asks for one (absent is done).
@@ -254,18 +276,19 @@ async fn delete_service_monitor(
     Ok(())
 }
 
-async fn server_side_apply<K>(ctx: &Context, api: &Api<K>, obj: &K, kind: &str) -> Result<(), Error>
+async fn server_side_apply<K>(ctx: &Context, api: &Api<K>, obj: &K, kind: &str) -> Result<K, Error>
 where
     K: Resource + Serialize + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
     let name = obj.name_any();
     ctx.leader.check(|| format!("apply of {kind} {name}"))?;
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(obj))
+    let applied = api
+        .patch(&name, &params, &Patch::Apply(obj))
         .await
         .or_kube("apply", format_args!("{kind} {name}"))?;
     ctx.metrics.api_write(kind);
-    Ok(())
+    Ok(applied)
 }
 
 async fn scale_to_zero(valid: &crate::validate::ValidSpec, ctx: &Context) -> Result<(), Error> {
@@ -274,10 +297,13 @@ async fn scale_to_zero(valid: &crate::validate::ValidSpec, ctx: &Context) -> Res
         .check(|| format!("scale of StatefulSet {name}"))?;
     let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &valid.namespace);
     let patch = serde_json::json!({"spec": {"replicas": 0}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    let scaled = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .or_kube("scale to 0", format_args!("StatefulSet {name}"))?;
     ctx.metrics.api_write("StatefulSet");
+    ctx.caches
+        .applied_statefulset(&valid.namespace, &name, scaled.metadata.generation);
     Ok(())
 }
 

@@ -260,8 +260,8 @@ fn day2_request(day2: &Day2Plan, world: &World) -> Option<Day2Request> {
 }
 
 /// The StatefulSet size: the plan's, held back while the ring is still being changed: a
-/// scale-in shrinks it only once its migration is over; a scale-out grows it one recorded
-/// join at a time.
+/// scale-in shrinks it only once its migration is over; a scale-out grows it by one recorded
+/// join at a time (up to `operation::JOIN_BATCH` nodes; a narrowed join shrinks it again).
 fn statefulset_target(plan: u32, now: u32, after: Option<&Operation>, undrained: bool) -> u32 {
     match after {
         Some(Operation::ScaleIn { .. }) => now.max(plan),

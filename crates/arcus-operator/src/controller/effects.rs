@@ -1,5 +1,6 @@
 //! The API side of the executor's effects: deleting cache pods, behind the leader gate.
 
+use super::cache::Caches;
 use crate::leader::LeaderGate;
 use crate::metrics::Metrics;
 use crate::migrate::{MigrateError, Pods};
@@ -12,6 +13,8 @@ pub struct PodsApi {
     pub api: Api<Pod>,
     pub gate: LeaderGate,
     pub metrics: Arc<Metrics>,
+    /// Told of each deletion, so passes do not take the cached pod for a live one.
+    pub caches: Arc<Caches>,
 }
 
 impl Pods for PodsApi {
@@ -25,7 +28,11 @@ impl Pods for PodsApi {
             ..DeleteParams::default()
         };
         match self.api.delete(pod, &params).await {
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some(uid) = uid {
+                    self.caches.deleted_pod(uid);
+                }
+            }
             // Gone, or already replaced by a pod of another uid: done either way.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(source) => {

@@ -3,14 +3,16 @@
 //!
 //! 1. [`validated`]: the spec checked (`validate`), the finalizer ensured; an invalid spec
 //!    reports itself and waits for a change.
-//! 2. [`observe::observe`]: every read: the StatefulSet, the pods, ZooKeeper (the claim with
-//!    the operation in flight, the ring, the mappings) and the nodes' `zkensemble` support.
+//! 2. [`observe::observe`]: every read: the StatefulSet and the pods (from the watches'
+//!    stores, [`cache`]), ZooKeeper (the claim with the operation in flight, the ring, the
+//!    mappings) and the nodes' `zkensemble` support.
 //! 3. [`decide::decide`] (pure): the ZooKeeper plan, the operation's next step, day-2, the
 //!    objects to apply, the status input, the requeue.
 //! 4. [`apply::apply`]: every write, ZooKeeper first, then the step, then the objects.
 //! 5. [`apply::update_status`].
 
 mod apply;
+pub mod cache;
 mod decide;
 mod effects;
 mod observe;
@@ -104,6 +106,8 @@ pub struct Context {
     pub by_service: std::sync::Mutex<
         HashMap<(String, String), kube::runtime::reflector::ObjectRef<ArcusMemcached>>,
     >,
+    /// The watched StatefulSets, pods, Services and PDBs (`Caches::default()`: read the API).
+    pub caches: Arc<cache::Caches>,
 }
 
 pub async fn reconcile(cr: Arc<ArcusMemcached>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -1,5 +1,6 @@
 //! Stage 2: every read one pass needs, each made once, and the per-pod views built once.
 
+use super::cache::CachedStatefulSet;
 use super::{namespace_of, Context, Error, KubeContext};
 use crate::build;
 use crate::crd::ArcusMemcached;
@@ -16,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// The world as one pass read it.
 pub struct World {
@@ -60,11 +62,7 @@ pub async fn observe(
         cr.spec.replicas.max(0) as u32
     };
     let sts_name = valid.statefulset_name();
-    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let statefulset = sts_api
-        .get_opt(&sts_name)
-        .await
-        .or_kube("read", format_args!("StatefulSet {ns}/{sts_name}"))?;
+    let statefulset = statefulset(ctx, &ns, &sts_name).await?;
     let pods = cache_pods(ctx, cr, &sts_name).await?;
 
     let sts_replicas = statefulset
@@ -241,29 +239,51 @@ fn node_pod(
     }
 }
 
+/// The StatefulSet from the watch's store; from the API when the store has not seen our own
+/// last apply yet, or no store covers the namespace.
+async fn statefulset(ctx: &Context, ns: &str, name: &str) -> Result<Option<StatefulSet>, Error> {
+    if let CachedStatefulSet::Found(sts) = ctx.caches.statefulset(ns, name) {
+        return Ok(sts.map(Arc::unwrap_or_clone));
+    }
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name)
+        .await
+        .or_kube("read", format_args!("StatefulSet {ns}/{name}"))
+}
+
+/// The resource's pods by ordinal, from the watch's store (or the API when none covers the
+/// namespace).
 async fn cache_pods(
     ctx: &Context,
     cr: &ArcusMemcached,
     sts_name: &str,
 ) -> Result<Vec<(u32, Pod)>, Error> {
     let ns = namespace_of(cr);
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let selector = build::selector_labels(cr)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let list = api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .or_kube("list", format_args!("pods {ns}/{selector}"))?;
+    let labels = build::selector_labels(cr);
+    let pods = match ctx.caches.pods(&ns, &labels) {
+        Some(pods) => pods,
+        None => {
+            let selector = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .or_kube("list", format_args!("pods {ns}/{selector}"))?
+                .items
+        }
+    };
     let prefix = format!("{sts_name}-");
-    Ok(list
-        .items
+    let mut pods: Vec<(u32, Pod)> = pods
         .into_iter()
         .filter_map(|p| {
             let ordinal = p.name_any().strip_prefix(&prefix)?.parse().ok()?;
             Some((ordinal, p))
         })
-        .collect())
+        .collect();
+    // The store has no order; the API lists by name (passes must not depend on either).
+    pods.sort_by_key(|(o, _)| *o);
+    Ok(pods)
 }

@@ -21,13 +21,13 @@ use zookeeper_client as zk;
 
 type Cr = kube::api::DynamicObject;
 
-fn cr_api(sandbox: &Sandbox, ns: &str) -> Api<Cr> {
+fn cr_resource() -> kube::api::ApiResource {
     let gvk = kube::api::GroupVersionKind::gvk("jam2in.com", "v1", "ArcusMemcached");
-    Api::namespaced_with(
-        sandbox.client.clone(),
-        ns,
-        &kube::api::ApiResource::from_gvk_with_plural(&gvk, "memcacheds"),
-    )
+    kube::api::ApiResource::from_gvk_with_plural(&gvk, "memcacheds")
+}
+
+fn cr_api(sandbox: &Sandbox, ns: &str) -> Api<Cr> {
+    Api::namespaced_with(sandbox.client.clone(), ns, &cr_resource())
 }
 
 fn cr(name: &str, svc: &str, replicas: i32) -> Cr {
@@ -64,10 +64,15 @@ async fn scrape(addr: &str) -> String {
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
+    rss_mib(pid, "VmHWM:")
+}
+
+/// `field` (VmHWM: peak, VmRSS: now) of `pid`, in MiB.
+fn rss_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map(|kib| kib / 1024.0)
         .unwrap_or(f64::NAN)
@@ -241,7 +246,11 @@ async fn measure(
     let (f50, f99) = (percentile(&floor, 0.5), percentile(&floor, 0.99));
     println!("cr-change-latency: n={changes} p50={p50:.1}ms p99={p99:.1}ms | floor (direct sts patch + znode create) p50={f50:.1}ms p99={f99:.1}ms | ratio p50={:.2} p99={:.2}", p50 / f50, p99 / f99);
 
-    // 2. Many resources at once.
+    // 2. Many resources at once, watched (not polled: listing hundreds of objects every 100 ms
+    // would load the API server the operator is measured against).
+    let crs_seen = watched(crs.clone(), cr_resource());
+    let sts_seen = watched(stss.clone(), ());
+    let before_cold = scrape(metrics_addr).await;
     let t0 = Instant::now();
     let prefix = ns.name.replace('-', "_");
     futures::stream::iter(0..resources)
@@ -264,25 +273,29 @@ async fn measure(
     let created = t0.elapsed();
     let all = resources + 1;
     wait_until(
-        Duration::from_secs(300),
+        Duration::from_secs(600),
         &format!("{all} resources reconciled"),
         || async {
-            let list = crs.list(&ListParams::default()).await.ok()?;
-            let done = list
-                .items
+            let done = crs_seen
+                .state()
                 .iter()
                 .filter(|c| {
                     c.data["status"]["observedGeneration"].as_i64() == c.metadata.generation
                         && c.data["status"]["ready"].is_string()
                 })
                 .count();
-            let sts = stss.list(&ListParams::default()).await.ok()?.items.len();
+            let sts = sts_seen.state().len();
             (done == all && sts == all).then_some(())
         },
     )
     .await?;
     let reconciled = t0.elapsed();
-    println!("many-resources: {resources} created in {:.1}s, all reconciled (status + StatefulSet + mappings) after {:.1}s", created.as_secs_f64(), reconciled.as_secs_f64());
+    let after_cold = scrape(metrics_addr).await;
+    let per =
+        |name: &str| (metric(&after_cold, name) - metric(&before_cold, name)) / resources as f64;
+    println!("many-resources: {resources} created in {:.1}s, all reconciled (status + StatefulSet + mappings) after {:.1}s | per resource: {:.1} reconciles, {:.1} API writes, {:.1} ZooKeeper writes | RSS {:.1} MiB", created.as_secs_f64(), reconciled.as_secs_f64(), per("arcus_operator_reconciles_total"), per("arcus_operator_api_writes_total"), per("arcus_operator_zookeeper_writes_total"), rss_mib(pid, "VmRSS:"));
+    let floor = cold_floor(ns, resources, &zk).await?;
+    println!("many-resources floor: the same first writes done directly for {resources} resources (CR, Service, PDB, StatefulSet, status, 3 znodes; 32 in flight) took {floor:.1}s | ratio {:.2}", reconciled.as_secs_f64() / floor);
 
     // Quiet, then a resync window: everything is reconciled again and nothing is written.
     let writes = |text: &str| {
@@ -311,6 +324,142 @@ async fn measure(
     );
 
     Ok(())
+}
+
+/// A store of `api`'s objects, kept by a watch for as long as the process runs.
+fn watched<K>(api: Api<K>, dyntype: K::DynamicType) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    use kube::runtime::{reflector, watcher, WatchStreamExt};
+    let writer = reflector::store::Writer::new(dyntype);
+    let store = writer.as_reader();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| futures::future::ready(()));
+    tokio::spawn(stream);
+    store
+}
+
+/// The floor of a cold start: what the operator writes for each new resource, done directly
+/// with the same concurrency in a namespace no operator watches, objects copied from the
+/// operator's own for `lat` (so the StatefulSet controller does the same work after).
+async fn cold_floor(
+    ns: &test_support::sandbox::TestNamespace,
+    resources: usize,
+    zk: &zk::Client,
+) -> anyhow::Result<f64> {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let sandbox = Sandbox::shared().await?;
+    let floor_ns = sandbox.namespace("bench-floor").await?;
+    let template = |mut v: serde_json::Value| {
+        let meta = v["metadata"].take();
+        v["metadata"] = json!({"labels": meta["labels"].clone()});
+        v.as_object_mut().unwrap().remove("status");
+        v
+    };
+    let sts = template(serde_json::to_value(
+        ns.api::<StatefulSet>().get("lat-arcus-mc").await?,
+    )?);
+    let svc = template(serde_json::to_value(
+        ns.api::<Service>().get("lat-arcus-mc").await?,
+    )?);
+    let pdb = template(serde_json::to_value(
+        ns.api::<PodDisruptionBudget>().get("lat-arcus-mc").await?,
+    )?);
+    let mut svc = svc;
+    svc["spec"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| k != "clusterIP" && k != "clusterIPs");
+    let crs = cr_api(sandbox, &floor_ns.name);
+    let root = format!("/arcus-bench-floor-{}", floor_ns.name);
+    let acl = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    zk.create(&root, b"", &acl).await?;
+    let apply = PatchParams::apply("bench-floor").force();
+    let t0 = Instant::now();
+    futures::stream::iter(0..resources)
+        .map(|i| {
+            let (crs, name) = (crs.clone(), format!("f{i}"));
+            let (sts, svc, pdb) = (sts.clone(), svc.clone(), pdb.clone());
+            let (apply, root, acl) = (apply.clone(), root.clone(), acl.clone());
+            let api = |n: &str| {
+                (
+                    floor_ns.api::<StatefulSet>(),
+                    floor_ns.api::<Service>(),
+                    floor_ns.api::<PodDisruptionBudget>(),
+                    n.to_string(),
+                )
+            };
+            let (sts_api, svc_api, pdb_api, _) = api(&name);
+            async move {
+                crs.create(&PostParams::default(), &cr(&name, &format!("floor_{i}"), 1))
+                    .await?;
+                crs.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"floor": "yes"}}})),
+                )
+                .await?;
+                for z in ["", "/a", "/b"] {
+                    zk.create(&format!("{root}/{name}{z}"), b"", &acl).await?;
+                }
+                let named = |mut v: serde_json::Value, kind: &str| {
+                    v["metadata"]["name"] = json!(format!("{name}-arcus-mc"));
+                    v["apiVersion"] = json!(if kind == "PodDisruptionBudget" {
+                        "policy/v1"
+                    } else if kind == "StatefulSet" {
+                        "apps/v1"
+                    } else {
+                        "v1"
+                    });
+                    v["kind"] = json!(kind);
+                    v
+                };
+                let n = format!("{name}-arcus-mc");
+                svc_api
+                    .patch(&n, &apply, &Patch::Apply(named(svc, "Service")))
+                    .await?;
+                pdb_api
+                    .patch(&n, &apply, &Patch::Apply(named(pdb, "PodDisruptionBudget")))
+                    .await?;
+                sts_api
+                    .patch(&n, &apply, &Patch::Apply(named(sts, "StatefulSet")))
+                    .await?;
+                crs.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"observedGeneration": 1, "ready": "0/1"}})),
+                )
+                .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let took = t0.elapsed().as_secs_f64();
+    for i in 0..resources {
+        for z in ["/a", "/b", ""] {
+            let _ = zk.delete(&format!("{root}/f{i}{z}"), None).await;
+        }
+    }
+    let _ = zk.delete(&root, None).await;
+    crs.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    floor_ns.cleanup().await?;
+    Ok(took)
 }
 
 use futures::StreamExt;

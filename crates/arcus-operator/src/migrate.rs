@@ -4,11 +4,12 @@
 //!   (`Drain`), one transaction deletes the leaving znodes and records the stage
 //!   (`ChangeRingAndPass2`; clients switch rings, the nodes keep serving us), pass 2 carries
 //!   over what changed meanwhile;
-//! - a node joining, one at a time: a node that answers `zkensemble` (ARCUS) is taken out of
-//!   `cache_list` the moment it registers, what clients wrote there in those milliseconds goes
-//!   back to the owners (`GiveBack`), pass 1 fills it, `zkensemble rejoin` lets it in, pass 2
-//!   carries over what changed meanwhile (`FillHeldOut`); other servers get an add-only copy
-//!   once they registered (a key deleted on the new node before its copy arrived can come back);
+//! - nodes joining, up to `operation::JOIN_BATCH` in one recorded join: a node that answers
+//!   `zkensemble` (ARCUS) is taken out of `cache_list` the moment it registers, what clients
+//!   wrote there in those milliseconds goes back to the owners (`GiveBack`), then one held node
+//!   at a time: pass 1 fills it, `zkensemble rejoin` lets it in, pass 2 carries over what
+//!   changed meanwhile (`FillHeldOut`); other servers get an add-only copy once they registered
+//!   (a key deleted on the new node before its copy arrived can come back);
 //! - a cache-aware restart: the scale-in of that node, its pod deleted, and the join's fill
 //!   once it is back; healing a node that left ZooKeeper is that fill alone.
 //!
@@ -249,9 +250,11 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 ));
                 return Ok(ran);
             }
-            Action::StartJoin { .. } | Action::Advance | Action::StartHeal(_) | Action::Abandon => {
-                Outcome::Done
-            }
+            Action::StartJoin { .. }
+            | Action::Narrow { .. }
+            | Action::Advance
+            | Action::StartHeal(_)
+            | Action::Abandon => Outcome::Done,
             Action::DeletePod { pod, uid } => {
                 self.pods.delete(pod, Some(uid)).await?;
                 ran.event = Some((
@@ -260,8 +263,8 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 ));
                 Outcome::Done
             }
-            Action::TakeOutOnRegistration { host } => {
-                return self.take_out_on_registration(step, host).await;
+            Action::TakeOutOnRegistration { hosts } => {
+                return self.take_out_on_registration(step, hosts).await;
             }
             Action::TakeOut { znodes } => {
                 let then = step.successor(&Outcome::Done);
@@ -330,7 +333,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 }
                 (Outcome::Done, None)
             }
-            Action::FillHeldOut { before, held } => {
+            Action::FillHeldOut { before, held, .. } => {
                 let joining = addrs(held);
                 let cp = mover.fill(before, &joining, label).await?;
                 match self.rejoin_all(held).await {
@@ -339,7 +342,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                     }
                     r => r?,
                 }
-                tracing::info!(?joining, "node rejoined; pass 2");
+                tracing::info!(?joining, "nodes rejoined; pass 2");
                 let p = mover.after_fill(before, &joining, &cp, label).await?;
                 (Outcome::Done, Some(p))
             }
@@ -387,21 +390,34 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
         Ok(())
     }
 
-    /// Waits (bounded) until `host` registers; when it can be held out, takes it out at once
-    /// (clients see it for a few milliseconds at most) and records it held.
-    async fn take_out_on_registration(&self, step: &Step, host: &str) -> Result<Ran, MigrateError> {
+    /// Waits (bounded) until one of `hosts` registers; takes out at once those registered
+    /// that can be held out (clients see them for a few milliseconds at most) and records them
+    /// held.
+    async fn take_out_on_registration(
+        &self,
+        step: &Step,
+        hosts: &[String],
+    ) -> Result<Ran, MigrateError> {
         let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
         while tokio::time::Instant::now() < deadline {
             let ring = self.registry.ring().await?;
-            if let Some(z) = ring.into_iter().find(|z| z.host() == host) {
-                if self.admin.can_rejoin(z.addr()).await != Some(true) {
+            let registered: Vec<CacheZnode> = ring
+                .into_iter()
+                .filter(|z| hosts.iter().any(|h| h == z.host()))
+                .collect();
+            if !registered.is_empty() {
+                let mut taken = vec![];
+                for z in registered {
+                    if self.admin.can_rejoin(z.addr()).await == Some(true) {
+                        taken.push(z);
+                    }
+                }
+                if taken.is_empty() {
                     return Ok(Ran::default());
                 }
-                let then = step.successor(&Outcome::TookOut(vec![z.clone()]));
-                self.registry
-                    .leave_ring(std::slice::from_ref(&z), then.as_ref())
-                    .await?;
-                tracing::info!(znode = %z, "new node taken out of the ring until it is filled");
+                let then = step.successor(&Outcome::TookOut(taken.clone()));
+                self.registry.leave_ring(&taken, then.as_ref()).await?;
+                tracing::info!(held = ?taken, "new node taken out of the ring until it is filled");
                 return Ok(Ran {
                     persisted: true,
                     ..Ran::default()

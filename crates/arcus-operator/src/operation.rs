@@ -12,7 +12,10 @@
 //! Join:     (idle) ─StartJoin─► AwaitRegistration ─TakeOut*─► HeldOut{givenBack:false}
 //!             AwaitRegistration ─FillEarly─► AwaitRegistration    (stock nodes, before they register)
 //!             AwaitRegistration ─CopyAddOnly─► (idle)             (registered, cannot be held out)
+//!             HeldOut ─TakeOut*─► HeldOut{false}                  (another node of the join registered)
 //!             HeldOut{false} ─GiveBack─► HeldOut{true} ─FillHeldOut─► (idle)
+//!             HeldOut{true} ─FillHeldOut─► HeldOut | AwaitRegistration (one node per round; more to come)
+//!             any ─Narrow─► the same stage, fewer nodes           (the spec shrank, none of the dropped registered)
 //! Restart:  (idle) ─Drain─► Draining ─ChangeRingAndPass2─► Drained ─DeletePod─► AwaitReturn
 //!             AwaitReturn ─TakeOut*─► HeldOut{false} ─GiveBack─► HeldOut{true} ─FillHeldOut─► (idle)
 //! Heal:     (idle) ─StartHeal─► Restart HeldOut{givenBack:true} ─FillHeldOut─► (idle)
@@ -40,10 +43,14 @@ pub enum Operation {
         to: u32,
         stage: ScaleInStage,
     },
-    /// One new node joins: the StatefulSet has grown to `to_replicas`; `before` is the ring
-    /// (ip:port) its items come from; `early` lists nodes filled before they registered.
+    /// New nodes join: the StatefulSet has grown to `to_replicas`, the ordinals from
+    /// `from_replicas` on join; `before` is the ring (ip:port) their items come from (it grows
+    /// by the nodes let in so far); `early` lists nodes filled before they registered.
     #[serde(rename_all = "camelCase")]
     Join {
+        /// Absent in the records of operators that joined one node at a time: `to_replicas − 1`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_replicas: Option<u32>,
         to_replicas: u32,
         before: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -223,10 +230,18 @@ pub enum Action {
     Idle,
     /// Waiting for the world (a pod to start or register).
     Wait(String),
-    /// Record the start of a join; the StatefulSet grows to `to_replicas`.
+    /// Record the start of a join of the ordinals `from_replicas..to_replicas`; the
+    /// StatefulSet grows to `to_replicas`.
     StartJoin {
+        from_replicas: u32,
         to_replicas: u32,
         before: Vec<String>,
+    },
+    /// The spec shrank below a join in flight whose dropped nodes never entered the ring: the
+    /// join goes on for the ordinals below `to_replicas`, holding only `held`.
+    Narrow {
+        to_replicas: u32,
+        held: Vec<CacheZnode>,
     },
     /// Pass 1 of moving `leaving`'s items onto the ring without them (repeatable: the ring
     /// has not changed yet).
@@ -250,8 +265,8 @@ pub enum Action {
         before: Vec<String>,
         joining: Vec<String>,
     },
-    /// Wait (bounded) for `host` to register and take it out of the ring at once.
-    TakeOutOnRegistration { host: String },
+    /// Wait (bounded) for one of `hosts` to register and take out at once those that did.
+    TakeOutOnRegistration { hosts: Vec<String> },
     /// Take these registered nodes out of the ring.
     TakeOut { znodes: Vec<CacheZnode> },
     /// Move what clients wrote on the held nodes while they were in the ring to the owners.
@@ -259,10 +274,12 @@ pub enum Action {
         before: Vec<String>,
         held: Vec<CacheZnode>,
     },
-    /// Pass 1 into the held nodes, `zkensemble rejoin`, pass 2: the end of the operation.
+    /// Pass 1 into the held nodes, `zkensemble rejoin`, pass 2: the end of the operation, or
+    /// (`last` false) of this round of a join whose other nodes are still to come.
     FillHeldOut {
         before: Vec<String>,
         held: Vec<CacheZnode>,
+        last: bool,
     },
     /// Add-only copy into registered nodes that cannot be held out (stock memcached).
     CopyAddOnly {
@@ -273,8 +290,9 @@ pub enum Action {
     RestartPod { pod: String },
     /// Record the heal of a node that left ZooKeeper: it is filled before it is let in.
     StartHeal(Operation),
-    /// The spec shrank below a join in flight: the join ends (its node, if registered, is
-    /// drained by the scale-in that follows; one held out never served).
+    /// The spec shrank below a join in flight: the join ends (its registered nodes are drained
+    /// by the scale-in that follows; held ones gave back what clients wrote on them first, and
+    /// any of them the spec still wants is filled by the heal of nodes out of the ring).
     Abandon,
 }
 
@@ -337,11 +355,13 @@ impl Step {
             (Action::StartHeal(record), _) => Some(record.clone()),
             (
                 Action::StartJoin {
+                    from_replicas,
                     to_replicas,
                     before,
                 },
                 _,
             ) => Some(Operation::Join {
+                from_replicas: Some(*from_replicas),
                 to_replicas: *to_replicas,
                 before: before.clone(),
                 early: vec![],
@@ -358,23 +378,10 @@ impl Step {
             (Action::Drain { .. }, _) => op,
             (Action::ChangeRingAndPass2 { .. }, _) => op.and_then(after_ring_change),
             (Action::DeletePod { .. } | Action::Advance, _) => op.map(after_pod_deleted),
-            (Action::FillEarly { joining, .. }, _) => match op? {
-                Operation::Join {
-                    to_replicas,
-                    before,
-                    mut early,
-                    stage,
-                } => {
-                    early.extend(joining.iter().cloned());
-                    Some(Operation::Join {
-                        to_replicas,
-                        before,
-                        early,
-                        stage,
-                    })
-                }
-                other => Some(other),
-            },
+            (Action::FillEarly { joining, .. }, _) => op.map(|o| filled_early(o, joining)),
+            (Action::Narrow { to_replicas, held }, _) => {
+                op.map(|o| narrowed(o, *to_replicas, held))
+            }
             (Action::TakeOutOnRegistration { .. }, Outcome::TookOut(held)) if held.is_empty() => op,
             (Action::TakeOutOnRegistration { .. }, Outcome::TookOut(held)) => {
                 op.map(|o| held_out(o, held.clone(), false))
@@ -382,6 +389,12 @@ impl Step {
             (Action::TakeOutOnRegistration { .. }, _) => op,
             (Action::TakeOut { znodes }, _) => op.map(|o| held_out(o, znodes.clone(), false)),
             (Action::GiveBack { held, .. }, _) => op.map(|o| held_out(o, held.clone(), true)),
+            (
+                Action::FillHeldOut {
+                    held, last: false, ..
+                },
+                Outcome::Done,
+            ) => op.map(|o| let_in(o, held)),
             (Action::FillHeldOut { .. }, Outcome::RejoinFailed) => match op? {
                 Operation::Restart {
                     host,
@@ -398,6 +411,29 @@ impl Step {
             },
             (Action::FillHeldOut { .. } | Action::CopyAddOnly { .. } | Action::Abandon, _) => None,
         }
+    }
+}
+
+/// A join whose stock nodes `joining` were filled before they registered.
+fn filled_early(op: Operation, joining: &[String]) -> Operation {
+    match op {
+        Operation::Join {
+            from_replicas,
+            to_replicas,
+            before,
+            mut early,
+            stage,
+        } => {
+            early.extend(joining.iter().cloned());
+            Operation::Join {
+                from_replicas,
+                to_replicas,
+                before,
+                early,
+                stage,
+            }
+        }
+        other => other,
     }
 }
 
@@ -469,38 +505,300 @@ fn drained_record(
     }
 }
 
-/// `op` with its nodes held out (`held`), keeping the ring they are filled from.
-fn held_out(op: Operation, held: Vec<CacheZnode>, given_back: bool) -> Operation {
-    let fill = Fill { held, given_back };
+/// `op` with `taken` held out too (or, for `given_back`, given back), keeping the ring they
+/// are filled from. Nodes held already stay held: a join holds each node as it registers.
+fn held_out(op: Operation, taken: Vec<CacheZnode>, given_back: bool) -> Operation {
+    let merge = |fill: Option<Fill>| {
+        let mut held = fill.map(|f| f.held).unwrap_or_default();
+        for z in taken {
+            if !held.contains(&z) {
+                held.push(z);
+            }
+        }
+        Fill { held, given_back }
+    };
     match op {
         Operation::Join {
+            from_replicas,
             to_replicas,
             before,
             early,
-            ..
-        } => Operation::Join {
-            to_replicas,
-            before,
-            early,
-            stage: JoinStage::HeldOut { fill },
-        },
+            stage,
+        } => {
+            let fill = match stage {
+                JoinStage::HeldOut { fill } => Some(fill),
+                JoinStage::AwaitRegistration => None,
+            };
+            Operation::Join {
+                from_replicas,
+                to_replicas,
+                before,
+                early,
+                stage: JoinStage::HeldOut { fill: merge(fill) },
+            }
+        }
         Operation::Restart {
             host,
             pod,
             pod_uid,
-            stage:
+            stage,
+        } => {
+            let (before, fill) = match stage {
+                RestartStage::HeldOut { before, fill } => (before, Some(fill)),
                 RestartStage::AwaitReturn { before }
-                | RestartStage::HeldOut { before, .. }
                 | RestartStage::Drained { before }
-                | RestartStage::Draining { before, .. },
-        } => Operation::Restart {
-            host,
-            pod,
-            pod_uid,
-            stage: RestartStage::HeldOut { before, fill },
+                | RestartStage::Draining { before, .. } => (before, None),
+            };
+            Operation::Restart {
+                host,
+                pod,
+                pod_uid,
+                stage: RestartStage::HeldOut {
+                    before,
+                    fill: merge(fill),
+                },
+            }
+        }
+        other => other,
+    }
+}
+
+/// A round of a join ended with `filled` let in: the rest of its nodes (those still held
+/// stay held) are filled from the ring with them.
+fn let_in(op: Operation, filled: &[CacheZnode]) -> Operation {
+    match op {
+        Operation::Join {
+            from_replicas,
+            to_replicas,
+            mut before,
+            early,
+            stage,
+        } => {
+            before.extend(filled.iter().map(|z| z.addr().to_string()));
+            let stage = match stage {
+                JoinStage::HeldOut { fill } if fill.held.iter().any(|z| !filled.contains(z)) => {
+                    JoinStage::HeldOut {
+                        fill: Fill {
+                            held: fill
+                                .held
+                                .into_iter()
+                                .filter(|z| !filled.contains(z))
+                                .collect(),
+                            given_back: fill.given_back,
+                        },
+                    }
+                }
+                _ => JoinStage::AwaitRegistration,
+            };
+            Operation::Join {
+                from_replicas,
+                to_replicas,
+                before,
+                early,
+                stage,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The join, down to `to_replicas` (only `held` of its held nodes are left).
+fn narrowed(op: Operation, to: u32, held: &[CacheZnode]) -> Operation {
+    match op {
+        Operation::Join {
+            from_replicas,
+            before,
+            early,
+            stage,
+            ..
+        } => Operation::Join {
+            from_replicas,
+            to_replicas: to,
+            before,
+            early,
+            stage: match stage {
+                JoinStage::HeldOut { fill } if !held.is_empty() => JoinStage::HeldOut {
+                    fill: Fill {
+                        held: held.to_vec(),
+                        given_back: fill.given_back,
+                    },
+                },
+                _ => JoinStage::AwaitRegistration,
+            },
         },
         other => other,
     }
+}
+
+/// How many new nodes one join brings in at most (one record, the StatefulSet grown once).
+/// Each is taken out as it registers and filled and let in in turn (see `join_step`: a fill
+/// of several at once would let them in one after another). Bounded so that a scale-out by
+/// many nodes is let in by parts (a stuck pod holds up at most this many) and the pods started
+/// ahead of their fill stay few.
+pub const JOIN_BATCH: u32 = 8;
+
+/// A join in flight, as `next_step` reads it.
+struct JoinView<'a> {
+    /// The ordinals `from..to` join.
+    from: u32,
+    to: u32,
+    before: &'a [String],
+    early: &'a [String],
+    fill: Option<&'a Fill>,
+}
+
+impl JoinView<'_> {
+    fn held(&self) -> &[CacheZnode] {
+        self.fill.map_or(&[], |f| &f.held)
+    }
+}
+
+/// The spec wants fewer nodes than the join brings in. Held nodes give back what clients
+/// wrote on them first (they may be deleted next). If no dropped node entered the ring, the
+/// join goes on for the rest; otherwise it ends, and the scale-in that follows drains the
+/// registered ones (the others are filled by the heal of nodes out of the ring).
+fn shrunk_join(world: &World, join: &JoinView) -> Action {
+    if let Some(fill) = join
+        .fill
+        .filter(|f| !f.given_back && !join.before.is_empty())
+    {
+        return Action::GiveBack {
+            before: join.before.to_vec(),
+            held: fill.held.clone(),
+        };
+    }
+    let dropped: Vec<&PodState> = (world.desired..join.to)
+        .filter_map(|o| world.pod(o))
+        .collect();
+    let dropped_registered = dropped
+        .iter()
+        .any(|p| world.ring.iter().any(|z| z.host() == p.host));
+    if world.desired <= join.from || dropped_registered {
+        return Action::Abandon;
+    }
+    let kept = join
+        .held()
+        .iter()
+        .filter(|z| !dropped.iter().any(|p| p.host == z.host()))
+        .cloned()
+        .collect();
+    Action::Narrow {
+        to_replicas: world.desired,
+        held: kept,
+    }
+}
+
+/// A join: every node of it that registers is taken out at once; the held ones are filled,
+/// one per round, once no other node of the join is about to register (the StatefulSet's ordered
+/// start creates the next pod only once the previous one is Ready, which a held-out ARCUS
+/// node is not: then the round is filled and let in, and the join goes on with the next).
+fn join_step(world: &World, join: &JoinView) -> Action {
+    let held = join.held();
+    let holdable = |z: &CacheZnode| {
+        held.contains(z)
+            || world
+                .pods
+                .iter()
+                .any(|p| p.addr.as_deref() == Some(z.addr()) && p.can_rejoin == Some(true))
+    };
+    // A node the spec no longer wants (the join narrowed) is left to the scale-in.
+    let dropped = |z: &CacheZnode| {
+        world
+            .pods
+            .iter()
+            .any(|p| p.host == z.host() && p.ordinal >= join.to)
+    };
+    // New in the ring since the join began (a held node back in it, too).
+    let (out, stock): (Vec<CacheZnode>, Vec<CacheZnode>) = world
+        .ring
+        .iter()
+        .filter(|z| !join.before.iter().any(|b| b == z.addr()) && !dropped(z))
+        .cloned()
+        .partition(|z| holdable(z) && !join.before.is_empty());
+    if !out.is_empty() {
+        return Action::TakeOut { znodes: out };
+    }
+    let waiting: Vec<u32> = (join.from..join.to)
+        .filter(|o| {
+            world.pod(*o).is_none_or(|p| {
+                !world.ring.iter().any(|z| z.host() == p.host)
+                    && !held.iter().any(|z| z.host() == p.host)
+            })
+        })
+        .collect();
+    if let Some(action) = await_joining(world, join, &waiting) {
+        return action;
+    }
+    match join.fill {
+        Some(fill) if !held.is_empty() && !fill.given_back => Action::GiveBack {
+            before: join.before.to_vec(),
+            held: held.to_vec(),
+        },
+        // One held node per round: nodes let in one after another would each be in the ring
+        // alone for a moment, and a client's write to one of them of a key the next one owns
+        // is on no source pass 2 reads (it would come back as pass 1's older copy). The others
+        // stay held and are filled from the ring with it. Registered nodes that cannot be held
+        // get their add-only copy in a round after.
+        Some(_) if !held.is_empty() => Action::FillHeldOut {
+            before: join.before.to_vec(),
+            held: held[..1].to_vec(),
+            last: waiting.is_empty() && stock.is_empty() && held.len() == 1,
+        },
+        // Registered and not holdable (stock memcached), or nothing left: the add-only copy
+        // ends the join.
+        _ => Action::CopyAddOnly {
+            before: join.before.to_vec(),
+            joining: stock.iter().map(|z| z.addr().to_string()).collect(),
+        },
+    }
+}
+
+/// What the join waits for before its held nodes are filled: a stock node to fill before it
+/// registers, a started node to register (taken out as it does), or a pod to start while
+/// nothing is held. None: fill what is held now (or nothing is awaited).
+fn await_joining(world: &World, join: &JoinView, waiting: &[u32]) -> Option<Action> {
+    let pods: Vec<&PodState> = waiting.iter().filter_map(|o| world.pod(*o)).collect();
+    let in_ring = |a: &String| world.ring.iter().any(|z| z.addr() == a);
+    // A stock node serving already is filled before it registers (nobody reads it yet).
+    let fresh: Vec<String> = pods
+        .iter()
+        .filter(|p| p.running && !p.terminating && p.can_rejoin == Some(false))
+        .filter_map(|p| p.addr.clone())
+        .filter(|a| !join.early.contains(a) && !in_ring(a))
+        .collect();
+    if !fresh.is_empty() && !join.before.is_empty() {
+        return Some(Action::FillEarly {
+            before: join.before.to_vec(),
+            joining: fresh,
+        });
+    }
+    let filled_early = pods
+        .iter()
+        .find(|p| p.addr.as_ref().is_some_and(|a| join.early.contains(a)));
+    if let Some(p) = filled_early {
+        return Some(Action::Wait(format!(
+            "{} (filled early) to register",
+            p.host
+        )));
+    }
+    // Polled for at most a few seconds, and only once the pod has an IP (it registers
+    // within a fraction of a second of starting).
+    let hosts: Vec<String> = pods
+        .iter()
+        .filter(|p| p.addr.is_some() && !p.terminating)
+        .map(|p| p.host.clone())
+        .collect();
+    if !hosts.is_empty() && !join.before.is_empty() {
+        return Some(Action::TakeOutOnRegistration { hosts });
+    }
+    let first = waiting.first()?;
+    if !join.held().is_empty() {
+        return None;
+    }
+    Some(Action::Wait(match world.pod(*first) {
+        Some(p) => format!("{} to register", p.host),
+        None => format!("the new pod of ordinal {first} to be created"),
+    }))
 }
 
 /// The one action to take now (pure).
@@ -520,21 +818,30 @@ pub fn next_step(op: Option<&Operation>, world: &World) -> Step {
             leaving: leaving.clone(),
             checkpoint: checkpoint.clone(),
         },
-        Some(Operation::Join { to_replicas, .. }) if world.desired < *to_replicas => {
-            Action::Abandon
-        }
         Some(Operation::Join {
+            from_replicas,
             to_replicas,
             before,
             early,
             stage,
-        }) => match stage {
-            JoinStage::AwaitRegistration => {
-                let expected = world.pod(to_replicas - 1).map(|p| p.host.clone());
-                await_registration(world, before, early, *to_replicas, expected)
+        }) => {
+            let fill = match stage {
+                JoinStage::AwaitRegistration => None,
+                JoinStage::HeldOut { fill } => Some(fill),
+            };
+            let join = JoinView {
+                from: from_replicas.unwrap_or(to_replicas.saturating_sub(1)),
+                to: *to_replicas,
+                before,
+                early,
+                fill,
+            };
+            if world.desired < join.to {
+                shrunk_join(world, &join)
+            } else {
+                join_step(world, &join)
             }
-            JoinStage::HeldOut { fill } => held(world, before, fill),
-        },
+        }
         Some(Operation::Restart {
             host,
             pod,
@@ -567,7 +874,8 @@ fn idle(world: &World) -> Action {
     }
     if world.desired > world.statefulset && world.statefulset > 0 {
         return Action::StartJoin {
-            to_replicas: world.statefulset + 1,
+            from_replicas: world.statefulset,
+            to_replicas: world.desired.min(world.statefulset + JOIN_BATCH),
             before,
         };
     }
@@ -679,6 +987,7 @@ fn restart(world: &World, host: &str, pod: &str, uid: &str, stage: &RestartStage
     }
 }
 
+/// A restarted node (`expected`) to register: it is taken out of the ring as it does.
 fn await_registration(
     world: &World,
     before: &[String],
@@ -723,7 +1032,7 @@ fn await_registration(
                     .iter()
                     .any(|p| p.host == host && p.addr.is_some() && !p.terminating) =>
             {
-                Action::TakeOutOnRegistration { host }
+                Action::TakeOutOnRegistration { hosts: vec![host] }
             }
             (_, _, Some(host)) => Action::Wait(format!("{host} to register")),
             (_, _, None) => Action::Wait("the new pod to be created".into()),
@@ -769,6 +1078,7 @@ fn held(world: &World, before: &[String], fill: &Fill) -> Action {
     Action::FillHeldOut {
         before: before.to_vec(),
         held: fill.held.clone(),
+        last: true,
     }
 }
 
@@ -897,6 +1207,8 @@ impl LegacyPending {
                 restart_of: None,
                 held,
             } => Operation::Join {
+                // One node at a time.
+                from_replicas: None,
                 to_replicas,
                 before,
                 early,
@@ -1014,19 +1326,31 @@ mod tests {
     }
 
     #[test]
-    fn scale_out_starts_one_join_at_a_time() {
+    fn scale_out_records_one_join_of_up_to_a_batch_of_nodes() {
         let (r, p) = (ring(0..3), pods(3));
         let step = next_step(None, &world(5, 3, &r, &p));
         assert_eq!(
             step.action,
             Action::StartJoin {
-                to_replicas: 4,
+                from_replicas: 3,
+                to_replicas: 5,
                 before: addrs(0..3)
             }
         );
-        assert_eq!(
-            step.successor(&Outcome::Done).unwrap().stage_name(),
-            "AwaitRegistration"
+        let next = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(next.stage_name(), "AwaitRegistration");
+        assert!(matches!(
+            next,
+            Operation::Join {
+                from_replicas: Some(3),
+                ..
+            }
+        ));
+        // A larger scale-out goes by batches.
+        let step = next_step(None, &world(3 + 2 * JOIN_BATCH, 3, &r, &p));
+        assert!(
+            matches!(step.action, Action::StartJoin { to_replicas, .. } if to_replicas == 3 + JOIN_BATCH),
+            "{step:?}"
         );
     }
 
@@ -1069,7 +1393,8 @@ mod tests {
             next_step(Some(&op), &w).action,
             Action::FillHeldOut {
                 before: addrs(0..2),
-                held: ring(2..3)
+                held: ring(2..3),
+                last: true
             }
         );
     }
@@ -1119,6 +1444,7 @@ mod tests {
     #[test]
     fn restarted_at_join_await_registration_takes_the_node_out_as_it_registers() {
         let op = Operation::Join {
+            from_replicas: None,
             to_replicas: 4,
             before: addrs(0..3),
             early: vec![],
@@ -1126,11 +1452,17 @@ mod tests {
         };
         let (r, p) = (ring(0..3), pods(4));
         let step = next_step(Some(&op), &world(5, 4, &r, &p));
-        assert_eq!(step.action, Action::TakeOutOnRegistration { host: host(3) });
+        assert_eq!(
+            step.action,
+            Action::TakeOutOnRegistration {
+                hosts: vec![host(3)]
+            }
+        );
         let next = step.successor(&Outcome::TookOut(ring(3..4))).unwrap();
         assert_eq!(
             next,
             Operation::Join {
+                from_replicas: None,
                 to_replicas: 4,
                 before: addrs(0..3),
                 early: vec![],
@@ -1155,6 +1487,7 @@ mod tests {
     #[test]
     fn a_join_the_spec_no_longer_wants_ends() {
         let op = Operation::Join {
+            from_replicas: None,
             to_replicas: 4,
             before: addrs(0..3),
             early: vec![],
@@ -1169,6 +1502,7 @@ mod tests {
     #[test]
     fn restarted_at_join_await_registration_with_stock_nodes() {
         let op = Operation::Join {
+            from_replicas: None,
             to_replicas: 4,
             before: addrs(0..3),
             early: vec![],
@@ -1211,6 +1545,7 @@ mod tests {
             given_back,
         };
         let op = |given_back| Operation::Join {
+            from_replicas: None,
             to_replicas: 4,
             before: addrs(0..3),
             early: vec![],
@@ -1234,7 +1569,8 @@ mod tests {
             step.action,
             Action::FillHeldOut {
                 before: addrs(0..3),
-                held: ring(3..4)
+                held: ring(3..4),
+                last: true
             }
         );
         assert_eq!(step.successor(&Outcome::Done), None);
@@ -1243,6 +1579,254 @@ mod tests {
         let step = next_step(Some(&op(true)), &world(4, 4, &r, &p));
         assert_eq!(step.action, Action::TakeOut { znodes: ring(3..4) });
         assert_eq!(step.successor(&Outcome::Done), Some(op(false)));
+    }
+
+    fn join_of(from: u32, to: u32, before: Vec<String>, stage: JoinStage) -> Operation {
+        Operation::Join {
+            from_replicas: Some(from),
+            to_replicas: to,
+            before,
+            early: vec![],
+            stage,
+        }
+    }
+
+    fn holding(held: Vec<CacheZnode>, given_back: bool) -> JoinStage {
+        JoinStage::HeldOut {
+            fill: Fill { held, given_back },
+        }
+    }
+
+    #[test]
+    fn a_join_of_several_nodes_holds_each_as_it_registers_and_fills_them_in_turn() {
+        let op = join_of(3, 6, addrs(0..3), JoinStage::AwaitRegistration);
+        let (r, p) = (ring(0..3), pods(6));
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::TakeOutOnRegistration {
+                hosts: vec![host(3), host(4), host(5)]
+            }
+        );
+        let op = step.successor(&Outcome::TookOut(ring(3..4))).unwrap();
+        assert_eq!(op, join_of(3, 6, addrs(0..3), holding(ring(3..4), false)));
+        // mc-4 registered between two passes: out at once, held with mc-3.
+        let r = [ring(0..3), ring(4..5)].concat();
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert_eq!(step.action, Action::TakeOut { znodes: ring(4..5) });
+        let op = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(op, join_of(3, 6, addrs(0..3), holding(ring(3..5), false)));
+        // mc-5 is started: awaited before the fill.
+        let r = ring(0..3);
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::TakeOutOnRegistration {
+                hosts: vec![host(5)]
+            }
+        );
+        let op = step.successor(&Outcome::TookOut(ring(5..6))).unwrap();
+        // All held: given back once, then one fill of the three ends the join.
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::GiveBack {
+                before: addrs(0..3),
+                held: ring(3..6)
+            }
+        );
+        let op = step.successor(&Outcome::Done).unwrap();
+        // Filled and let in one per round (see `join_step`); the others stay held and are
+        // filled from the ring with it.
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::FillHeldOut {
+                before: addrs(0..3),
+                held: ring(3..4),
+                last: false
+            }
+        );
+        let op = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(op, join_of(3, 6, addrs(0..4), holding(ring(4..6), true)));
+        let r = ring(0..4);
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::FillHeldOut {
+                before: addrs(0..4),
+                held: ring(4..5),
+                last: false
+            }
+        );
+        let op = join_of(3, 6, addrs(0..5), holding(ring(5..6), true));
+        let r = ring(0..5);
+        let step = next_step(Some(&op), &world(6, 6, &r, &p));
+        assert!(matches!(
+            step.action,
+            Action::FillHeldOut { last: true, .. }
+        ));
+        assert_eq!(step.successor(&Outcome::Done), None);
+    }
+
+    #[test]
+    fn a_join_fills_what_it_holds_while_the_next_pod_is_not_started() {
+        // The StatefulSet's ordered start: mc-4 is created once mc-3 is Ready, which it is
+        // not while held out.
+        let op = join_of(3, 5, addrs(0..3), holding(ring(3..4), true));
+        let (r, p) = (ring(0..3), pods(4));
+        let step = next_step(Some(&op), &world(5, 5, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::FillHeldOut {
+                before: addrs(0..3),
+                held: ring(3..4),
+                last: false
+            }
+        );
+        // The join goes on, filling the rest from the ring with mc-3 in it.
+        let op = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(op, join_of(3, 5, addrs(0..4), JoinStage::AwaitRegistration));
+        let r = ring(0..4);
+        assert!(matches!(
+            next_step(Some(&op), &world(5, 5, &r, &p)).action,
+            Action::Wait(_)
+        ));
+        let p = pods(5);
+        assert_eq!(
+            next_step(Some(&op), &world(5, 5, &r, &p)).action,
+            Action::TakeOutOnRegistration {
+                hosts: vec![host(4)]
+            }
+        );
+        // All in: the last round's add-only copy has nothing to copy and ends the join.
+        let r = ring(0..5);
+        let op = join_of(3, 5, addrs(0..5), JoinStage::AwaitRegistration);
+        let step = next_step(Some(&op), &world(5, 5, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::CopyAddOnly {
+                before: addrs(0..5),
+                joining: vec![]
+            }
+        );
+        assert_eq!(step.successor(&Outcome::Done), None);
+    }
+
+    #[test]
+    fn a_join_of_stock_nodes_fills_them_early_then_copies_add_only() {
+        let op = join_of(3, 5, addrs(0..3), JoinStage::AwaitRegistration);
+        let r = ring(0..3);
+        let p: Vec<PodState> = (0..5).map(|o| pod(o, Some(o < 3))).collect();
+        let step = next_step(Some(&op), &world(5, 5, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::FillEarly {
+                before: addrs(0..3),
+                joining: addrs(3..5)
+            }
+        );
+        let filled = step.successor(&Outcome::Done).unwrap();
+        assert!(matches!(
+            next_step(Some(&filled), &world(5, 5, &r, &p)).action,
+            Action::Wait(_)
+        ));
+        // One registered: the other is still awaited.
+        let r = ring(0..4);
+        assert!(matches!(
+            next_step(Some(&filled), &world(5, 5, &r, &p)).action,
+            Action::Wait(_)
+        ));
+        let r = ring(0..5);
+        let step = next_step(Some(&filled), &world(5, 5, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::CopyAddOnly {
+                before: addrs(0..3),
+                joining: addrs(3..5)
+            }
+        );
+        assert_eq!(step.successor(&Outcome::Done), None);
+    }
+
+    #[test]
+    fn a_join_the_spec_shrinks_gives_back_then_narrows_or_ends() {
+        let op = join_of(3, 6, addrs(0..3), holding(ring(3..5), false));
+        let (r, p) = (ring(0..3), pods(6));
+        // Whatever clients wrote on the held nodes goes back before any of them is dropped.
+        let step = next_step(Some(&op), &world(4, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::GiveBack {
+                before: addrs(0..3),
+                held: ring(3..5)
+            }
+        );
+        let op = step.successor(&Outcome::Done).unwrap();
+        let step = next_step(Some(&op), &world(4, 6, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::Narrow {
+                to_replicas: 4,
+                held: ring(3..4)
+            }
+        );
+        let narrowed = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(
+            narrowed,
+            join_of(3, 4, addrs(0..3), holding(ring(3..4), true))
+        );
+        let step = next_step(Some(&narrowed), &world(4, 6, &r, &p));
+        assert!(
+            matches!(step.action, Action::FillHeldOut { last: true, .. }),
+            "{step:?}"
+        );
+        // A dropped node in the ring, or nothing of the join wanted: the join ends (the
+        // scale-in that follows drains what registered).
+        let r = [ring(0..3), ring(5..6)].concat();
+        assert_eq!(
+            next_step(Some(&op), &world(4, 6, &r, &p)).action,
+            Action::Abandon
+        );
+        let r = ring(0..3);
+        let step = next_step(Some(&op), &world(3, 6, &r, &p));
+        assert_eq!(step.action, Action::Abandon);
+        assert_eq!(step.successor(&Outcome::Done), None);
+    }
+
+    #[test]
+    fn a_one_node_join_recorded_by_the_previous_version_is_finished() {
+        // As the version that joined one node at a time wrote it (no fromReplicas).
+        let data = format!(
+            r#"{{"uid":"u","operation":{{"version":2,"epoch":4,"kind":"join","toReplicas":4,"before":{before},"stage":{{"name":"heldOut","fill":{{"held":["{held}"],"givenBack":true}}}}}}}}"#,
+            before = serde_json::to_string(&addrs(0..3)).unwrap(),
+            held = znode(3)
+        );
+        let (op, epoch) = parse_claim_data(data.as_bytes()).unwrap();
+        let op = op.unwrap();
+        assert_eq!(epoch, 4);
+        assert!(matches!(
+            op,
+            Operation::Join {
+                from_replicas: None,
+                to_replicas: 4,
+                ..
+            }
+        ));
+        let (r, p) = (ring(0..3), pods(4));
+        let step = next_step(Some(&op), &world(6, 4, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::FillHeldOut {
+                before: addrs(0..3),
+                held: ring(3..4),
+                last: true
+            }
+        );
+        assert_eq!(step.successor(&Outcome::Done), None);
+        // Written back as it was read: an operator of that version can still read it.
+        let text = serde_json::to_string(&op).unwrap();
+        assert!(!text.contains("fromReplicas"), "{text}");
     }
 
     #[test]
@@ -1314,7 +1898,12 @@ mod tests {
         let mut p = pods(3);
         p[2].uid = "uid-2b".into();
         let step = next_step(Some(&op), &world(3, 3, &r, &p));
-        assert_eq!(step.action, Action::TakeOutOnRegistration { host: host(2) });
+        assert_eq!(
+            step.action,
+            Action::TakeOutOnRegistration {
+                hosts: vec![host(2)]
+            }
+        );
         let next = step.successor(&Outcome::TookOut(ring(2..3))).unwrap();
         assert_eq!(
             next,
@@ -1343,7 +1932,8 @@ mod tests {
             step.action,
             Action::FillHeldOut {
                 before: addrs(0..2),
-                held: ring(2..3)
+                held: ring(2..3),
+                last: true
             }
         );
         assert_eq!(step.successor(&Outcome::Done), None);
@@ -1361,6 +1951,7 @@ mod tests {
         p[3].can_rejoin = None;
         assert_eq!(pods_to_probe(None, &r, &p), vec![3]);
         let op = Operation::Join {
+            from_replicas: None,
             to_replicas: 4,
             before: addrs(0..2),
             early: vec![],

@@ -75,6 +75,13 @@ struct Model {
     violations: Vec<String>,
     /// This node refuses `zkensemble rejoin` (once).
     refuses_rejoin: Option<String>,
+    /// The StatefulSet starts a pod only once every pod before it is Ready (registered: a
+    /// held-out ARCUS node answers NOT_READY), as `OrderedReady` does.
+    ordered_start: bool,
+    /// New nodes are stock memcached: they cannot be held out or let back in.
+    stock: bool,
+    /// Pods created by `with_nodes` (the nodes before the scale-out).
+    initial_uids: u32,
 }
 
 type Shared = Arc<Mutex<Model>>;
@@ -86,6 +93,7 @@ impl Model {
             m.add_pod(o);
             m.nodes.get_mut(&o).unwrap().membership = Membership::Registered;
         }
+        m.initial_uids = m.next_uid;
         m.clients_write_all();
         m
     }
@@ -216,7 +224,8 @@ impl Model {
                 addr: (n.membership != Membership::Starting).then(|| n.addr()),
                 running: n.membership != Membership::Starting,
                 terminating: false,
-                can_rejoin: Some(true),
+                // Pods created after the setup are the scale-out's.
+                can_rejoin: Some(!(self.stock && n.uid > self.initial_uids)),
             })
             .collect()
     }
@@ -283,8 +292,12 @@ impl Registry for Fake {
 }
 
 impl NodeAdmin for Fake {
-    async fn can_rejoin(&self, _addr: &str) -> Option<bool> {
-        Some(true)
+    async fn can_rejoin(&self, addr: &str) -> Option<bool> {
+        let m = self.0.lock().unwrap();
+        let pods = m.world_pods();
+        pods.iter()
+            .find(|p| p.addr.as_deref() == Some(addr))
+            .and_then(|p| p.can_rejoin)
     }
 
     async fn rejoin(&self, addr: &str) -> Result<(), MigrateError> {
@@ -297,6 +310,9 @@ impl NodeAdmin for Fake {
             });
         }
         m.enter_ring(addr, "zkensemble rejoin");
+        // Clients follow each rejoin at once: with several nodes let in one after another,
+        // they write through every ring in between.
+        m.clients_write_all();
         Ok(())
     }
 
@@ -411,7 +427,18 @@ impl Mover for Fake {
 fn operator_pass(m: &mut Model, desired: u32) -> (operation::Step, Vec<PodState>) {
     let sts = m.nodes.len() as u32;
     if let Some(Operation::Join { to_replicas, .. }) = &m.record {
-        for o in sts..*to_replicas {
+        // A narrowed join: the StatefulSet shrinks to it (what registered stays until drained).
+        let to = *to_replicas;
+        m.nodes
+            .retain(|o, n| *o < to || n.membership == Membership::Registered);
+        for o in sts..to {
+            let all_ready = m
+                .nodes
+                .values()
+                .all(|n| n.membership == Membership::Registered);
+            if m.ordered_start && !all_ready {
+                break;
+            }
             m.add_pod(o);
         }
     }
@@ -511,7 +538,7 @@ async fn scenario(setup: &dyn Fn() -> (Model, u32), crash_after: Option<u32>) ->
         .await
         .unwrap_or_else(|e| panic!("after a crash at write {crash_after:?}: {e}"));
     let mut m = shared.lock().unwrap();
-    m.clients_write_all();
+    // What a reader sees right after the operation, before any further write.
     let ring = Ring::new(m.ring_addrs());
     let older = (0..KEYS)
         .filter(|k| {
@@ -539,7 +566,7 @@ async fn scenario(setup: &dyn Fn() -> (Model, u32), crash_after: Option<u32>) ->
         "crash at write {crash_after:?}: ring {:?}",
         m.ring_addrs()
     );
-    // Also what a reader sees right after the operation, before any further write.
+    m.clients_write_all();
     drop(m);
     persisted_first
 }
@@ -562,6 +589,97 @@ async fn scale_in_resumes_after_every_persisted_write() {
 #[tokio::test(start_paused = true)]
 async fn scale_out_resumes_after_every_persisted_write() {
     every_crash_point("scale-out 3→5", &|| (Model::with_nodes(3), 5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_of_several_nodes_resumes_after_every_persisted_write() {
+    // All pods started at once: the four are held together and filled in one pass.
+    every_crash_point("scale-out 3→7", &|| (Model::with_nodes(3), 7)).await;
+    // More than one batch: two joins.
+    let more = 3 + operation::JOIN_BATCH + 2;
+    every_crash_point("scale-out by more than a batch", &|| {
+        (Model::with_nodes(3), more)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_under_ordered_start_resumes_after_every_persisted_write() {
+    // A pod starts only once the one before it is Ready: each round fills the one held.
+    every_crash_point("scale-out 3→6, ordered start", &|| {
+        let mut m = Model::with_nodes(3);
+        m.ordered_start = true;
+        (m, 6)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_of_stock_nodes_resumes_after_every_persisted_write() {
+    every_crash_point("scale-out 3→6 of stock nodes", &|| {
+        let mut m = Model::with_nodes(3);
+        m.stock = true;
+        (m, 6)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_one_node_join_recorded_by_the_previous_version_is_finished() {
+    // The record as the version that joined one node at a time left it: mc-3 started,
+    // awaited; the scale-out then goes on to 5.
+    every_crash_point("old join record, then to 5", &|| {
+        let mut m = Model::with_nodes(3);
+        let before = m.ring_addrs();
+        m.add_pod(3);
+        m.record = Some(Operation::Join {
+            from_replicas: None,
+            to_replicas: 4,
+            before,
+            early: vec![],
+            stage: operation::JoinStage::AwaitRegistration,
+        });
+        (m, 5)
+    })
+    .await;
+}
+
+/// A join of mc-3..mc-5 with mc-3 and mc-4 held (clients wrote on them while they were
+/// visible), mc-5 starting; the spec then asks for `desired`.
+fn join_cut_to(desired: u32) -> (Model, u32) {
+    let mut m = Model::with_nodes(3);
+    let before = m.ring_addrs();
+    for o in 3..6 {
+        m.add_pod(o);
+    }
+    for o in 3..5 {
+        m.nodes.get_mut(&o).unwrap().membership = Membership::Registered;
+    }
+    m.clients_write_all();
+    for o in 3..5 {
+        m.nodes.get_mut(&o).unwrap().membership = Membership::HeldOut;
+    }
+    let held = (3..5).map(|o| m.nodes[&o].znode()).collect();
+    m.record = Some(Operation::Join {
+        from_replicas: Some(3),
+        to_replicas: 6,
+        before,
+        early: vec![],
+        stage: operation::JoinStage::HeldOut {
+            fill: operation::Fill {
+                held,
+                given_back: false,
+            },
+        },
+    });
+    (m, desired)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_cut_short_by_the_spec_resumes_after_every_persisted_write() {
+    // Narrowed to mc-3, or abandoned: what clients wrote on the held nodes is kept.
+    every_crash_point("join 3→6 cut to 4", &|| join_cut_to(4)).await;
+    every_crash_point("join 3→6 cut to 3", &|| join_cut_to(3)).await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,11 +119,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .map(|ns| watch_owned(&client, ns))
         .collect();
+    // The controllers poll the watches; a pass first waits for its namespace's first listing.
     let caches = Arc::new(Caches::new(
         watches.iter().map(|w| w.stores.clone()).collect(),
     ));
-    caches.wait_until_ready().await;
-    tracing::info!("watches of owned objects listed");
 
     let (zk_tx, zk_rx) = tokio::sync::mpsc::unbounded_channel();
     let zk = Arc::new(ZkPool::new(
@@ -239,25 +238,25 @@ where
     }
 }
 
-/// Objects waiting in a shared watch stream for the slowest of its subscribers.
-const SHARED_STREAM_BUFFER: usize = 1024;
+/// A watch's events (deletions included) after they updated its store.
+type Touched<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
 
-/// The watches of what the operator owns in one namespace (or all): each feeds a store the
-/// passes read and a stream that triggers the controller.
+/// The watches of what the operator owns in one namespace (or all): each keeps a store the
+/// passes read, and its events (once in the store) trigger the controller.
 struct OwnedWatches {
     namespace: Option<String>,
     stores: NamespaceStores,
-    statefulsets: ReflectHandle<StatefulSet>,
-    pods: ReflectHandle<Pod>,
-    services: ReflectHandle<Service>,
-    pdbs: ReflectHandle<PodDisruptionBudget>,
+    statefulsets: Touched<StatefulSet>,
+    pods: Touched<Pod>,
+    services: Touched<Service>,
+    pdbs: Touched<PodDisruptionBudget>,
 }
 
 fn watch_owned(client: &Client, ns: &Option<String>) -> OwnedWatches {
-    let (statefulsets, sts_stream) = shared_watch(api_in::<StatefulSet>(client, ns));
-    let (pods, pod_stream) = shared_watch(api_in::<Pod>(client, ns));
-    let (services, svc_stream) = shared_watch(api_in::<Service>(client, ns));
-    let (pdbs, pdb_stream) = shared_watch(api_in::<PodDisruptionBudget>(client, ns));
+    let (statefulsets, sts_events) = reflected_watch(api_in::<StatefulSet>(client, ns));
+    let (pods, pod_events) = reflected_watch(api_in::<Pod>(client, ns));
+    let (services, svc_events) = reflected_watch(api_in::<Service>(client, ns));
+    let (pdbs, pdb_events) = reflected_watch(api_in::<PodDisruptionBudget>(client, ns));
     OwnedWatches {
         namespace: ns.clone(),
         stores: NamespaceStores {
@@ -267,16 +266,18 @@ fn watch_owned(client: &Client, ns: &Option<String>) -> OwnedWatches {
             services,
             pdbs,
         },
-        statefulsets: sts_stream,
-        pods: pod_stream,
-        services: svc_stream,
-        pdbs: pdb_stream,
+        statefulsets: sts_events,
+        pods: pod_events,
+        services: svc_events,
+        pdbs: pdb_events,
     }
 }
 
 /// A watch of the objects carrying our managed-by label, reflected into a store (without
-/// managedFields, which the operator never reads) and shared with the controller.
-fn shared_watch<K>(api: Api<K>) -> (Store<K>, ReflectHandle<K>)
+/// managedFields, which the operator never reads). The controller polls the returned stream,
+/// which keeps the store current; deletions come through too, so a Service deleted by hand
+/// or a pod gone starts a pass.
+fn reflected_watch<K>(api: Api<K>) -> (Store<K>, Touched<K>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -286,23 +287,15 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store_shared(SHARED_STREAM_BUFFER);
-    let handle = writer
-        .subscribe()
-        .expect("a shared store can be subscribed");
+    let (store, writer) = reflector::store();
     let config = watcher::Config::default().labels(build::MANAGED_BY_SELECTOR);
-    let reflect = watcher(api, config)
+    let events = watcher(api, config)
         .default_backoff()
         .modify(|o: &mut K| o.managed_fields_mut().clear())
-        .reflect_shared(writer)
-        .for_each(|event| {
-            if let Err(e) = event {
-                tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying");
-            }
-            futures::future::ready(())
-        });
-    tokio::spawn(reflect);
-    (store, handle)
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (store, events)
 }
 
 /// The controller of one watched namespace (or all): the CRs, what they own, their pods, and
@@ -346,11 +339,11 @@ fn controller_for(
     );
     Controller::for_stream(crs, cr_store)
         .with_config(ControllerConfig::default().concurrency(concurrency))
-        .owns_shared_stream(watches.statefulsets)
+        .owns_stream(watches.statefulsets)
         // A Service or PDB deleted by hand brings its owner back at once to re-apply it.
-        .owns_shared_stream(watches.services)
-        .owns_shared_stream(watches.pdbs)
-        .watches_shared_stream(watches.pods, |pod: Arc<Pod>| {
+        .owns_stream(watches.services)
+        .owns_stream(watches.pdbs)
+        .watches_stream(watches.pods, |pod: Pod| {
             let instance = pod.labels().get(build::INSTANCE_LABEL)?.clone();
             Some(ObjectRef::new(&instance).within(&pod.namespace()?))
         })

@@ -185,11 +185,13 @@ fn caches_of(ns: &str, sts: &Value, pods: &[Value], svc: &Value, pdb: &Value) ->
         K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + 'static,
     {
         let mut writer = reflector::store::Writer::<K>::default();
+        writer.apply_watcher_event(&watcher::Event::Init);
         for o in objects {
             let obj: K =
                 serde_json::from_value((*o).clone()).expect("a stored object deserializes");
-            writer.apply_watcher_event(&watcher::Event::Apply(obj));
+            writer.apply_watcher_event(&watcher::Event::InitApply(obj));
         }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
         writer.as_reader()
     }
     Arc::new(Caches::new(vec![NamespaceStores {

@@ -66,14 +66,19 @@ impl Caches {
         self.stores.iter().find(|s| s.covers(ns))
     }
 
-    /// Every store has listed its objects once (the controllers start after this).
-    pub async fn wait_until_ready(&self) {
-        for s in &self.stores {
-            let _ = s.statefulsets.wait_until_ready().await;
-            let _ = s.pods.wait_until_ready().await;
-            let _ = s.services.wait_until_ready().await;
-            let _ = s.pdbs.wait_until_ready().await;
-        }
+    /// Waits (up to `timeout`) until the stores covering `ns` have listed their objects once:
+    /// at start, or never when a watch keeps failing (RBAC, say). False when they have not.
+    pub async fn ready_for(&self, ns: &str, timeout: Duration) -> bool {
+        let Some(s) = self.stores_for(ns) else {
+            return true;
+        };
+        let listed = async {
+            s.statefulsets.wait_until_ready().await.is_ok()
+                && s.pods.wait_until_ready().await.is_ok()
+                && s.services.wait_until_ready().await.is_ok()
+                && s.pdbs.wait_until_ready().await.is_ok()
+        };
+        tokio::time::timeout(timeout, listed).await.unwrap_or(false)
     }
 
     pub fn statefulset(&self, ns: &str, name: &str) -> CachedStatefulSet {

@@ -49,6 +49,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("the watches of StatefulSets, pods, Services and PDBs in namespace {namespace} have not listed them within {waited:?}: check the operator's RBAC (list and watch) and its log")]
+    NotWatched { namespace: String, waited: Duration },
     #[error(transparent)]
     NotLeader(#[from] Fenced),
     #[error(transparent)]
@@ -65,7 +67,7 @@ impl Error {
             | Error::Migration(MigrateError::Fenced(_) | MigrateError::Stopped(_)) => "NotLeader",
             Error::ZooKeeper(ZkError::ClaimChanged { .. }) => "ClaimChanged",
             Error::ZooKeeper(_) => "ZooKeeperError",
-            Error::Kube { .. } => "KubernetesApiError",
+            Error::Kube { .. } | Error::NotWatched { .. } => "KubernetesApiError",
             Error::Migration(_) => "MigrationFailed",
         }
     }

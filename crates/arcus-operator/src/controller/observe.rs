@@ -19,6 +19,9 @@ use kube::{Api, ResourceExt};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+/// How long a pass waits for the watches of its namespace to list their objects (at start).
+const WATCH_LISTED_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The world as one pass read it.
 pub struct World {
     pub deleting: bool,
@@ -62,6 +65,12 @@ pub async fn observe(
         cr.spec.replicas.max(0) as u32
     };
     let sts_name = valid.statefulset_name();
+    if !ctx.caches.ready_for(&ns, WATCH_LISTED_WITHIN).await {
+        return Err(Error::NotWatched {
+            namespace: ns,
+            waited: WATCH_LISTED_WITHIN,
+        });
+    }
     let statefulset = statefulset(ctx, &ns, &sts_name).await?;
     let pods = cache_pods(ctx, cr, &sts_name).await?;
 

@@ -82,6 +82,12 @@ pub struct CopiedKeys {
     gone: HashSet<String>,
     /// More exceptions than [`MAX_EXCEPTIONS`]: the memory no longer tells.
     lost: bool,
+    /// Exactly the keys stored since the current round started (at most [`MAX_EXCEPTIONS`]):
+    /// for an item written after the last round's source watermark a false positive would
+    /// keep a new key uncopied, and the last round stores few keys.
+    this_round: HashSet<String>,
+    /// The current round stored more than [`MAX_EXCEPTIONS`]: only the filters tell.
+    this_round_overflowed: bool,
 }
 
 impl CopiedKeys {
@@ -91,7 +97,16 @@ impl CopiedKeys {
             filters: vec![Bloom::with_capacity(expected)],
             gone: HashSet::new(),
             lost: false,
+            this_round: HashSet::new(),
+            this_round_overflowed: false,
         }
+    }
+
+    /// A pass-1 round starts: from now on [`CopiedKeys::copied_given`] answers exactly for
+    /// items changed since this round's source watermark.
+    pub fn start_round(&mut self) {
+        self.this_round = HashSet::new();
+        self.this_round_overflowed = false;
     }
 
     pub fn insert(&mut self, key: &str) {
@@ -102,6 +117,27 @@ impl CopiedKeys {
             self.filters.push(grown);
         }
         self.filters.last_mut().expect("a filter").insert(key);
+        if self.this_round.len() >= MAX_EXCEPTIONS {
+            self.this_round_overflowed = true;
+            self.this_round = HashSet::new();
+        } else if !self.this_round_overflowed {
+            self.this_round.insert(key.to_string());
+        }
+    }
+
+    /// [`CopiedKeys::copied`] for an item the source changed (`true`) or not since the last
+    /// round's watermark `C_S`: a changed item was stored, if at all, by the last round, which
+    /// is known exactly (no false positive that would leave a new key uncopied).
+    pub fn copied_given(&self, key: &str, changed_since_last_round: bool) -> Copied {
+        if changed_since_last_round && !self.lost && !self.this_round_overflowed {
+            if !self.gone.contains(key) && self.this_round.contains(key) {
+                Copied::Yes
+            } else {
+                Copied::No
+            }
+        } else {
+            self.copied(key)
+        }
     }
 
     /// Whether pass 1 stored `key`: `Yes` may be a false positive (about 1%); `No` is exact.
@@ -164,6 +200,28 @@ mod tests {
             .count();
         // Each filter stays near 1%; a lookup asks every filter (here 6).
         assert!(fp < 40_000 * 5 / 100, "{fp} false positives in 40000");
+    }
+
+    #[test]
+    fn items_changed_since_the_last_round_are_answered_exactly() {
+        let mut m = CopiedKeys::with_capacity(100);
+        for i in 0..100 {
+            m.insert(&format!("old:{i}"));
+        }
+        m.start_round();
+        m.insert("recent");
+        // The filter of 100 keys at 1% would answer Yes for about 1 in 100 absent keys; for a
+        // changed item the answer comes from the last round's exact set.
+        let wrong = (0..10_000)
+            .filter(|i| m.copied_given(&format!("new:{i}"), true) == Copied::Yes)
+            .count();
+        assert_eq!(wrong, 0);
+        assert_eq!(m.copied_given("recent", true), Copied::Yes);
+        assert_eq!(m.copied_given("old:1", false), Copied::Yes);
+        // Copied in an earlier round, changed since: the last round did not store it again.
+        assert_eq!(m.copied_given("old:1", true), Copied::No);
+        m.forget("recent".into());
+        assert_eq!(m.copied_given("recent", true), Copied::No);
     }
 
     #[test]

@@ -737,6 +737,11 @@ impl Migration {
         let mut failed = false;
         for round in 1..=self.opts.max_rounds.max(1) {
             self.set_phase(Phase::Pass1 { round });
+            if let Some(memory) = self.copied.lock().unwrap().as_ref() {
+                for m in memory.values() {
+                    m.lock().unwrap().start_round();
+                }
+            }
             let results = futures::future::join_all(
                 self.sources
                     .iter()
@@ -1188,7 +1193,12 @@ impl Migration {
         let copied: Vec<Copied> = match memory {
             Some(m) => {
                 let m = m.lock().unwrap();
-                keys.iter().map(|k| m.copied(&k.key)).collect()
+                keys.iter()
+                    .map(|k| {
+                        let cas = s_items.get(&k.key).and_then(|i| i.cas);
+                        m.copied_given(&k.key, cas.is_some_and(|c| c > wm.source))
+                    })
+                    .collect()
             }
             None => vec![Copied::Unknown; keys.len()],
         };

@@ -91,11 +91,14 @@
 //!   false "copied" makes pass 1's later rounds and pass 2 leave a key uncopied (a cache miss
 //!   on its new owner), never revert or resurrect one. It matters only for keys pass 1 did not
 //!   store: (a) a key every pass-1 listing missed (metadump, about 1 in 200,000) AND a false
-//!   positive: about 1 in 20 million keys not copied; (b) a key first written on its source
-//!   after the recheck's listing and before the ring change (the settle window, a few hundred
-//!   keys) AND a false positive: about 1% of those. The recheck lists the sources again and
-//!   corrects a false positive whose key is not on its target. The exact set it used before
-//!   cost about 0.55 KB a key (557 MiB at 1M keys).
+//!   positive: about 1 in 20 million keys not copied. (b) Items the source changed after the
+//!   last round's watermark `C_S` (new keys of the settle window) are answered from an exact
+//!   set of what the last round stored (it stores few keys; capped at 100,000, past which the
+//!   filter answers), so no false positive keeps a new key uncopied. The price: a key copied in
+//!   an earlier round, changed on its source after the last round's listing passed it, and
+//!   deleted by a client on its new owner after the change, before pass 2, is copied back (the
+//!   Window 1 below; closed by clients that also delete on the previous owner). The exact set
+//!   used before this memory cost about 0.55 KB a key (557 MiB at 1M keys).
 //! - Our copies of items deleted on their source between pass 1 and the ring change are found
 //!   by listing the targets in pass 2 (keys stored before the change, `cas <= W_T`, whose source
 //!   item is gone). A target's metadump that skips such a copy (about 1 in 200,000) leaves that

@@ -73,19 +73,35 @@ impl ProgressWriter {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let t = target.clone();
         let task = tokio::spawn(async move {
+            let mut written: Option<MigrationStatus> = None;
             loop {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    changed = rx.changed() => if changed.is_err() { return },
+                // A value not written yet goes out at once; otherwise wait for the next one.
+                if rx.borrow().as_ref() == written.as_ref() {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        changed = rx.changed() => if changed.is_err() { return },
+                    }
                 }
                 let value = rx.borrow_and_update().clone();
-                if let Some(v) = value {
-                    t.write(&v).await;
-                }
-                // At most one write a second, however fast the copy reports.
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                let Some(v) = value else { continue };
+                t.write(&v).await;
+                written = Some(v);
+                // At most one write a second within a phase, however fast the copy reports;
+                // a new phase (Pass1, RingChange, Pass2, Done) is written at once.
+                let pause = tokio::time::sleep(Duration::from_secs(1));
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        _ = &mut pause => break,
+                        changed = rx.changed() => {
+                            if changed.is_err() { return }
+                            let phase = written.as_ref().map(|w| w.phase.as_str());
+                            if rx.borrow().as_ref().is_some_and(|n| Some(n.phase.as_str()) != phase) {
+                                break;
+                            }
+                        }
+                    }
                 }
             }
         });

@@ -1,5 +1,5 @@
 //! What the operator owns, as its watches see it: one reflector store per kind and watched
-//! namespace, fed by the same shared watch streams that trigger the controller. A pass reads
+//! namespace, kept by the same watches whose events trigger the controller. A pass reads
 //! these stores instead of the API server, so a resync of a settled resource sends nothing.
 //!
 //! A store lags the API server by the watch latency. Two of our own writes matter for the

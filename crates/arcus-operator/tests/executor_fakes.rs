@@ -75,6 +75,8 @@ struct Model {
     violations: Vec<String>,
     /// This node refuses `zkensemble rejoin` (once).
     refuses_rejoin: Option<String>,
+    /// The operator dies right after the next `zkensemble rejoin` (before pass 2 ends).
+    crash_after_rejoin: bool,
     /// The StatefulSet starts a pod only once every pod before it is Ready (registered: a
     /// held-out ARCUS node answers NOT_READY), as `OrderedReady` does.
     ordered_start: bool,
@@ -310,6 +312,9 @@ impl NodeAdmin for Fake {
             });
         }
         m.enter_ring(addr, "zkensemble rejoin");
+        if std::mem::take(&mut m.crash_after_rejoin) {
+            m.crashed = true;
+        }
         // Clients follow each rejoin at once: with several nodes let in one after another,
         // they write through every ring in between.
         m.clients_write_all();
@@ -390,6 +395,17 @@ impl Mover for Fake {
         _label: &Label,
     ) -> Result<Checkpoint, MigrateError> {
         let mut m = self.alive()?;
+        // Pass 1 treats what the target holds as ours to overwrite, and its watermarks take
+        // everything gone from the old owners for clients' deletes: on a node clients use
+        // already, both lose their writes.
+        for addr in joining {
+            if m.node_by_addr(addr)
+                .is_some_and(|n| n.membership == Membership::Registered)
+            {
+                m.violations
+                    .push(format!("pass 1 into {addr}, which is in the ring already"));
+            }
+        }
         let after: Vec<String> = before.iter().chain(joining).cloned().collect();
         m.migrate(before, &after, joining, false);
         Ok(Checkpoint::default())
@@ -400,9 +416,11 @@ impl Mover for Fake {
         before: &[String],
         joining: &[String],
         checkpoint: &Checkpoint,
-        label: &Label,
+        _label: &Label,
     ) -> Result<Progress, MigrateError> {
-        self.fill(before, joining, label).await?;
+        let mut m = self.alive()?;
+        let after: Vec<String> = before.iter().chain(joining).cloned().collect();
+        m.migrate(before, &after, joining, false);
         let _ = checkpoint;
         Ok(Progress::default())
     }
@@ -714,6 +732,44 @@ async fn a_node_refusing_to_rejoin_is_restarted_and_filled_again() {
         (m, 3)
     })
     .await;
+}
+
+/// The leader dies in pass 2, after the fill let the node in: the next one must not fill it
+/// again while it is in the ring (it takes it out, gives back what clients wrote there, which
+/// also puts back what the first pass 2 cleaned up on the old owners, and fills it again).
+#[tokio::test(start_paused = true)]
+async fn a_fill_cut_short_after_the_rejoin_takes_the_node_out_again() {
+    let heal = || -> (Model, u32) {
+        let mut m = Model::with_nodes(3);
+        m.nodes.get_mut(&1).unwrap().membership = Membership::Left;
+        m.clients_write_all();
+        m.crash_after_rejoin = true;
+        (m, 3)
+    };
+    let scale_out = || -> (Model, u32) {
+        let mut m = Model::with_nodes(3);
+        m.crash_after_rejoin = true;
+        (m, 5)
+    };
+    for (name, setup) in [
+        ("heal", &heal as &dyn Fn() -> (Model, u32)),
+        ("3→5", &scale_out),
+    ] {
+        let (model, desired) = setup();
+        let shared: Shared = Arc::new(Mutex::new(model));
+        let first = run_operator(&shared, desired).await;
+        assert_eq!(first, Err("crashed".to_string()), "{name}");
+        {
+            let mut m = shared.lock().unwrap();
+            m.crashed = false;
+            m.clients_write_all();
+        }
+        run_operator(&shared, desired).await.unwrap();
+        let m = shared.lock().unwrap();
+        assert_eq!(m.violations, Vec::<String>::new(), "{name}");
+        assert_eq!(m.record, None, "{name}");
+        assert_eq!(m.ring_addrs().len() as u32, desired, "{name}");
+    }
 }
 
 /// The defect this state machine removes: a drained node let back in directly (as the old

@@ -556,6 +556,58 @@ async fn scale_out_3_to_5_two_pass() {
     assert_clean(&v, "3->5 two-pass");
 }
 
+/// The operator's fill of a held node: pass 1, the ring change, pass 2's first run, then the
+/// run that also deletes the moved items from their old owners — run twice, as a retried batch
+/// or a key the listing returns twice runs it. The second must not take "gone from the old
+/// owner" for a client's delete: that deleted the only copy (1 key of 1,000,000 lost at
+/// 16→32 before `rules::decide_cleaning`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_run_repeated_loses_nothing() {
+    let (_mcs, addrs) = start(4);
+    let before = Ring::new(addrs[..3].to_vec());
+    let c_after = client(&addrs);
+    let loaded = load(&client(&addrs[..3]), 6_000, 21).await;
+    let mut m = ScaleOut::new(before.clone(), &addrs[3..], MigrationOptions::default()).unwrap();
+    let cp = tokio::time::timeout(STEP, m.pass1())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(STEP, m.migration().pass2(&cp))
+        .await
+        .unwrap()
+        .unwrap();
+    let cleaning = MigrationOptions {
+        delete_moved_from_sources: true,
+        ..MigrationOptions::default()
+    };
+    let mut cleaned = 0;
+    for run in 1..=2 {
+        let again = ScaleOut::new(before.clone(), &addrs[3..], cleaning.clone()).unwrap();
+        let p = tokio::time::timeout(STEP, again.migration().pass2(&cp))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.items_deleted, 0,
+            "cleanup run {run} deleted copies: {p:?}"
+        );
+        cleaned += p.source_items_deleted;
+    }
+    let after = m.ring_after().clone();
+    let moved = loaded
+        .keys()
+        .filter(|k| after.node_for_key(k) == Some(addrs[3].as_str()))
+        .count();
+    assert!(
+        cleaned >= moved as u64 / 2,
+        "{cleaned} of {moved} cleaned up"
+    );
+    wait_expired(&c_after, &loaded).await;
+    let v = verify(&c_after, &loaded, &HashMap::new()).await;
+    assert!(v.checked > 4_000);
+    assert_clean(&v, "the cleanup run twice");
+}
+
 /// The window between pass 1 and pass 2, and what closes it: a key first written on a leaving
 /// node after pass 1's listing, then deleted by a client on its new owner before pass 2. A
 /// client that moved to the new ring sends that delete to the leaving node too

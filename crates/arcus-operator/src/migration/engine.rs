@@ -11,7 +11,7 @@ use arcus_client::protocol::{Item, StoreCommand, StoreStatus};
 use arcus_client::{ItemType, NodePools, PoolLimits, Ring};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -373,6 +373,7 @@ fn pass2_decision(
     t_item: Option<&Item>,
     copied: Copied,
     wm: Watermarks,
+    cleaning: bool,
     now: i64,
 ) -> (Decision, i64) {
     let ttl = k.expiry.exptime_at(now);
@@ -388,7 +389,12 @@ fn pass2_decision(
         TtlArg::Exptime(e) => e,
         TtlArg::Expired => EXPIRED_EXPTIME,
     };
-    (rules::decide(s, t, copied, wm), exptime)
+    let decide = if cleaning {
+        rules::decide_cleaning
+    } else {
+        rules::decide
+    };
+    (decide(s, t, copied, wm), exptime)
 }
 
 /// The write a pass-2 decision asks for, or `None` (counted in `t`) when it asks for none.
@@ -414,7 +420,7 @@ fn pass2_write<'a>(
             t.unchanged += 1;
             None
         }
-        (Decision::Absent, None) => {
+        (Decision::Absent | Decision::KeepCopy, None) => {
             t.gone += 1;
             None
         }
@@ -430,6 +436,7 @@ fn pass2_write<'a>(
             t.kept_deleted += 1;
             None
         }
+        (Decision::KeepCopy, Some(_)) => unreachable!("kept for a missing source item"),
         (Decision::Add | Decision::Update { .. }, None) => {
             unreachable!("decided on a source item")
         }
@@ -1034,11 +1041,13 @@ impl Migration {
             wm_target.insert(t.clone(), self.valid_mark(t, cp.targets.get(t)).await?);
         }
         // First our copies of items deleted on their source before the change (see
-        // `pass2_sweep` for why first), then every moved key listed on the sources.
+        // `pass2_sweep` for why first), then every moved key listed on the sources. A run that
+        // cleans up the sources leaves that to the run before it (`rules::decide_cleaning`).
+        let cleaning = self.opts.delete_moved_from_sources;
         let sweeps = futures::future::join_all(
             self.targets
                 .iter()
-                .filter(|t| wm_target[*t] != 0)
+                .filter(|t| wm_target[*t] != 0 && !cleaning)
                 .map(|t| self.pass2_sweep(t, wm_target[t])),
         )
         .await;
@@ -1209,16 +1218,28 @@ impl Migration {
         let mut writes: Vec<Pass2Write> = Vec::new();
         for (k, copied) in keys.iter().zip(copied) {
             let s_item = s_items.get(&k.key);
-            let (d, exptime) = pass2_decision(k, s_item, t_items.get(&k.key), copied, wm, now);
+            let t_item = t_items.get(&k.key);
+            let (d, exptime) = pass2_decision(k, s_item, t_item, copied, wm, cleanup, now);
             if let Some(op) = pass2_write(&k.key, d, s_item, exptime, &mut t) {
                 writes.push((op, d, s_item.map_or(0, |i| i.value.len() as u64)));
             }
         }
         let ops: Vec<StoreOp> = writes.iter().map(|(op, ..)| *op).collect();
         let replies = self.store(target, "pass 2 writes", &ops).await?;
+        // A key whose copy the target refused stays on its source.
+        let refused: HashSet<&str> = writes
+            .iter()
+            .zip(&replies)
+            .filter(|(_, r)| r.is_err())
+            .map(|((op, ..), _)| op.key)
+            .collect();
         tally_pass2(target, &writes, replies, &mut t);
         if cleanup {
-            t.source_deleted += self.delete_moved(source, keys, &s_items).await?;
+            let confirmed: Vec<&KeyInfo> = keys
+                .iter()
+                .filter(|k| !refused.contains(k.key.as_str()))
+                .collect();
+            t.source_deleted += self.delete_moved(source, &confirmed, &s_items).await?;
         }
         self.record(&t);
         Ok((t.moved + t.updated, t.failed > 0))
@@ -1229,7 +1250,7 @@ impl Migration {
     async fn delete_moved(
         &self,
         source: &str,
-        keys: &[KeyInfo],
+        keys: &[&KeyInfo],
         s_items: &HashMap<String, Item>,
     ) -> arcus_client::Result<u64> {
         let ops: Vec<StoreOp> = keys

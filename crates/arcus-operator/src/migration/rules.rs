@@ -89,6 +89,29 @@ pub enum Decision {
     KeepNewer,
     /// A client deleted it on the target after the change: do not bring it back.
     KeepDeleted,
+    /// Gone from the source, but maybe by our own cleanup (see [`decide_cleaning`]): keep the
+    /// target's copy.
+    KeepCopy,
+}
+
+/// [`decide`] for a run that also compare-and-deletes moved items from their sources (the
+/// scale-out cleanup). There "gone from the source" can be our own cleanup: of a key the
+/// listing returned twice (memcached's LRU crawler can, when an item changes LRU segment
+/// mid-crawl), or of a batch retried after its cleanup ran. Deleting the target's copy then
+/// would lose the key on every node (seen once in a million at 16→32), so a copy is never
+/// deleted for a source's absence in such a run. Copies of items clients deleted before the
+/// ring change were deleted by the run before (pass 2's first run, without cleanup); what this
+/// gives up is a delete a client with a stale ring sent to the old owner in between.
+pub fn decide_cleaning(
+    s: Option<SourceState>,
+    t: Option<TargetState>,
+    copied: Copied,
+    wm: Watermarks,
+) -> Decision {
+    match decide(s, t, copied, wm) {
+        Decision::Delete { .. } if s.is_none() => Decision::KeepCopy,
+        d => d,
+    }
 }
 
 pub fn decide(
@@ -187,6 +210,38 @@ mod tests {
                 "row {i}: {src:?} {tgt:?} {copied:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_cleaning_run_never_deletes_a_copy_for_a_missing_source() {
+        let expired = Some(SourceState {
+            cas: 50,
+            expired: true,
+        });
+        assert_eq!(
+            decide(None, t(400, true), Copied::Yes, WM),
+            Delete { expect: 400 }
+        );
+        assert_eq!(
+            decide_cleaning(None, t(400, true), Copied::Yes, WM),
+            KeepCopy
+        );
+        assert_eq!(
+            decide_cleaning(None, t(500, false), Copied::Unknown, WM),
+            KeepCopy
+        );
+        // An expired source item is there: its copy still goes.
+        assert_eq!(
+            decide_cleaning(expired, t(400, true), Copied::Yes, WM),
+            Delete { expect: 400 }
+        );
+        // Everything else is decided as without cleanup.
+        assert_eq!(
+            decide_cleaning(s(150), t(400, false), Copied::Yes, WM),
+            Update { expect: 400 }
+        );
+        assert_eq!(decide_cleaning(s(150), None, Copied::No, WM), Add);
+        assert_eq!(decide_cleaning(None, None, Copied::Yes, WM), Absent);
     }
 
     #[test]

@@ -220,10 +220,16 @@ async fn read_back(
             .map(|i| {
                 let c = client.clone();
                 async move {
-                    let got = c
-                        .get(&key(i))
-                        .await
-                        .map_err(|e| anyhow::anyhow!("get k:{i}: {e}"))?;
+                    // A timeout on the loaded machine is asked again (three times at most).
+                    let mut tries = 0;
+                    let got = loop {
+                        tries += 1;
+                        match c.get(&key(i)).await {
+                            Ok(got) => break got,
+                            Err(e) if tries >= 3 => anyhow::bail!("get k:{i}: {e}"),
+                            Err(_) => continue,
+                        }
+                    };
                     Ok((i, got.map(|g| g.value)))
                 }
             })
@@ -241,13 +247,49 @@ async fn read_back(
         }
         if bad && wrong.len() < 5 {
             let got = got.map(|g| String::from_utf8_lossy(&g).into_owned());
-            wrong.push(format!("k:{i}: want {want:?}, got {got:?}"));
+            wrong.push((i, format!("k:{i}: want {want:?}, got {got:?}")));
         }
     }
     if !wrong.is_empty() {
-        eprintln!("wrong keys:\n  {}", wrong.join("\n  "));
+        eprintln!("wrong keys:");
+        for (i, w) in &wrong {
+            eprintln!("  {w}; on the nodes: {:?}", holders(client, &key(*i)).await);
+        }
     }
     Ok((lost, resurrected))
+}
+
+/// What every node of the client's ring holds for `key` (a lost or older key's trail).
+async fn holders(client: &arcus_client::ArcusClient, key: &str) -> Vec<(String, String)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let owner = client.ring().node_for_key(key).map(str::to_string);
+    let mut out = Vec::new();
+    for node in client.ring().nodes() {
+        let got = async {
+            let mut s = tokio::net::TcpStream::connect(node).await?;
+            s.write_all(format!("get {key}\r\n").as_bytes()).await?;
+            let mut r = tokio::io::BufReader::new(s);
+            let (mut head, mut data) = (String::new(), String::new());
+            r.read_line(&mut head).await?;
+            if head.starts_with("VALUE") {
+                r.read_line(&mut data).await?;
+            }
+            Ok::<_, std::io::Error>(data.trim_end().to_string())
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), got).await;
+        let mark = if Some(node) == owner.as_ref() {
+            " (owner)"
+        } else {
+            ""
+        };
+        match got {
+            Ok(Ok(v)) if v.is_empty() => {}
+            Ok(Ok(v)) => out.push((format!("{node}{mark}"), v)),
+            Ok(Err(e)) => out.push((format!("{node}{mark}"), format!("error {e}"))),
+            Err(_) => out.push((format!("{node}{mark}"), "timeout".into())),
+        }
+    }
+    out
 }
 
 /// The operator leader's peak RSS (VmHWM) in MiB, if it can be read.
@@ -395,6 +437,10 @@ async fn run_benchmark(
             "[large] {name}: {:.1} s; client load {} ops ({} gets, {} misses of present keys, {} errors); operator peak RSS so far {rss:?} MiB",
             took.as_secs_f64(), load.ops, load.gets, load.misses, load.errors
         );
+        // Checked after each phase too, while the nodes that held a wrong key still run.
+        let snapshot = expected.lock().unwrap().clone();
+        let (lost, resurrected) = read_back(&client, keys, &snapshot, &unknown).await?;
+        eprintln!("[large] after {name}: lost {lost}, resurrected {resurrected}");
         phases.push((name, begin, end, took));
     }
     stop.store(true, Ordering::Relaxed);

@@ -419,12 +419,20 @@ async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
                     list_watch = Some(registration::watch_children(c.clone(), list_path.clone(), Duration::ZERO));
                     client = Some(c);
                 }
-                Err(zk::Error::SessionExpired) => {
+                Err(zk::Error::SessionExpired) if status.failstop() => {
                     error!("ZooKeeper session expired: stopping memcached and exiting 75 (arcus-memcached with zk_failstop on)");
                     status.set_registered(false);
                     stop_memcached(&mut child, &sock).await;
                     info!("exit {EX_TEMPFAIL}");
                     return EX_TEMPFAIL;
+                }
+                Err(zk::Error::SessionExpired) => {
+                    // arcus_zk.c with zk_failstop off: mc_pause; memcached keeps serving, the
+                    // node is out of the cluster until `zkensemble rejoin`.
+                    warn!("ZOO_SESSION_EVENT Expired. pausing memcached (zk_failstop: off)");
+                    status.set_registered(false);
+                    status.set_session(false);
+                    info!("waiting for `zkensemble rejoin`");
                 }
                 Err(e) => {
                     warn!("ZooKeeper still unreachable ({e}); still serving; asking again in 1 s");

@@ -1,6 +1,7 @@
 //! The line-aware proxy in front of stock memcached: clients connect to the stand-in's TCP port,
 //! every byte goes on to memcached's private unix socket unchanged, except the ARCUS admin
-//! commands stock memcached does not know (`ready`, `zkensemble ...`), which the stand-in answers.
+//! commands stock memcached does not know (`ready`, `zkensemble ...`, `config zkfailstop`), which
+//! the stand-in answers.
 //!
 //! Order is kept under pipelining: for an intercepted command the proxy sends memcached the meta
 //! no-op `mn` as a barrier and queues the command; when memcached's `MN` for that barrier comes
@@ -43,6 +44,12 @@ pub enum AdminCmd {
     ZkSet(String),
     /// any other `zkensemble <...>`
     ZkBad,
+    /// `config zkfailstop` (None: read it)
+    ZkFailstop(Option<bool>),
+    /// `config zkfailstop <neither on nor off>`
+    ZkFailstopBadValue,
+    /// `config zkfailstop <more than one argument>`
+    ZkFailstopBad,
 }
 
 /// What `ready` and `zkensemble` answer from; written by the ZooKeeper loop, read by the proxy.
@@ -53,6 +60,9 @@ pub struct NodeStatus {
     registered: AtomicBool,
     /// A ZooKeeper session exists (arcus `main_zk->zh != NULL`).
     session: AtomicBool,
+    /// arcus `zk_failstop` (default on): an expired session makes the node exit 75; off, it
+    /// leaves the cluster and waits for `zkensemble rejoin`.
+    failstop: AtomicBool,
     rejoin: mpsc::UnboundedSender<oneshot::Sender<bool>>,
 }
 
@@ -73,6 +83,7 @@ impl NodeStatus {
             ensemble,
             registered: AtomicBool::new(false),
             session: AtomicBool::new(false),
+            failstop: AtomicBool::new(true),
             rejoin: tx,
         };
         (Arc::new(status), rx)
@@ -86,9 +97,28 @@ impl NodeStatus {
         self.session.store(v, Ordering::SeqCst);
     }
 
+    pub fn failstop(&self) -> bool {
+        self.failstop.load(Ordering::SeqCst)
+    }
+
     /// The reply arcus-memcached 1.15 sends (memcached.c `ready` and
     /// `process_zkensemble_command`), with its `\r\n`.
     pub async fn answer(&self, cmd: &AdminCmd) -> Vec<u8> {
+        // memcached.c process_zkfailstop_command, with or without ZooKeeper.
+        match cmd {
+            AdminCmd::ZkFailstop(None) => {
+                let now = if self.failstop() { "on" } else { "off" };
+                return format!("zkfailstop {now}\r\nEND\r\n").into_bytes();
+            }
+            AdminCmd::ZkFailstop(Some(on)) => {
+                self.failstop.store(*on, Ordering::SeqCst);
+                warn!("zk_failstop set to {}", if *on { "on" } else { "off" });
+                return b"END\r\n".to_vec();
+            }
+            AdminCmd::ZkFailstopBadValue => return b"CLIENT_ERROR bad value\r\n".to_vec(),
+            AdminCmd::ZkFailstopBad => return b"CLIENT_ERROR bad command line format\r\n".to_vec(),
+            _ => {}
+        }
         let Some(ensemble) = &self.ensemble else {
             return match cmd {
                 AdminCmd::Ready => b"READY\r\n".to_vec(),
@@ -124,6 +154,9 @@ impl NodeStatus {
                 b"ERROR failed to set the new ensemble address (check logs)\r\n".to_vec()
             }
             AdminCmd::ZkBad => b"CLIENT_ERROR bad command line format\r\n".to_vec(),
+            AdminCmd::ZkFailstop(_) | AdminCmd::ZkFailstopBadValue | AdminCmd::ZkFailstopBad => {
+                unreachable!("answered above")
+            }
         }
     }
 }
@@ -192,6 +225,18 @@ impl RequestParser {
                         Req::Intercept(n, AdminCmd::ZkSet(String::from_utf8_lossy(e).into_owned()))
                     }
                     _ => Req::Intercept(n, AdminCmd::ZkBad),
+                }
+            }
+            b"config" => {
+                let rest: Vec<&[u8]> = words.collect();
+                // Stock memcached knows no `config`; only zkfailstop is answered here.
+                match rest.as_slice() {
+                    [b"zkfailstop"] => Req::Intercept(n, AdminCmd::ZkFailstop(None)),
+                    [b"zkfailstop", b"on"] => Req::Intercept(n, AdminCmd::ZkFailstop(Some(true))),
+                    [b"zkfailstop", b"off"] => Req::Intercept(n, AdminCmd::ZkFailstop(Some(false))),
+                    [b"zkfailstop", _] => Req::Intercept(n, AdminCmd::ZkFailstopBadValue),
+                    [b"zkfailstop", ..] => Req::Intercept(n, AdminCmd::ZkFailstopBad),
+                    _ => Req::Forward(n),
                 }
             }
             b"mn" => Req::ClientMn(n),
@@ -574,6 +619,19 @@ mod tests {
             Req::Intercept(18, AdminCmd::ZkBad)
         );
         assert_eq!(one("zkensemble\r\n"), Req::Forward(12));
+        assert_eq!(
+            one("config zkfailstop\r\n"),
+            Req::Intercept(19, AdminCmd::ZkFailstop(None))
+        );
+        assert_eq!(
+            one("config zkfailstop off\r\n"),
+            Req::Intercept(23, AdminCmd::ZkFailstop(Some(false)))
+        );
+        assert_eq!(
+            one("config zkfailstop maybe\r\n"),
+            Req::Intercept(25, AdminCmd::ZkFailstopBadValue)
+        );
+        assert_eq!(one("config memlimit 64\r\n"), Req::Forward(20));
         assert_eq!(one("READY\r\n"), Req::Forward(7));
         assert_eq!(one("mn\r\n"), Req::ClientMn(4));
     }

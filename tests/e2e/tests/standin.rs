@@ -492,6 +492,65 @@ async fn session_expiry_exits_75() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same expiry with `config zkfailstop off` (arcus-memcached's mc_pause): the node keeps
+/// serving with its data, answers NOT_READY, and comes back on `zkensemble rejoin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_with_failstop_off_waits_for_rejoin() -> anyhow::Result<()> {
+    let mut zks = ZkServer::start()?;
+    let client = zk::Client::connect(&zks.addr()).await?;
+    arcus_tree(&client, &["svc-f"]).await?;
+    let ip = unique_loopback_ip();
+    let port = free_port(&ip);
+    map(&client, &format!("{ip}:{port}"), "svc-f").await?;
+    let mut node = StandIn::start(&zks.addr(), &ip, port, "failstop-mc-0", &["-o", "10"]);
+    let path = format!("/arcus/cache_list/svc-f/{}", node.node_name());
+    wait_znode(&client, &path, Duration::from_secs(20)).await?;
+    drop(client);
+    let admin = AdminClient::new(node.addr());
+    assert_eq!(admin.config("zkfailstop").await?, "on", "the default");
+    admin.set_config("zkfailstop", "off").await?;
+    assert_eq!(admin.config("zkfailstop").await?, "off");
+    assert_eq!(
+        memcached_roundtrip(&node.addr(), "config zkfailstop maybe\r\n", "\r\n")?,
+        "CLIENT_ERROR bad value\r\n"
+    );
+    set_get(&node.addr(), "kept", "through the outage")?;
+
+    // The session expires (ZooKeeper back without it), as in session_expiry_exits_75.
+    zks.stop();
+    let data = zks.dir.join("data");
+    std::fs::remove_dir_all(&data)?;
+    std::fs::create_dir_all(&data)?;
+    zks.restart()?;
+    wait_until(Duration::from_secs(30), "the stand-in to pause", || async {
+        node.log_text()
+            .contains("pausing memcached (zk_failstop: off)")
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", node.log_text()))?;
+    assert!(node.try_wait().is_none(), "exited:\n{}", node.log_text());
+    assert_eq!(admin.ready().await?, Readiness::NotReady);
+    assert_eq!(
+        memcached_roundtrip(&node.addr(), "get kept\r\n", "END\r\n")?,
+        "VALUE kept 0 18\r\nthrough the outage\r\nEND\r\n",
+        "the data is still there"
+    );
+
+    // The tree is gone with ZooKeeper's data: an operator puts it back, then rejoins the node.
+    let client = zk::Client::connect(&zks.addr()).await?;
+    arcus_tree(&client, &["svc-f"]).await?;
+    map(&client, &format!("{ip}:{port}"), "svc-f").await?;
+    admin
+        .zkensemble_rejoin()
+        .await
+        .map_err(|e| anyhow::anyhow!("zkensemble rejoin: {e}; log:\n{}", node.log_text()))?;
+    wait_znode(&client, &path, Duration::from_secs(10)).await?;
+    assert_eq!(admin.ready().await?, Readiness::Ready);
+    assert!(node.try_wait().is_none());
+    Ok(())
+}
+
 /// ZooKeeper down for longer than the session timeout, then back WITH its data: ZooKeeper keeps
 /// sessions across a full outage, so the node resumes its session (as arcus-memcached's C client
 /// does) and its ephemeral znode is still the one it created.

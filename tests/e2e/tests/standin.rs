@@ -533,7 +533,7 @@ async fn session_expiry_with_failstop_off_waits_for_rejoin() -> anyhow::Result<(
     assert_eq!(admin.ready().await?, Readiness::NotReady);
     assert_eq!(
         memcached_roundtrip(&node.addr(), "get kept\r\n", "END\r\n")?,
-        "VALUE kept 0 18\r\nthrough the outage\r\nEND\r\n",
+        "VALUE kept 7 18\r\nthrough the outage\r\nEND\r\n",
         "the data is still there"
     );
 

@@ -344,6 +344,15 @@ pub struct ArcusMemcachedSpec {
     #[schemars(range(min = 10, max = 2000))]
     pub zk_session_timeout_seconds: Option<i32>,
 
+    /// What a cache node does when its ZooKeeper session expired (a ZooKeeper outage longer
+    /// than the session timeout): `false` (the default here) keeps it serving its items and out
+    /// of `cache_list` until the operator lets it back in (`config zkfailstop off`, applied to
+    /// every running node); `true` is arcus-memcached's own default, exit 75, which restarts
+    /// the pod empty. With `false`, a node cut off from ZooKeeper keeps answering clients that
+    /// still have it in their ring.
+    #[serde(default)]
+    pub zk_failstop: bool,
+
     /// CPU and memory requests and limits of the arcus-memcached container. Keep the memory
     /// limit comfortably above `configuration.memlimit`: arcus-memcached also uses memory for
     /// connections and its hash table.

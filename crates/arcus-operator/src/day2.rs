@@ -1,6 +1,6 @@
 //! Day-2 decisions for running nodes, as a pure function of what one pass observed:
-//! - live configuration: `memlimit` and `connections` reach running nodes by admin command
-//!   (no restart); the pod template keeps them for future restarts without rolling anything;
+//! - live configuration: `memlimit`, `connections` and `zkfailstop` reach running nodes by
+//!   admin command (no restart); the pod template keeps them for future restarts without rolling anything;
 //! - the operator's own rolling restart (the StatefulSet is `OnDelete`): a node whose pod was
 //!   made from an older template is restarted one at a time, highest ordinal first, only while
 //!   every other node is Ready and registered; a node that does not come back stops the roll;
@@ -28,14 +28,18 @@ pub const ROLL_STUCK_AFTER_SECS: i64 = 300;
 pub struct LiveConfig {
     pub memlimit_mb: u32,
     pub connections: u32,
+    /// arcus `zk_failstop`: on, an expired ZooKeeper session makes the node exit.
+    pub zk_failstop: bool,
 }
 
 impl fmt::Display for LiveConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "memlimit={},connections={}",
-            self.memlimit_mb, self.connections
+            "memlimit={},connections={},zkfailstop={}",
+            self.memlimit_mb,
+            self.connections,
+            if self.zk_failstop { "on" } else { "off" }
         )
     }
 }
@@ -44,16 +48,22 @@ impl LiveConfig {
     pub fn parse(s: &str) -> Option<LiveConfig> {
         let mut memlimit_mb = None;
         let mut connections = None;
+        // Written by versions before it was live: the node runs with the server's default.
+        let mut zk_failstop = Some(true);
         for part in s.split(',') {
             match part.split_once('=')? {
                 ("memlimit", v) => memlimit_mb = v.parse().ok(),
                 ("connections", v) => connections = v.parse().ok(),
+                ("zkfailstop", "on") => zk_failstop = Some(true),
+                ("zkfailstop", "off") => zk_failstop = Some(false),
+                ("zkfailstop", _) => zk_failstop = None,
                 _ => {}
             }
         }
         Some(LiveConfig {
             memlimit_mb: memlimit_mb?,
             connections: connections?,
+            zk_failstop: zk_failstop?,
         })
     }
 }
@@ -208,7 +218,47 @@ mod tests {
     const CFG: LiveConfig = LiveConfig {
         memlimit_mb: 100,
         connections: 1000,
+        zk_failstop: false,
     };
+
+    #[test]
+    fn live_config_annotation_round_trips_and_reads_older_ones() {
+        assert_eq!(LiveConfig::parse(&CFG.to_string()), Some(CFG));
+        assert_eq!(
+            CFG.to_string(),
+            "memlimit=100,connections=1000,zkfailstop=off"
+        );
+        // Before zkfailstop was live: the node runs with arcus-memcached's default, on.
+        assert_eq!(
+            LiveConfig::parse("memlimit=100,connections=1000"),
+            Some(LiveConfig {
+                zk_failstop: true,
+                ..CFG
+            })
+        );
+        assert_eq!(
+            LiveConfig::parse("memlimit=100,connections=1000,zkfailstop=x"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_node_started_with_failstop_on_gets_it_turned_off_live() {
+        let mut pods: Vec<_> = (0..2).map(|o| pod(o, "h1")).collect();
+        for p in &mut pods {
+            p.started = Some(LiveConfig {
+                zk_failstop: true,
+                ..CFG
+            });
+        }
+        let p = plan("h1", CFG, 2, &pods);
+        assert_eq!(p.actions.len(), 2, "{p:?}");
+        assert!(p
+            .actions
+            .iter()
+            .all(|a| matches!(a, Day2Action::ApplyLiveConfig { to, .. } if !to.zk_failstop)));
+        assert!(p.stale.is_empty(), "no restart for it");
+    }
 
     fn pod(o: u32, hash: &str) -> NodePod {
         NodePod {

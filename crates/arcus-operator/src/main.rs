@@ -142,6 +142,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         capabilities,
         resync: Duration::from_secs(args.resync_seconds),
         by_service: Default::default(),
+        zk_unreachable_since: Default::default(),
         caches,
     });
     let trigger_tx = route_cache_list_changes(ctx.clone(), zk_rx);

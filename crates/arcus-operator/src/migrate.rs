@@ -30,12 +30,13 @@ use crate::crd::MigrationStatus;
 use crate::day2::LiveConfig;
 use crate::leader::{Fenced, LeaderGate};
 use crate::migration::{
-    Checkpoint, MigrationError, MigrationOptions, Phase, Progress, ScaleIn, ScaleOut,
+    Checkpoint, Migration, MigrationError, MigrationOptions, Phase, Progress, ScaleIn, ScaleOut,
 };
 use crate::operation::{Action, DrainPurpose, Outcome, Step};
 use crate::zk::{Registry, ZkError};
 use crate::zk_plan::CacheZnode;
 use arcus_client::Ring;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -81,11 +82,29 @@ pub enum MigrateError {
     Stopped(String),
 }
 
+/// Where a node stands with ZooKeeper, as its `zkensemble get` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZkMembership {
+    /// Stock memcached (no `zkensemble`): cannot be held out of the ring or let back in.
+    Stock,
+    /// ARCUS with a ZooKeeper session.
+    Session,
+    /// ARCUS without one (its znode was deleted, or its session expired with zkfailstop off):
+    /// serving, out of `cache_list` until `zkensemble rejoin`.
+    NoSession,
+}
+
+impl ZkMembership {
+    /// Whether the node can be held out of the ring and let back in.
+    pub fn can_rejoin(self) -> bool {
+        self != ZkMembership::Stock
+    }
+}
+
 /// Admin commands on cache nodes.
 pub trait NodeAdmin: Send + Sync {
-    /// Whether the node can be held out of the ring and let back in (it knows `zkensemble`):
-    /// Some(false) for stock memcached, None when it does not answer.
-    fn can_rejoin(&self, addr: &str) -> impl Future<Output = Option<bool>> + Send;
+    /// Where the node stands with ZooKeeper; None when it does not answer.
+    fn membership(&self, addr: &str) -> impl Future<Output = Option<ZkMembership>> + Send;
     /// `zkensemble rejoin`.
     fn rejoin(&self, addr: &str) -> impl Future<Output = Result<(), MigrateError>> + Send;
     /// Sets memlimit (and connections when `connections_changed`) on a running node. Returns
@@ -210,6 +229,19 @@ pub trait Mover: Send + Sync {
         rounds: u32,
         label: &Label,
     ) -> impl Future<Output = Result<Progress, MigrateError>> + Send;
+    /// Each node's CAS watermark, taken before the nodes are let back in together.
+    fn marks(
+        &self,
+        nodes: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, u64>, MigrateError>> + Send;
+    /// Once they are back: what clients wrote on the wrong node meanwhile goes to its owner
+    /// on `ring` (`Migration::return_misrouted`).
+    fn return_misrouted(
+        &self,
+        ring: &[String],
+        marks: &BTreeMap<String, u64>,
+        label: &Label,
+    ) -> impl Future<Output = Result<Progress, MigrateError>> + Send;
 }
 
 /// What running one step did, for Events and the requeue.
@@ -247,6 +279,26 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 ran.event = Some((
                     "NodeRestarted",
                     format!("{pod} had left ZooKeeper and cannot be let back in: restarting it"),
+                ));
+                return Ok(ran);
+            }
+            Action::RejoinAll { nodes } => {
+                let marks = self.mover.marks(&addrs(nodes)).await?;
+                let back = self.rejoin_together(nodes).await?;
+                let ring: Vec<String> = addrs(&self.registry.ring().await?);
+                let p = self.mover.return_misrouted(&ring, &marks, &label).await?;
+                tracing::info!(
+                    back,
+                    misrouted = p.items_moved,
+                    "nodes let back in together"
+                );
+                ran.event = Some((
+                    "NodesRejoined",
+                    format!(
+                        "{back} of {} nodes had lost their ZooKeeper sessions at once (an outage) and kept their items: let back in together; {} items written on the wrong node meanwhile moved to their owners",
+                        nodes.len(),
+                        p.items_moved
+                    ),
                 ));
                 return Ok(ran);
             }
@@ -377,6 +429,28 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
         Ok((Outcome::RejoinFailed, None))
     }
 
+    /// `zkensemble rejoin` on every node at once (the ring is partial until the last one is
+    /// back: keep that short). Returns how many are back; fails if none is.
+    async fn rejoin_together(&self, nodes: &[CacheZnode]) -> Result<usize, MigrateError> {
+        let results =
+            futures::future::join_all(nodes.iter().map(|z| self.admin.rejoin(z.addr()))).await;
+        let ring = self.registry.ring().await?;
+        let back = nodes
+            .iter()
+            .filter(|z| ring.iter().any(|r| r.addr() == z.addr()))
+            .count();
+        match results.into_iter().find_map(Result::err) {
+            Some(e) if back == 0 => Err(e),
+            Some(e) => {
+                // The others are back; the next pass sees this one out of a non-empty ring
+                // and heals it with a fill.
+                tracing::warn!(error = %e, back, "a node did not rejoin with the others");
+                Ok(back)
+            }
+            None => Ok(back),
+        }
+    }
+
     /// Lets the held nodes in; one already back (rejoined by hand) is fine.
     async fn rejoin_all(&self, held: &[CacheZnode]) -> Result<(), MigrateError> {
         for z in held {
@@ -408,7 +482,8 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             if !registered.is_empty() {
                 let mut taken = vec![];
                 for z in registered {
-                    if self.admin.can_rejoin(z.addr()).await == Some(true) {
+                    let m = self.admin.membership(z.addr()).await;
+                    if m.is_some_and(ZkMembership::can_rejoin) {
                         taken.push(z);
                     }
                 }
@@ -435,16 +510,16 @@ pub struct ArcusAdmin {
 }
 
 impl NodeAdmin for ArcusAdmin {
-    async fn can_rejoin(&self, addr: &str) -> Option<bool> {
+    async fn membership(&self, addr: &str) -> Option<ZkMembership> {
         match arcus_client::AdminClient::with_timeout(addr, Duration::from_secs(2))
             .zkensemble_get()
             .await
         {
-            Ok(_) => Some(true),
-            Err(arcus_client::Error::Unsupported { .. }) => Some(false),
+            Ok(_) => Some(ZkMembership::Session),
+            Err(arcus_client::Error::Unsupported { .. }) => Some(ZkMembership::Stock),
             // ARCUS knows it but fails it while it has no ZooKeeper session
-            // (`ERROR failed to get the ensemble address`): it can rejoin.
-            Err(arcus_client::Error::Server { .. }) => Some(true),
+            // (`ERROR failed to get the ensemble address`).
+            Err(arcus_client::Error::Server { .. }) => Some(ZkMembership::NoSession),
             Err(_) => None,
         }
     }
@@ -484,6 +559,13 @@ impl NodeAdmin for ArcusAdmin {
     ) -> Result<bool, ConfigFailed> {
         let admin = arcus_client::AdminClient::new(addr.to_string());
         let failed = |what: String| move |source| ConfigFailed::Refused { what, source };
+        self.gate.check(|| format!("zkfailstop of {addr}"))?;
+        let failstop = if to.zk_failstop { "on" } else { "off" };
+        match admin.set_config("zkfailstop", failstop).await {
+            // Stock memcached registers nowhere: nothing to fail over.
+            Ok(()) | Err(arcus_client::Error::Unsupported { .. }) => {}
+            Err(e) => return Err(failed(format!("zkfailstop {failstop}"))(e)),
+        }
         self.gate.check(|| format!("memlimit of {addr}"))?;
         let memlimit = match admin.set_memlimit(to.memlimit_mb.into()).await {
             Err(arcus_client::Error::Unsupported { .. }) => {
@@ -650,12 +732,49 @@ impl Mover for CacheMover {
         })
         .await
     }
+
+    async fn marks(&self, nodes: &[String]) -> Result<BTreeMap<String, u64>, MigrateError> {
+        let nodes = owned(nodes);
+        self.run("watermarks", move |_| async move {
+            let m = Migration::new(
+                Ring::new(nodes.clone()),
+                Ring::new(nodes.clone()),
+                MigrationOptions::default(),
+            )?;
+            let mut marks = BTreeMap::new();
+            for n in nodes {
+                let mark = m.watermark(&n).await?;
+                marks.insert(n, mark.cas);
+            }
+            Ok(marks)
+        })
+        .await
+    }
+
+    async fn return_misrouted(
+        &self,
+        ring: &[String],
+        marks: &BTreeMap<String, u64>,
+        label: &Label,
+    ) -> Result<Progress, MigrateError> {
+        let (ring, marks, label) = (owned(ring), marks.clone(), label.clone());
+        self.run("misrouted writes", move |r| async move {
+            let m = Migration::new(
+                Ring::new(ring.clone()),
+                Ring::new(ring),
+                MigrationOptions::default(),
+            )?;
+            let _follow = r.follow(&label, m.progress());
+            Ok(m.return_misrouted(&marks).await?)
+        })
+        .await
+    }
 }
 
 /// Add-only copies into `joining`, up to `rounds` of them while a round still moves items.
 /// With more than one round, moved items are compare-and-deleted on their old owners, so a
-/// further round lists only what an earlier listing missed (stock memcached's LRU crawler can
-/// skip items under load) and never re-adds a key a client deleted meanwhile.
+/// further round lists only what an earlier listing missed (an `lru_crawler metadump all` on
+/// an older memcached can skip items under load) and never re-adds a key a client deleted meanwhile.
 async fn copy_rounds(
     before: &[String],
     joining: &[String],

@@ -187,6 +187,9 @@ pub struct PodState {
     /// Whether the node can be held out and let back in (`zkensemble`): probed for the pods
     /// [`pods_to_probe`] names, None otherwise or when it did not answer.
     pub can_rejoin: Option<bool>,
+    /// Probed like `can_rejoin`: an ARCUS node without a ZooKeeper session, waiting for
+    /// `zkensemble rejoin` (its session expired with zkfailstop off, or its znode was deleted).
+    pub detached: bool,
 }
 
 /// What day-2 asks of the ring when nothing else is in flight.
@@ -288,6 +291,10 @@ pub enum Action {
     },
     /// Restart a node that left ZooKeeper and cannot be let back in (not an operation).
     RestartPod { pod: String },
+    /// Every node left `cache_list` at once (their sessions expired in a ZooKeeper outage,
+    /// with zkfailstop off) and waits for `zkensemble rejoin`: let them all back in together,
+    /// unfilled (not an operation).
+    RejoinAll { nodes: Vec<CacheZnode> },
     /// Record the heal of a node that left ZooKeeper: it is filled before it is let in.
     StartHeal(Operation),
     /// The spec shrank below a join in flight: the join ends (its registered nodes are drained
@@ -342,7 +349,7 @@ impl Step {
     pub fn persists(&self) -> bool {
         !matches!(
             self.action,
-            Action::Idle | Action::Wait(_) | Action::RestartPod { .. }
+            Action::Idle | Action::Wait(_) | Action::RestartPod { .. } | Action::RejoinAll { .. }
         )
     }
 
@@ -351,7 +358,13 @@ impl Step {
     pub fn successor(&self, outcome: &Outcome) -> Option<Operation> {
         let op = self.operation.clone();
         match (&self.action, outcome) {
-            (Action::Idle | Action::Wait(_) | Action::RestartPod { .. }, _) => op,
+            (
+                Action::Idle
+                | Action::Wait(_)
+                | Action::RestartPod { .. }
+                | Action::RejoinAll { .. },
+                _,
+            ) => op,
             (Action::StartHeal(record), _) => Some(record.clone()),
             (
                 Action::StartJoin {
@@ -853,6 +866,9 @@ pub fn next_step(op: Option<&Operation>, world: &World) -> Step {
 }
 
 fn idle(world: &World) -> Action {
+    if let Some(nodes) = all_detached(world) {
+        return Action::RejoinAll { nodes };
+    }
     let before = world.ring_addrs();
     if world.statefulset > world.desired {
         let leaving: Vec<CacheZnode> = (world.desired..world.statefulset)
@@ -910,6 +926,13 @@ fn idle(world: &World) -> Action {
                     None => Action::Idle,
                 }
             }
+            // Nobody in the ring to fill it from, but it keeps its items: it either registers
+            // by itself or reports its session gone (then all such nodes rejoin together).
+            // Restarting it would throw them away.
+            Some(p) if p.can_rejoin == Some(true) && before.is_empty() => Action::Wait(format!(
+                "{} to register, or to report that its ZooKeeper session expired",
+                p.name
+            )),
             Some(p) if p.can_rejoin.is_some() || before.is_empty() => Action::RestartPod {
                 pod: p.name.clone(),
             },
@@ -918,6 +941,24 @@ fn idle(world: &World) -> Action {
         },
         None => Action::Idle,
     }
+}
+
+/// The nodes to let back in together when none of ours is in `cache_list` and the running
+/// ones wait for `zkensemble rejoin`: a ZooKeeper outage expired every session at once. Each
+/// still holds what the whole ring gave it (clients kept that ring while ZooKeeper was away,
+/// and found no node once the znodes went), so nothing is copied; healing them one at a time
+/// would fill each from a partial ring and move keys around for nothing.
+fn all_detached(world: &World) -> Option<Vec<CacheZnode>> {
+    if !world.ring.is_empty() {
+        return None;
+    }
+    let nodes: Vec<CacheZnode> = world
+        .pods
+        .iter()
+        .filter(|p| p.ordinal < world.statefulset && p.running && !p.terminating && p.detached)
+        .filter_map(|p| Some(CacheZnode::new(p.addr.as_deref()?, &p.host)))
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
 }
 
 /// The record a heal starts with (the node is out already, and has been for a while: nothing
@@ -1258,6 +1299,7 @@ mod tests {
             running: true,
             terminating: false,
             can_rejoin,
+            detached: false,
         }
     }
     fn pods(n: u32) -> Vec<PodState> {
@@ -1397,6 +1439,66 @@ mod tests {
                 last: true
             }
         );
+    }
+
+    #[test]
+    fn nodes_all_out_after_an_outage_are_let_back_in_together_before_anything_else() {
+        let none: Vec<CacheZnode> = vec![];
+        let mut p = pods(3);
+        for x in &mut p {
+            x.detached = true;
+        }
+        let mut w = world(3, 3, &none, &p);
+        w.day2 = Some(Day2Request::Heal { ordinal: 0 });
+        let step = next_step(None, &w);
+        assert_eq!(step.action, Action::RejoinAll { nodes: ring(0..3) });
+        assert!(!step.persists());
+        // A scale asked for during the outage waits until they are back.
+        let step = next_step(None, &world(5, 3, &none, &p));
+        assert!(matches!(step.action, Action::RejoinAll { .. }), "{step:?}");
+        // One node that did not answer yet is left to the heal once the others are back.
+        p[1].detached = false;
+        let step = next_step(None, &world(3, 3, &none, &p));
+        assert_eq!(
+            step.action,
+            Action::RejoinAll {
+                nodes: vec![znode(0), znode(2)]
+            }
+        );
+    }
+
+    #[test]
+    fn an_arcus_node_out_of_an_empty_ring_is_never_restarted() {
+        let none: Vec<CacheZnode> = vec![];
+        let p = pods(3);
+        let mut w = world(3, 3, &none, &p);
+        w.day2 = Some(Day2Request::Heal { ordinal: 1 });
+        assert!(matches!(next_step(None, &w).action, Action::Wait(_)));
+        // A stock node cannot be let back in: restarted.
+        let mut p = pods(3);
+        p[1].can_rejoin = Some(false);
+        let mut w = world(3, 3, &none, &p);
+        w.day2 = Some(Day2Request::Heal { ordinal: 1 });
+        assert_eq!(
+            next_step(None, &w).action,
+            Action::RestartPod { pod: "mc-1".into() }
+        );
+    }
+
+    #[test]
+    fn a_node_out_of_a_ring_that_others_still_serve_is_not_let_in_unfilled() {
+        let r = ring(0..2);
+        let mut p = pods(3);
+        p[2].detached = true;
+        let mut w = world(3, 3, &r, &p);
+        w.day2 = Some(Day2Request::Heal { ordinal: 2 });
+        assert!(matches!(next_step(None, &w).action, Action::StartHeal(_)));
+        // Nor nodes of a cluster that is still starting (they register themselves).
+        let none: Vec<CacheZnode> = vec![];
+        assert!(!matches!(
+            next_step(None, &world(3, 3, &none, &pods(3))).action,
+            Action::RejoinAll { .. }
+        ));
     }
 
     #[test]

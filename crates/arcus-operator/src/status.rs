@@ -142,6 +142,33 @@ fn degraded(input: &StatusInput, failures: &[String]) -> ConditionParts {
     }
 }
 
+/// The status kept as it is but for `Degraded`, true for `reason` (an outage the operator
+/// waits out, ZooKeeper unreachable: what it saw last of the nodes still holds).
+pub fn degraded_only(
+    cr: &ArcusMemcached,
+    reason: &str,
+    message: String,
+    now: Time,
+) -> ArcusMemcachedStatus {
+    let old = cr.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let degraded = condition(
+        &old,
+        ConditionType::Degraded,
+        true,
+        reason,
+        message.clone(),
+        cr.metadata.generation,
+        &now,
+    );
+    status
+        .conditions
+        .retain(|c| c.type_ != ConditionType::Degraded);
+    status.conditions.push(degraded);
+    status.message = Some(message);
+    status
+}
+
 fn condition(
     old: &ArcusMemcachedStatus,
     type_: ConditionType,

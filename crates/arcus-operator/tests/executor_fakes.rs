@@ -12,7 +12,7 @@
 use arcus_client::Ring;
 use arcus_operator::day2::LiveConfig;
 use arcus_operator::migrate::{
-    ConfigFailed, Executor, Label, MigrateError, Mover, NodeAdmin, Pods,
+    ConfigFailed, Executor, Label, MigrateError, Mover, NodeAdmin, Pods, ZkMembership,
 };
 use arcus_operator::migration::{Checkpoint, Progress};
 use arcus_operator::operation::{self, Action, Day2Request, Operation, PodState};
@@ -77,6 +77,10 @@ struct Model {
     refuses_rejoin: Option<String>,
     /// The operator dies right after the next `zkensemble rejoin` (before pass 2 ends).
     crash_after_rejoin: bool,
+    /// Set while nodes are let back in together (between the watermarks and the return of
+    /// misrouted writes): the version the watermarks were taken at. Entering the ring is not
+    /// checked meanwhile; the return is, once it ran.
+    rejoin_marks: Option<u64>,
     /// The StatefulSet starts a pod only once every pod before it is Ready (registered: a
     /// held-out ARCUS node answers NOT_READY), as `OrderedReady` does.
     ordered_start: bool,
@@ -128,6 +132,9 @@ impl Model {
 
     /// Every key written once more, through the ring clients see now.
     fn clients_write_all(&mut self) {
+        if self.ring_addrs().is_empty() {
+            return; // no node in cache_list: every client request fails
+        }
         self.version += 1;
         let ring = Ring::new(self.ring_addrs());
         for k in 0..KEYS {
@@ -144,6 +151,10 @@ impl Model {
         ring.push(addr.to_string());
         let ring = Ring::new(ring);
         let node = self.nodes.values().find(|n| n.addr() == addr).unwrap();
+        if self.rejoin_marks.is_some() {
+            self.node_by_addr(addr).unwrap().membership = Membership::Registered;
+            return;
+        }
         let stale = (0..KEYS)
             .filter(|k| ring.node_for_key(&key(*k)) == Some(addr))
             .filter(|k| node.contents.get(k).is_some_and(|v| *v < self.truth[k]))
@@ -228,6 +239,7 @@ impl Model {
                 terminating: false,
                 // Pods created after the setup are the scale-out's.
                 can_rejoin: Some(!(self.stock && n.uid > self.initial_uids)),
+                detached: matches!(n.membership, Membership::HeldOut | Membership::Left),
             })
             .collect()
     }
@@ -294,12 +306,15 @@ impl Registry for Fake {
 }
 
 impl NodeAdmin for Fake {
-    async fn can_rejoin(&self, addr: &str) -> Option<bool> {
+    async fn membership(&self, addr: &str) -> Option<ZkMembership> {
         let m = self.0.lock().unwrap();
         let pods = m.world_pods();
-        pods.iter()
-            .find(|p| p.addr.as_deref() == Some(addr))
-            .and_then(|p| p.can_rejoin)
+        let p = pods.iter().find(|p| p.addr.as_deref() == Some(addr))?;
+        Some(match (p.can_rejoin?, p.detached) {
+            (false, _) => ZkMembership::Stock,
+            (true, false) => ZkMembership::Session,
+            (true, true) => ZkMembership::NoSession,
+        })
     }
 
     async fn rejoin(&self, addr: &str) -> Result<(), MigrateError> {
@@ -316,8 +331,15 @@ impl NodeAdmin for Fake {
             m.crashed = true;
         }
         // Clients follow each rejoin at once: with several nodes let in one after another,
-        // they write through every ring in between.
-        m.clients_write_all();
+        // they write through every ring in between. (When the last of nodes let in together
+        // is back, the writes made meanwhile must reach their owners without a rewrite.)
+        let all_back = !m
+            .nodes
+            .values()
+            .any(|n| matches!(n.membership, Membership::HeldOut | Membership::Left));
+        if m.rejoin_marks.is_none() || !all_back {
+            m.clients_write_all();
+        }
         Ok(())
     }
 
@@ -435,6 +457,62 @@ impl Mover for Fake {
         let mut m = self.alive()?;
         let after: Vec<String> = before.iter().chain(joining).cloned().collect();
         m.migrate(before, &after, joining, true);
+        Ok(Progress::default())
+    }
+
+    async fn marks(&self, nodes: &[String]) -> Result<BTreeMap<String, u64>, MigrateError> {
+        let mut m = self.alive()?;
+        m.rejoin_marks = Some(m.version);
+        Ok(nodes.iter().map(|n| (n.clone(), m.version)).collect())
+    }
+
+    async fn return_misrouted(
+        &self,
+        ring: &[String],
+        _marks: &BTreeMap<String, u64>,
+        _label: &Label,
+    ) -> Result<Progress, MigrateError> {
+        let mut m = self.alive()?;
+        let mark = m.rejoin_marks.take().unwrap_or(0);
+        let r = Ring::new(ring.to_vec());
+        for node in ring {
+            let misrouted: Vec<(u32, u64)> = m
+                .nodes
+                .values()
+                .find(|n| n.addr() == *node)
+                .unwrap()
+                .contents
+                .iter()
+                .filter(|(k, v)| **v > mark && r.node_for_key(&key(**k)) != Some(node.as_str()))
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            for (k, v) in misrouted {
+                let owner = r.node_for_key(&key(k)).unwrap().to_string();
+                let e = m
+                    .node_by_addr(&owner)
+                    .unwrap()
+                    .contents
+                    .entry(k)
+                    .or_insert(0);
+                *e = (*e).max(v);
+                m.node_by_addr(node).unwrap().contents.remove(&k);
+            }
+        }
+        // Now every node must hold its keys current (what entering the ring checks).
+        for node in ring {
+            let n = m.nodes.values().find(|n| n.addr() == *node).unwrap();
+            let stale = n
+                .contents
+                .iter()
+                .filter(|(k, v)| {
+                    r.node_for_key(&key(**k)) == Some(node.as_str()) && **v < m.truth[k]
+                })
+                .count();
+            if stale > 0 {
+                m.violations
+                    .push(format!("{node} holds {stale} stale keys after the rejoin"));
+            }
+        }
         Ok(Progress::default())
     }
 }
@@ -770,6 +848,36 @@ async fn a_fill_cut_short_after_the_rejoin_takes_the_node_out_again() {
         assert_eq!(m.record, None, "{name}");
         assert_eq!(m.ring_addrs().len() as u32, desired, "{name}");
     }
+}
+
+/// A ZooKeeper outage expired every node's session (zkfailstop off): all out of
+/// `cache_list`, serving what they hold. They are let back in together, without copies; what
+/// clients wrote through the partial rings in between goes to the owners.
+#[tokio::test(start_paused = true)]
+async fn nodes_out_after_an_outage_are_let_back_in_together() {
+    let mut m = Model::with_nodes(3);
+    for n in m.nodes.values_mut() {
+        n.membership = Membership::Left;
+    }
+    let before: Vec<HashMap<u32, u64>> = m.nodes.values().map(|n| n.contents.clone()).collect();
+    let shared: Shared = Arc::new(Mutex::new(m));
+    run_operator(&shared, 3).await.unwrap();
+    let m = shared.lock().unwrap();
+    assert_eq!(m.violations, Vec::<String>::new());
+    assert_eq!(m.ring_addrs().len(), 3);
+    assert_eq!(m.record, None, "nothing recorded");
+    // No node was restarted (same pods) and the first node's items all came back.
+    assert_eq!(m.next_uid, 3, "no pod re-created");
+    let ring = Ring::new(m.ring_addrs());
+    let older = (0..KEYS)
+        .filter(|k| {
+            let owner = ring.node_for_key(&key(*k)).unwrap();
+            let n = m.nodes.values().find(|n| n.addr() == owner).unwrap();
+            n.contents.get(k).is_none_or(|v| *v < m.truth[k])
+        })
+        .count();
+    assert_eq!(older, 0, "keys read back older or missing");
+    assert!(before.iter().all(|c| !c.is_empty()));
 }
 
 /// The defect this state machine removes: a drained node let back in directly (as the old

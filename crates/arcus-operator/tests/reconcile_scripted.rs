@@ -13,6 +13,7 @@ use arcus_operator::controller::{
     reconcile, Capabilities, Context, Error, APPLIED_HASH, FIELD_MANAGER, FINALIZER,
 };
 use arcus_operator::crd::{ArcusMemcached, ArcusMemcachedStatus};
+use arcus_operator::day2;
 use arcus_operator::leader::LeaderGate;
 use arcus_operator::metrics::Metrics;
 use arcus_operator::zk::ZkPool;
@@ -174,6 +175,7 @@ fn context_with(client: kube::Client, caches: Arc<Caches>) -> Arc<Context> {
         },
         resync: Duration::from_secs(300),
         by_service: Default::default(),
+        zk_unreachable_since: Default::default(),
         caches,
     })
 }
@@ -527,9 +529,16 @@ async fn a_new_resource_writes_finalizer_then_mappings_then_service_pdb_stateful
     first_pass(&case, &zkc).await;
 }
 
-/// The cache pods the StatefulSet makes from its template, Ready and running for a minute.
+/// The cache pods the StatefulSet makes from its template, Ready and running for a minute,
+/// with zkfailstop turned off (as the operator does once a node is Ready).
 fn running_pods(case: &Case, sts: &Value, ips: &[String]) -> Vec<Value> {
     let template = &sts["spec"]["template"];
+    let mut annotations = template["metadata"]["annotations"].clone();
+    let started = annotations[day2::STARTED_CONFIG]
+        .as_str()
+        .expect("the template names the config its pods start with")
+        .replace("zkfailstop=on", "zkfailstop=off");
+    annotations[day2::APPLIED_CONFIG] = json!(started);
     let minute_ago = (chrono::Utc::now() - chrono::Duration::seconds(60))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     ips.iter()
@@ -540,7 +549,7 @@ fn running_pods(case: &Case, sts: &Value, ips: &[String]) -> Vec<Value> {
                 "metadata": {
                     "name": format!("{STS}-{o}"), "namespace": case.ns, "uid": format!("pod-uid-{o}"),
                     "labels": template["metadata"]["labels"],
-                    "annotations": template["metadata"]["annotations"],
+                    "annotations": annotations,
                     "creationTimestamp": minute_ago,
                 },
                 "spec": template["spec"],

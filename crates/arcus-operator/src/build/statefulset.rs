@@ -29,6 +29,8 @@ pub fn statefulset(spec: &ValidSpec, replicas: i32) -> StatefulSet {
     let started = crate::day2::LiveConfig {
         memlimit_mb: spec.memlimit_mb,
         connections: spec.connections,
+        // arcus-memcached has no start-up option for it: every node starts with it on.
+        zk_failstop: true,
     };
     let template = &mut sts.spec.as_mut().expect("spec").template;
     let annotations = template
@@ -69,6 +71,8 @@ pub fn restart_hash(spec: &ValidSpec) -> String {
         connections: _,
         threads,
         zk_session_timeout_seconds,
+        // Live (`config zkfailstop`), like memlimit and connections.
+        zk_failstop: _,
         image,
         pull_policy,
         resources,

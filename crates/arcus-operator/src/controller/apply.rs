@@ -169,7 +169,11 @@ async fn apply_live_config(
             return Ok(None);
         }
     };
-    let mut note = format!("{pod}: memlimit {} MB", to.memlimit_mb);
+    let failstop = if to.zk_failstop { "on" } else { "off" };
+    let mut note = format!(
+        "{pod}: zkfailstop {failstop}, memlimit {} MB",
+        to.memlimit_mb
+    );
     match (connections_changed, live) {
         (true, true) => note.push_str(&format!(", connections {}", to.connections)),
         (true, false) => note.push_str(&format!("; connections {} takes effect at the next restart (not changeable live on this server)", to.connections)),
@@ -345,7 +349,15 @@ pub async fn write_status(
     input: &StatusInput<'_>,
 ) -> Result<bool, Error> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let status = status::compute(cr, input, now);
+    apply_status(cr, ctx, status::compute(cr, input, now)).await
+}
+
+/// Writes `status` unless it is what the resource has already (see [`write_status`]).
+pub async fn apply_status(
+    cr: &ArcusMemcached,
+    ctx: &Context,
+    status: crate::crd::ArcusMemcachedStatus,
+) -> Result<bool, Error> {
     if cr.status.as_ref() == Some(&status) {
         return Ok(false);
     }

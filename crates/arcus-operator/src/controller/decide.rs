@@ -85,6 +85,7 @@ pub fn decide(
     let want = LiveConfig {
         memlimit_mb: valid.memlimit_mb,
         connections: valid.connections,
+        zk_failstop: valid.zk_failstop,
     };
     let restart_hash = build::statefulset::restart_hash(valid);
     let day2 = if world.deleting {

@@ -110,6 +110,8 @@ pub struct Context {
     >,
     /// The watched StatefulSets, pods, Services and PDBs (`Caches::default()`: read the API).
     pub caches: Arc<cache::Caches>,
+    /// ensemble → since when no pass could reach it (cleared by the first pass that did).
+    pub zk_unreachable_since: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 pub async fn reconcile(cr: Arc<ArcusMemcached>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -173,7 +175,18 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     let Some(valid) = validated(cr, ctx).await? else {
         return Ok(Action::await_change());
     };
-    let world = observe::observe(cr, &valid, ctx).await?;
+    let ensemble = ZkPool::ensemble(&cr.spec.zookeeper_servers);
+    let world = match observe::observe(cr, &valid, ctx).await {
+        Err(Error::ZooKeeper(e)) if unreachable(&e) => {
+            report_zookeeper_down(cr, ctx, &ensemble).await;
+            return Err(Error::ZooKeeper(e));
+        }
+        r => r?,
+    };
+    ctx.zk_unreachable_since
+        .lock()
+        .expect("zk outage lock")
+        .remove(&ensemble);
     let now = k8s_openapi::jiff::Timestamp::now();
     let decision = decide::decide(cr, &valid, &world, now);
     let applied = apply::apply(cr, &valid, &world, &decision, ctx).await?;
@@ -182,6 +195,40 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
     }
     let wrote_status = apply::update_status(cr, ctx, &world, &decision).await?;
     Ok(decision.requeue(&applied, wrote_status, ctx.resync))
+}
+
+/// Errors that mean the ensemble cannot be reached (as opposed to a refused request).
+fn unreachable(e: &ZkError) -> bool {
+    use zookeeper_client::Error as Zk;
+    match e {
+        ZkError::Connect { .. } => true,
+        ZkError::Op { source, .. } => matches!(
+            source,
+            Zk::ConnectionLoss | Zk::SessionExpired | Zk::Timeout | Zk::ClientClosed | Zk::NoHosts
+        ),
+        _ => false,
+    }
+}
+
+/// While ZooKeeper cannot be reached nothing is changed (no scale step starts; one asked for
+/// meanwhile runs once it is back): status says so, the rest of it as last seen.
+async fn report_zookeeper_down(cr: &ArcusMemcached, ctx: &Context, ensemble: &str) {
+    let since = *ctx
+        .zk_unreachable_since
+        .lock()
+        .expect("zk outage lock")
+        .entry(ensemble.to_string())
+        .or_insert_with(Instant::now);
+    let message = format!(
+        "ZooKeeper {ensemble} unreachable for {} s; cache nodes keep serving; no scale step starts until it is back",
+        since.elapsed().as_secs()
+    );
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let status = crate::status::degraded_only(cr, "ZooKeeperUnreachable", message, now);
+    if let Err(e) = apply::apply_status(cr, ctx, status).await {
+        tracing::warn!(cr = %name_of(cr), error = %ErrorChain(&e), "could not report the ZooKeeper outage in status");
+    }
 }
 
 /// The spec, validated, with the finalizer in place; None when the pass ends here (an invalid

@@ -5,7 +5,7 @@ use super::{namespace_of, Context, Error, KubeContext};
 use crate::build;
 use crate::crd::ArcusMemcached;
 use crate::day2::{self, LiveConfig, NodePod};
-use crate::migrate::{ArcusAdmin, NodeAdmin};
+use crate::migrate::{ArcusAdmin, NodeAdmin, ZkMembership};
 use crate::operation::{self, Operation, PodState};
 use crate::status::{self, NodeView};
 use crate::validate::ValidSpec;
@@ -177,7 +177,9 @@ async fn probe_rejoin(
             continue;
         };
         if let Some(addr) = &p.addr {
-            p.can_rejoin = admin.can_rejoin(addr).await;
+            let m = admin.membership(addr).await;
+            p.can_rejoin = m.map(ZkMembership::can_rejoin);
+            p.detached = m == Some(ZkMembership::NoSession);
         }
     }
 }
@@ -202,6 +204,7 @@ fn pod_state(valid: &ValidSpec, ordinal: u32, p: &Pod) -> PodState {
         running,
         terminating: p.metadata.deletion_timestamp.is_some(),
         can_rejoin: None,
+        detached: false,
     }
 }
 

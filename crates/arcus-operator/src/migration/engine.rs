@@ -1115,6 +1115,156 @@ impl Migration {
         Ok(())
     }
 
+    // ------------------------------------------- after nodes were let back in together
+
+    /// After the nodes of the ring were let back into an empty `cache_list` one after another
+    /// (a ZooKeeper outage expired all their sessions at once): what clients wrote on a node in
+    /// those milliseconds for a key it does not own (their ring was partial) goes to the key's
+    /// owner, unless the owner was written since it was back, and is then removed where it
+    /// landed. `marks` are the nodes' CAS watermarks taken before the first rejoin: only items
+    /// stored after them are moved (older items a node does not own are leftovers, not
+    /// writes). Key-value items only: a collection created in those milliseconds stays where
+    /// it landed.
+    pub async fn return_misrouted(&self, marks: &BTreeMap<String, u64>) -> Result<Progress> {
+        self.set_phase(Phase::Pass2);
+        let nodes = self.after.nodes().to_vec();
+        let results = futures::future::join_all(
+            nodes
+                .iter()
+                .filter_map(|n| Some(self.misrouted_on(n, *marks.get(n)?, marks))),
+        )
+        .await;
+        for r in results {
+            r?;
+        }
+        self.set_phase(Phase::Done);
+        Ok(self.progress_now())
+    }
+
+    /// [`Migration::return_misrouted`] for the items on `node`.
+    async fn misrouted_on(
+        &self,
+        node: &str,
+        mark: u64,
+        marks: &BTreeMap<String, u64>,
+    ) -> Result<()> {
+        let plan_chunk = |chunk: Vec<KeyInfo>| {
+            let mut per_owner: BTreeMap<String, Vec<KeyInfo>> = BTreeMap::new();
+            for k in chunk {
+                // A listing that reports CAS uniques (metadump) spares the reads of leftovers.
+                if k.item_type != ItemType::KeyValue || k.cas.is_some_and(|c| c <= mark) {
+                    continue;
+                }
+                let owner = self.after.node_for_hash(self.opts.hashing.hash(&k.key));
+                if let Some(owner) = owner.filter(|o| *o != node) {
+                    per_owner.entry(owner.to_string()).or_default().push(k);
+                }
+            }
+            per_owner
+                .into_iter()
+                .flat_map(|(owner, keys)| {
+                    into_batches(keys, self.opts.batch)
+                        .into_iter()
+                        .map(move |b| (owner.clone(), b))
+                })
+                .collect::<Vec<_>>()
+        };
+        self.stream_jobs(node, plan_chunk, |(owner, keys)| async move {
+            let owner_mark = marks.get(&owner).copied().unwrap_or(0);
+            self.retry("misrouted writes", || {
+                self.misrouted_batch(node, &owner, &keys, mark, owner_mark)
+            })
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn misrouted_batch(
+        &self,
+        node: &str,
+        owner: &str,
+        keys: &[KeyInfo],
+        mark: u64,
+        owner_mark: u64,
+    ) -> arcus_client::Result<(u64, bool)> {
+        let here = self.gets(node, &key_names(keys)).await?;
+        let written: Vec<&KeyInfo> = keys
+            .iter()
+            .filter(|k| {
+                here.get(&k.key)
+                    .and_then(|i| i.cas)
+                    .is_some_and(|c| c > mark)
+            })
+            .collect();
+        if written.is_empty() {
+            return Ok((0, false));
+        }
+        let names: Vec<&str> = written.iter().map(|k| k.key.as_str()).collect();
+        let there = self.gets(owner, &names).await?;
+        let now = unix_now();
+        let mut t = Tally {
+            total: written.len() as u64,
+            ..Tally::default()
+        };
+        let mut ops = Vec::new();
+        for k in &written {
+            let item = &here[&k.key];
+            let exptime = match k.expiry.exptime_at(now) {
+                TtlArg::Exptime(e) => e,
+                TtlArg::Expired => {
+                    t.expired += 1;
+                    continue;
+                }
+            };
+            let cmd = match there.get(&k.key).map(|o| o.cas.unwrap_or_default()) {
+                None => StoreCommand::Add,
+                // Written on its owner since the owner was back: newer than ours.
+                Some(cas) if cas > owner_mark => {
+                    t.newer += 1;
+                    continue;
+                }
+                Some(cas) => StoreCommand::Cas(cas),
+            };
+            ops.push(StoreOp {
+                cmd,
+                key: &k.key,
+                flags: item.flags,
+                exptime,
+                data: &item.value,
+            });
+        }
+        let replies = self.store(owner, "misrouted writes", &ops).await?;
+        let mut refused = HashSet::new();
+        for (op, r) in ops.iter().zip(&replies) {
+            match r {
+                Ok(StoreStatus::Stored) => {
+                    t.moved += 1;
+                    t.bytes += op.data.len() as u64;
+                }
+                // A client wrote it on the owner meanwhile: theirs wins.
+                Ok(_) => t.newer += 1,
+                Err(msg) => {
+                    warn!(owner, %msg, "owner refused a misrouted write");
+                    t.failed += 1;
+                    refused.insert(op.key);
+                }
+            }
+        }
+        let cleanup: Vec<StoreOp> = written
+            .iter()
+            .filter(|k| !refused.contains(k.key.as_str()))
+            .filter_map(|k| Some(compare_and_delete(&k.key, here.get(&k.key)?.cas?)))
+            .collect();
+        let removed = self.store(node, "misrouted cleanup", &cleanup).await?;
+        t.source_deleted += removed
+            .iter()
+            .filter(|r| matches!(r, Ok(StoreStatus::Stored)))
+            .count() as u64;
+        self.record(&t);
+        Ok((t.moved, t.failed > 0))
+    }
+
     /// Scale-out after the new nodes joined the ring: pass 2 with no watermarks, an add-only
     /// copy from the previous owners (see the module docs for its resurrection window).
     pub async fn copy_after_join(&self) -> Result<Progress> {

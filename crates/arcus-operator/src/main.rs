@@ -204,13 +204,23 @@ fn route_cache_list_changes(
     let tx = trigger_tx.clone();
     tokio::spawn(async move {
         while let Some(change) = zk_rx.recv().await {
-            let target = ctx
-                .by_service
-                .lock()
-                .expect("index")
-                .get(&(change.ensemble, change.service_code))
-                .cloned();
-            if let Some(r) = target {
+            let targets: Vec<ObjectRef<ArcusMemcached>> = {
+                let index = ctx.by_service.lock().expect("index");
+                if change.service_code.is_empty() {
+                    index
+                        .iter()
+                        .filter(|((ensemble, _), _)| *ensemble == change.ensemble)
+                        .map(|(_, r)| r.clone())
+                        .collect()
+                } else {
+                    index
+                        .get(&(change.ensemble, change.service_code))
+                        .into_iter()
+                        .cloned()
+                        .collect()
+                }
+            };
+            for r in targets {
                 let _ = tx.send(r);
             }
         }

@@ -80,7 +80,8 @@ impl ServiceClaim {
     }
 }
 
-/// A `cache_list` change seen on an ensemble: the service code whose nodes changed.
+/// A `cache_list` change seen on an ensemble: the service code whose nodes changed (empty:
+/// every service of the ensemble, when the session watching it ended).
 #[derive(Clone, Debug)]
 pub struct CacheListChange {
     pub ensemble: String,
@@ -161,6 +162,18 @@ impl ZkPool {
                 let event = watcher.changed().await;
                 if event.session_state.is_terminated() {
                     tracing::warn!(%ensemble, "ZooKeeper session ended; cache_list watch stops");
+                    // Every resource on this ensemble looks again now (its pass reconnects, or
+                    // reports the outage in its status), and again the moment the ensemble
+                    // answers: nodes whose sessions expired wait for the operator to let them in.
+                    let all = CacheListChange {
+                        ensemble: ensemble.clone(),
+                        service_code: String::new(),
+                    };
+                    let _ = changes.send(all.clone());
+                    if wait_until_answering(&ensemble).await {
+                        tracing::info!(%ensemble, "ZooKeeper answers again");
+                        let _ = changes.send(all);
+                    }
                     return;
                 }
                 let rest = event
@@ -177,6 +190,24 @@ impl ZkPool {
             }
         });
     }
+}
+
+/// Returns once a new session to `ensemble` can be established (tried every second; each try
+/// is closed at once: the next pass opens the session it uses), or after 10 minutes (the
+/// passes, retried while it fails, reconnect by themselves).
+async fn wait_until_answering(ensemble: &str) -> bool {
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let probe = zk::Client::connector()
+            .with_session_timeout(Duration::from_secs(10))
+            .with_connection_timeout(Duration::from_secs(1))
+            .connect(ensemble);
+        if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), probe).await {
+            drop(client);
+            return true;
+        }
+    }
+    false
 }
 
 /// What to read for one CR.

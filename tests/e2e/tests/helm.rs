@@ -504,6 +504,67 @@ fn checksum_rolls_the_operator_only_for_its_configuration() {
 
 // ---- on the sandbox -------------------------------------------------------------------------
 
+/// `kubectl auth can-i <verb> <group>/<resource> -n <namespace> --as <user>`, asked with a
+/// SubjectAccessReview (empty namespace: cluster-wide).
+async fn can_i(
+    sb: &Sandbox,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+) -> anyhow::Result<bool> {
+    use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", "system:authenticated"],
+            "resourceAttributes": {
+                "verb": verb, "group": group, "resource": resource, "namespace": namespace
+            }
+        }
+    }))?;
+    let answer = Api::<SubjectAccessReview>::all(sb.client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// The operator's ServiceAccount, installed with `watchNamespaces` (Roles, no ClusterRole for
+/// the workload): it cannot read Secrets, touch pods outside the watched namespace, or grant
+/// itself more; and it can do what it uses.
+async fn least_privilege(sb: &Sandbox, ns: &str, sa: &str) -> anyhow::Result<()> {
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let rbac = "rbac.authorization.k8s.io";
+    let checks = [
+        ("get", "", "secrets", ns, false),
+        ("list", "", "secrets", "", false),
+        ("list", "", "pods", "default", false),
+        ("delete", "", "pods", "kube-system", false),
+        ("patch", "apps", "statefulsets", "default", false),
+        ("escalate", rbac, "roles", ns, false),
+        ("bind", rbac, "clusterroles", "", false),
+        ("create", rbac, "rolebindings", ns, false),
+        ("impersonate", "", "serviceaccounts", ns, false),
+        ("create", "", "pods", ns, false),
+        ("delete", "", "pods", ns, true),
+        ("patch", "apps", "statefulsets", ns, true),
+        ("watch", "jam2in.com", "memcacheds", ns, true),
+    ];
+    let mut wrong = Vec::new();
+    for (verb, group, resource, namespace, want) in checks {
+        let got = can_i(sb, &user, verb, group, resource, namespace).await?;
+        if got != want {
+            wrong.push(format!(
+                "{verb} {group}/{resource} in {namespace:?}: {got} (want {want})"
+            ));
+        }
+    }
+    anyhow::ensure!(wrong.is_empty(), "{user}: {wrong:?}");
+    Ok(())
+}
+
 async fn zk_client() -> anyhow::Result<zk::Client> {
     Ok(zk::Client::connector()
         .with_session_timeout(Duration::from_secs(10))
@@ -775,6 +836,16 @@ async fn lifecycle(sb: &'static Sandbox, ns: &TestNamespace) -> anyhow::Result<(
         first.values()
     ));
     let dep = ns.api::<Deployment>().get(RELEASE).await?;
+    let sa = dep
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    least_privilege(sb, &ns.name, &sa).await?;
+    step(&format!(
+        "the ServiceAccount {sa} holds only what the operator uses"
+    ));
     let image = dep
         .spec
         .and_then(|s| s.template.spec)

@@ -1,0 +1,224 @@
+//! A ZooKeeper outage under a running cluster: the sandbox's ZooKeeper SIGSTOPped for 60 s,
+//! twice the nodes' 30 s session timeout, under 3 nodes holding 100,000 keys. With
+//! `zkFailstop: false` (the default) no pod restarts, every key reads back, and every node is
+//! back in `cache_list` within 30 s of ZooKeeper's return.
+//!
+//! One test, alone in its binary: the outage stops every other user of the sandbox's ZooKeeper
+//! (test binaries run one after another). ZooKeeper is resumed on every exit path
+//! (`StoppedProcess` sends SIGCONT when dropped).
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DynamicObject, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use test_support::operator::StoppedProcess;
+use test_support::sandbox::{Sandbox, TestNamespace};
+use test_support::wait_until;
+
+const KEYS: usize = 100_000;
+const OUTAGE: Duration = Duration::from_secs(60);
+/// How soon after ZooKeeper answers again every node must be back in `cache_list`.
+const BACK_WITHIN: Duration = Duration::from_secs(30);
+
+fn key(i: usize) -> String {
+    format!("outage:{i}")
+}
+
+fn value(i: usize) -> String {
+    format!("value-{i:08}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zookeeper_stopped_60s_loses_no_key_and_restarts_no_pod() -> anyhow::Result<()> {
+    with_namespace("outage", 1, |sandbox, ns| async move {
+        let r = run(sandbox, &ns).await;
+        (ns, r)
+    })
+    .await
+}
+
+/// Each cache pod's uid and container restart count, by name.
+async fn pod_identities(ns: &TestNamespace) -> anyhow::Result<BTreeMap<String, (String, i32)>> {
+    let pods: Api<Pod> = ns.api();
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=arcus-memcached"))
+        .await?;
+    Ok(list
+        .items
+        .iter()
+        .map(|p| {
+            let restarts = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |c| c.iter().map(|c| c.restart_count).sum());
+            (p.name_any(), (p.uid().unwrap_or_default(), restarts))
+        })
+        .collect())
+}
+
+/// Reads every key back, 64 in flight: how many read their value (a get that times out on the
+/// loaded machine is asked again, three times at most).
+async fn read_back(client: &Arc<arcus_client::ArcusClient>) -> anyhow::Result<usize> {
+    let results: Vec<anyhow::Result<bool>> = futures::stream::iter(0..KEYS)
+        .map(|i| {
+            let c = client.clone();
+            async move {
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match c.get(&key(i)).await {
+                        Ok(got) => {
+                            return Ok(got.is_some_and(|g| g.value == value(i).as_bytes()));
+                        }
+                        Err(e) if tries >= 3 => anyhow::bail!("get {}: {e}", key(i)),
+                        Err(_) => continue,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut good = 0;
+    for r in results {
+        good += usize::from(r?);
+    }
+    Ok(good)
+}
+
+async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
+    let svc = service_code(ns);
+    let crs = mc_api(sandbox, ns);
+    let cr: DynamicObject = serde_json::from_value(cr_json("zk", &svc, 3))?;
+    crs.create(&PostParams::default(), &cr).await?;
+    // The operator turns zkfailstop off on each node once it is Ready (pod annotation).
+    let pods: Api<Pod> = ns.api();
+    wait_until(
+        Duration::from_secs(180),
+        "3 cache pods with zkfailstop off applied",
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=arcus-memcached"))
+                .await
+                .ok()?;
+            let off = list.items.iter().filter(|p| {
+                p.annotations()
+                    .get("jam2in.com/applied-config")
+                    .is_some_and(|a| a.contains("zkfailstop=off"))
+            });
+            (off.count() == 3).then_some(())
+        },
+    )
+    .await?;
+    let client = ring_client(&svc, 3).await?;
+    load(&client, KEYS, |i| (key(i), value(i), 0, 0)).await?;
+    let before = pod_identities(ns).await?;
+    anyhow::ensure!(before.len() == 3, "cache pods: {before:?}");
+
+    let pid_file = sandbox.dir.join("pids/zookeeper.pid");
+    let zk_pid: i32 = std::fs::read_to_string(&pid_file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", pid_file.display()))?
+        .trim()
+        .parse()?;
+    let stopped = StoppedProcess::stop(zk_pid)?;
+    let t = Instant::now();
+    // While ZooKeeper is away the nodes keep serving the ring clients have.
+    let (mut asked, mut served) = (0, 0);
+    let mut degraded: Option<String> = None;
+    while t.elapsed() < OUTAGE {
+        if let Ok(cr) = crs.get("zk").await {
+            let conditions = cr.data["status"]["conditions"].as_array().cloned();
+            let down = conditions.unwrap_or_default().into_iter().find(|c| {
+                c["type"] == "Degraded"
+                    && c["status"] == "True"
+                    && c["reason"] == "ZooKeeperUnreachable"
+            });
+            if let Some(c) = down {
+                degraded = c["message"].as_str().map(str::to_string);
+            }
+        }
+        for i in (asked * 97..).step_by(1_013).take(20) {
+            served += usize::from(client.get(&key(i % KEYS)).await.is_ok_and(|g| g.is_some()));
+        }
+        asked += 1;
+        // Paces the sampling over the outage (the outage's length is the fault itself).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stopped.resume()?;
+    let back = Instant::now();
+    let resumed_at = k8s_openapi::jiff::Timestamp::now();
+    eprintln!(
+        "[outage] ZooKeeper stopped {:.1} s; {served} of {} gets meanwhile found their key",
+        t.elapsed().as_secs_f64(),
+        asked * 20
+    );
+    // `ensure!`, not `assert!`: an error return lets `with_namespace` clean up.
+    anyhow::ensure!(served > 0, "the nodes served nothing during the outage");
+    eprintln!("[outage] status meanwhile: {degraded:?}");
+    anyhow::ensure!(
+        degraded.is_some(),
+        "status never said ZooKeeper was unreachable"
+    );
+
+    let zk = zk_client().await?;
+    eprintln!(
+        "[outage] ZooKeeper resumed at {resumed_at}; a new session {:.1} s later",
+        back.elapsed().as_secs_f64()
+    );
+    let list = format!("/arcus/cache_list/{svc}");
+    wait_until(BACK_WITHIN, "every node back in cache_list", || async {
+        (children(&zk, &list).await.len() == 3).then_some(())
+    })
+    .await?;
+    let rejoined = back.elapsed();
+    let events: Api<Event> = ns.api();
+    // Whether the sessions expired is a race ZooKeeper runs when it resumes: its session
+    // tracker expires the overdue sessions, unless a node's reconnect revalidates its session
+    // first. Expired: the operator lets the nodes in together and says so in an Event (published
+    // just after the rejoins). Revalidated: the nodes never left.
+    let rejoins = wait_until(
+        Duration::from_secs(10),
+        "the NodesRejoined Event",
+        || async {
+            let notes: Vec<String> = events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("NodesRejoined"))
+                .filter_map(|e| e.note)
+                .collect();
+            (!notes.is_empty()).then_some(notes)
+        },
+    )
+    .await
+    .unwrap_or_default();
+    eprintln!(
+        "[outage] all 3 nodes in cache_list {:.1} s after ZooKeeper came back; {}",
+        rejoined.as_secs_f64(),
+        if rejoins.is_empty() {
+            "the nodes' sessions survived (no rejoin needed)".to_string()
+        } else {
+            format!("sessions expired; operator: {rejoins:?}")
+        }
+    );
+
+    let after = pod_identities(ns).await?;
+    anyhow::ensure!(
+        after == before,
+        "a cache pod was restarted or re-created: {before:?} -> {after:?}"
+    );
+    let good = read_back(&client).await?;
+    eprintln!("[outage] {good} of {KEYS} keys read back");
+    anyhow::ensure!(good == KEYS, "{} keys lost to the outage", KEYS - good);
+    Ok(())
+}

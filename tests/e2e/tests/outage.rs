@@ -121,6 +121,7 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let client = ring_client(&svc, 3).await?;
     load(&client, KEYS, |i| (key(i), value(i), 0, 0)).await?;
     let before = pod_identities(ns).await?;
+    let client_session = client.zk_session_id();
     anyhow::ensure!(before.len() == 3, "cache pods: {before:?}");
 
     let pid_file = sandbox.dir.join("pids/zookeeper.pid");
@@ -216,6 +217,22 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     anyhow::ensure!(
         after == before,
         "a cache pod was restarted or re-created: {before:?} -> {after:?}"
+    );
+    // The client served from its last ring meanwhile; once ZooKeeper is back it watches the
+    // node list again (in a new session if its own expired too).
+    wait_until(
+        Duration::from_secs(30),
+        "the client's ring re-synced",
+        || async { (client.zk_session_id().is_some() && client.nodes().len() == 3).then_some(()) },
+    )
+    .await?;
+    eprintln!(
+        "[outage] the client watches the node list again ({})",
+        if client.zk_session_id() == client_session {
+            "its session survived"
+        } else {
+            "in a new session"
+        }
     );
     let good = read_back(&client).await?;
     eprintln!("[outage] {good} of {KEYS} keys read back");

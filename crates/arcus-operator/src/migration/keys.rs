@@ -1,7 +1,7 @@
 //! Listing a node's keys, and item lifetimes.
 //!
 //! Which listing a node speaks is found by asking it: ARCUS answers `scan key 0 count 1` with a
-//! `KEYS ...` page, stock memcached answers `ERROR` (then `lru_crawler metadump hash` is used, or `all` where hash mode is missing).
+//! `KEYS ...` page, stock memcached answers `ERROR` (then `lru_crawler metadump all` is used).
 //! Never by configuration.
 //!
 //! Expiry times are kept as absolute unix seconds on the OPERATOR's clock: `scan key` reports
@@ -112,7 +112,7 @@ pub struct KeyInfo {
 pub enum Listing {
     /// ARCUS `scan key <cursor> count 1000`.
     Scan,
-    /// Stock memcached `lru_crawler metadump hash` (or `all`).
+    /// Stock memcached `lru_crawler metadump all`.
     Metadump,
 }
 
@@ -289,7 +289,7 @@ impl KeyLister {
     }
 }
 
-/// Starts `lru_crawler metadump hash` (or `all`), retrying `BUSY` (another crawl, ours from a parallel
+/// Starts `lru_crawler metadump all`, retrying `BUSY` (another crawl, ours from a parallel
 /// listing or someone else's) for up to `list_timeout`.
 async fn start_metadump(node: &str, bounds: &Bounds) -> Result<ListSource, MigrationError> {
     let admin = AdminClient::with_timeout(node, bounds.op_timeout);

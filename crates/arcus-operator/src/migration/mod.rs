@@ -3,7 +3,7 @@
 //! the controller decides when the ring changes; this module copies.
 //!
 //! # Shape
-//! - [`keys`]: listing a node's keys (`scan key` on ARCUS, `lru_crawler metadump hash` on stock
+//! - [`keys`]: listing a node's keys (`scan key` on ARCUS, `lru_crawler metadump all` on stock
 //!   memcached, chosen by asking the node) a chunk at a time, and item lifetimes (remaining TTL).
 //! - [`copied`]: pass 1's compact memory of the keys it stored (a Bloom filter per source).
 //! - [`plan`] (pure): which listed keys change owner between the ring before and after.

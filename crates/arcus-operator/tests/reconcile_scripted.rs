@@ -679,6 +679,32 @@ async fn a_steady_state_writes_nothing() {
         "a steady state wrote to ZooKeeper"
     );
     drop(nodes);
+    drop(zkc);
+
+    // ZooKeeper gone: the pass fails, and its status (only `Degraded` changes) says so.
+    let mut zk = zk;
+    zk.stop();
+    let down = caches_of(&case.ns, &live_sts, &pods, &svc, &pdb);
+    let script = vec![Step::apply(case.status_path(), FIELD_MANAGER).check(|b| {
+        let (status, reason, message) = condition(&b["status"], "Degraded")
+            .ok_or_else(|| "no Degraded condition".to_string())?;
+        expect(status == "True" && reason == "ZooKeeperUnreachable", || {
+            format!("Degraded {status} {reason}")
+        })?;
+        expect(
+            message.contains("unreachable for") && message.contains("keep serving"),
+            || format!("message: {message}"),
+        )?;
+        expect(b["status"]["ready"] == "3/3", || {
+            "the rest of the status was not kept".into()
+        })
+    })];
+    let (result, t) = pass_with(&settled, script, None, down).await;
+    assert!(
+        matches!(&result, Err(Error::ZooKeeper(_))),
+        "a pass without ZooKeeper: {result:?}"
+    );
+    assert_eq!(t.writes().len(), 1, "{:#?}", t.lines());
 }
 
 #[tokio::test]

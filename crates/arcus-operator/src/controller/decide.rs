@@ -401,3 +401,54 @@ pub struct Applied {
     pub ran: Ran,
     pub finalizer_removed: bool,
 }
+
+/// Pods the StatefulSet no longer wants (ordinal at or above `replicas`) that are out of the
+/// ring and still running: the operator deletes them itself. Under `OrderedReady` the
+/// StatefulSet controller removes no pod while a pod of the set is unready, and a node taken
+/// out of `cache_list` answers `NOT_READY`: after a scale-in of many nodes (whose pass 2 outlasts
+/// the readiness probe's failures) it never removed them, and the resource's deletion then
+/// hung as well. A node still registered is left to the controller.
+pub fn condemned_pods(
+    pods: &[operation::PodState],
+    registered: &BTreeSet<String>,
+    replicas: u32,
+) -> Vec<(String, String)> {
+    pods.iter()
+        .filter(|p| p.ordinal >= replicas && !p.terminating && !p.uid.is_empty())
+        .filter(|p| !registered.contains(&p.host))
+        .map(|p| (p.name.clone(), p.uid.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod condemned_tests {
+    use super::*;
+    use crate::operation::PodState;
+
+    fn pod(o: u32) -> PodState {
+        PodState {
+            ordinal: o,
+            name: format!("mc-{o}"),
+            uid: format!("uid-{o}"),
+            host: format!("mc-{o}.ns"),
+            running: true,
+            ..PodState::default()
+        }
+    }
+
+    #[test]
+    fn only_unregistered_pods_past_the_size_are_condemned() {
+        let mut pods: Vec<PodState> = (0..5).map(pod).collect();
+        pods[4].terminating = true;
+        let registered: BTreeSet<String> = ["mc-0.ns", "mc-1.ns", "mc-2.ns"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        // 5 → 2: mc-2 is still in the ring (left to the controller), mc-3 is out, mc-4 goes.
+        assert_eq!(
+            condemned_pods(&pods, &registered, 2),
+            vec![("mc-3".to_string(), "uid-3".to_string())]
+        );
+        assert!(condemned_pods(&pods, &registered, 5).is_empty());
+    }
+}

@@ -11,7 +11,7 @@ use super::{APPLIED_HASH, FIELD_MANAGER};
 use crate::build;
 use crate::crd::ArcusMemcached;
 use crate::day2::{self, Day2Action};
-use crate::migrate::{ArcusAdmin, CacheMover, Executor, NodeAdmin, Pods, Ran};
+use crate::migrate::{ArcusAdmin, CacheMover, Executor, NodeAdmin, Ran};
 use crate::migration::Progress;
 use crate::operation::{Action, Step};
 use crate::status::{self, StatusInput};
@@ -74,35 +74,6 @@ pub async fn apply(
                 let name = valid.statefulset_name();
                 actions.push((verb, format!("StatefulSet {name} replicas {before} → {r}")));
             }
-        }
-    }
-    let size_now = match &decision.statefulset {
-        StatefulSetChange::Leave => sts_before,
-        StatefulSetChange::ScaleToZero => Some(0),
-        StatefulSetChange::Apply(objects) => objects
-            .statefulset
-            .spec
-            .as_ref()
-            .and_then(|s| s.replicas)
-            .map(|r| r.max(0) as u32),
-    };
-    if let Some(size) = size_now {
-        let condemned = super::decide::condemned_pods(&world.pod_states, &world.registered, size);
-        if !condemned.is_empty() {
-            let pods = PodsApi {
-                api: Api::namespaced(ctx.client.clone(), &namespace_of(cr)),
-                gate: ctx.leader.clone(),
-                metrics: ctx.metrics.clone(),
-                caches: ctx.caches.clone(),
-            };
-            for (name, uid) in &condemned {
-                pods.delete(name, Some(uid)).await?;
-            }
-            let names: Vec<&str> = condemned.iter().map(|(n, _)| n.as_str()).collect();
-            actions.push((
-                "PodsRemoved",
-                format!("{} out of the ring and past the StatefulSet's {size} replicas: deleted (the StatefulSet controller keeps unready pods)", names.join(", ")),
-            ));
         }
     }
     for action in &decision.live_config {

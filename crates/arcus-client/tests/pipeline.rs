@@ -108,8 +108,14 @@ async fn every_operation_and_reply_shape() -> anyhow::Result<()> {
     // All of it over one connection, which is still open; no pooled connection was made.
     assert_eq!(c.pipelined_connections(&mc.addr()), 1);
     assert_eq!(c.idle_connections(&mc.addr()), 0);
+    // The pipelined connection and this stats one; a pool would have opened one per request
+    // in flight. One more is a pipelined connection replaced after a request timed out, which
+    // a loaded machine can cause (seen once in the full suite).
     let opened = accepted(&mc.addr()).await? - before;
-    assert_eq!(opened, 2, "the pipelined connection and this stats one");
+    assert!(
+        (2..=3).contains(&opened),
+        "{opened} connections: the pipelined one (replaced at most once) and this stats one"
+    );
     Ok(())
 }
 

@@ -284,8 +284,8 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             }
             Action::RejoinAll { nodes } => {
                 let marks = self.mover.marks(&addrs(nodes)).await?;
-                let back = self.rejoin_together(nodes).await?;
-                let ring: Vec<String> = addrs(&self.registry.ring().await?);
+                let (back, ring) = self.rejoin_together(nodes).await?;
+                let ring = addrs(&ring);
                 let p = self.mover.return_misrouted(&ring, &marks, &label).await?;
                 tracing::info!(
                     back,
@@ -430,8 +430,12 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
     }
 
     /// `zkensemble rejoin` on every node at once (the ring is partial until the last one is
-    /// back: keep that short). Returns how many are back; fails if none is.
-    async fn rejoin_together(&self, nodes: &[CacheZnode]) -> Result<usize, MigrateError> {
+    /// back: keep that short). Returns how many are back and the ring read to count them; fails
+    /// if none is.
+    async fn rejoin_together(
+        &self,
+        nodes: &[CacheZnode],
+    ) -> Result<(usize, Vec<CacheZnode>), MigrateError> {
         let results =
             futures::future::join_all(nodes.iter().map(|z| self.admin.rejoin(z.addr()))).await;
         let ring = self.registry.ring().await?;
@@ -445,9 +449,9 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 // The others are back; the next pass sees this one out of a non-empty ring
                 // and heals it with a fill.
                 tracing::warn!(error = %e, back, "a node did not rejoin with the others");
-                Ok(back)
+                Ok((back, ring))
             }
-            None => Ok(back),
+            None => Ok((back, ring)),
         }
     }
 

@@ -220,16 +220,7 @@ async fn read_back(
             .map(|i| {
                 let c = client.clone();
                 async move {
-                    // A timeout on the loaded machine is asked again (three times at most).
-                    let mut tries = 0;
-                    let got = loop {
-                        tries += 1;
-                        match c.get(&key(i)).await {
-                            Ok(got) => break got,
-                            Err(e) if tries >= 3 => anyhow::bail!("get k:{i}: {e}"),
-                            Err(_) => continue,
-                        }
-                    };
+                    let got = common::get_retrying(&c, &key(i)).await?;
                     Ok((i, got.map(|g| g.value)))
                 }
             })

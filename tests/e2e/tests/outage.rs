@@ -71,17 +71,8 @@ async fn read_back(client: &Arc<arcus_client::ArcusClient>) -> anyhow::Result<us
         .map(|i| {
             let c = client.clone();
             async move {
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    match c.get(&key(i)).await {
-                        Ok(got) => {
-                            return Ok(got.is_some_and(|g| g.value == value(i).as_bytes()));
-                        }
-                        Err(e) if tries >= 3 => anyhow::bail!("get {}: {e}", key(i)),
-                        Err(_) => continue,
-                    }
-                }
+                let got = get_retrying(&c, &key(i)).await?;
+                Ok(got.is_some_and(|g| g.value == value(i).as_bytes()))
             }
         })
         .buffer_unordered(64)

@@ -223,6 +223,23 @@ pub async fn load(
     Ok(())
 }
 
+/// `get` of `key`, asked again when it fails (a timeout on the loaded machine), three times at
+/// most; the error names the key.
+pub async fn get_retrying(
+    client: &arcus_client::ArcusClient,
+    key: &str,
+) -> anyhow::Result<Option<arcus_client::Item>> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match client.get(key).await {
+            Ok(got) => return Ok(got),
+            Err(e) if tries >= 3 => anyhow::bail!("get {key}: {e}"),
+            Err(_) => continue,
+        }
+    }
+}
+
 /// `stats` of one node on its pod IP.
 pub fn node_stats(ip: &str) -> anyhow::Result<BTreeMap<String, String>> {
     use std::io::{BufRead, BufReader, Write};

@@ -11,7 +11,7 @@ use super::{APPLIED_HASH, FIELD_MANAGER};
 use crate::build;
 use crate::crd::ArcusMemcached;
 use crate::day2::{self, Day2Action};
-use crate::migrate::{ArcusAdmin, CacheMover, Executor, NodeAdmin, Ran};
+use crate::migrate::{ArcusAdmin, CacheMover, Executor, NodeAdmin, Pods, Ran};
 use crate::migration::Progress;
 use crate::operation::{Action, Step};
 use crate::status::{self, StatusInput};
@@ -76,6 +76,24 @@ pub async fn apply(
             }
         }
     }
+    if !decision.remove_pods.is_empty() {
+        let pods = pods_api(cr, ctx);
+        for (name, uid) in &decision.remove_pods {
+            pods.delete(name, Some(uid)).await?;
+        }
+        let names: Vec<&str> = decision
+            .remove_pods
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        actions.push((
+            "LeavingPodsRemoved",
+            format!(
+                "deleted {}: past the StatefulSet's size and unready, which its OrderedReady controller would wait on forever",
+                names.join(", ")
+            ),
+        ));
+    }
     for action in &decision.live_config {
         if let Some(note) = apply_live_config(cr, valid, ctx, action).await? {
             actions.push(("ConfigApplied", note));
@@ -91,6 +109,16 @@ pub async fn apply(
     let cleaned = format!("service code {} removed from ZooKeeper", valid.service_code);
     applied.finalizer_removed = finish_deletion(cr, ctx, decision, Some(&cleaned)).await?;
     Ok(applied)
+}
+
+/// The cache pods of `cr`, deleted through the leader gate.
+fn pods_api(cr: &ArcusMemcached, ctx: &Context) -> PodsApi {
+    PodsApi {
+        api: Api::namespaced(ctx.client.clone(), &namespace_of(cr)),
+        gate: ctx.leader.clone(),
+        metrics: ctx.metrics.clone(),
+        caches: ctx.caches.clone(),
+    }
 }
 
 /// Removes our finalizer when the decision says the deletion is done (after an Event saying
@@ -129,12 +157,7 @@ async fn run_step(
             reporter: reporter.clone(),
             gate: ctx.leader.clone(),
         },
-        pods: &PodsApi {
-            api: Api::namespaced(ctx.client.clone(), &namespace_of(cr)),
-            gate: ctx.leader.clone(),
-            metrics: ctx.metrics.clone(),
-            caches: ctx.caches.clone(),
-        },
+        pods: &pods_api(cr, ctx),
     };
     tracing::info!(cr = %name_of(cr), action = ?step.action, stage = step.operation.as_ref().map(|o| o.stage_name()), "operation step");
     let ran = executor.run(step).await;

@@ -69,6 +69,9 @@ pub struct Decision {
     pub deleting: bool,
     /// Nodes Ready and registered within the desired range.
     pub ready: u32,
+    /// Leaving pods the StatefulSet controller will not remove (see [`stalled_leaving_pods`]):
+    /// `(name, uid)`, deleted by this pass.
+    pub remove_pods: Vec<(String, String)>,
 }
 
 pub fn decide(
@@ -138,8 +141,16 @@ pub fn decide(
             n.ordinal < world.desired && n.pod_ready && world.registered.contains(&n.hostname)
         })
         .count() as u32;
+    let remove_pods = stalled_leaving_pods(
+        world.statefulset.as_ref(),
+        &world.pods,
+        &world.registered,
+        |o| valid.pod_hostname(o),
+        world.deleting,
+    );
     Decision {
         remove_finalizer: world.deleting && plan.cleanup_done,
+        remove_pods,
         deleting: world.deleting,
         ready,
         conflict: None,
@@ -173,8 +184,58 @@ fn in_conflict(world: &World, plan: ZkPlan, conflict: String) -> Decision {
         day2: Day2Plan::default(),
         live_config: vec![],
         remove_finalizer: world.deleting,
+        remove_pods: vec![],
         plan,
     }
+}
+
+/// Pods past the StatefulSet's size that its controller will never remove: `(name, uid)`.
+///
+/// Under `OrderedReady` the StatefulSet controller removes leaving pods from the highest
+/// ordinal down, and only while each is Ready, except the lowest unready one
+/// (`processCondemned` in Kubernetes' `stateful_set_control.go`). A node taken out of
+/// `cache_list` answers `NOT_READY`, so after a scale-in of several nodes whose pass 2 outlasts
+/// the readiness probe, or a deletion with several unready nodes, it waits forever: the 32→16
+/// drain left 16 pods running and the resource's deletion then hung.
+///
+/// Only an unready pod the controller has already been told to remove (it saw the lowered
+/// size) goes, and, unless the resource is being deleted, only once it is out of the ring.
+/// Ready ones stay the controller's, as does everything under the `Parallel` policy.
+pub fn stalled_leaving_pods(
+    statefulset: Option<&StatefulSet>,
+    pods: &[(u32, k8s_openapi::api::core::v1::Pod)],
+    registered: &BTreeSet<String>,
+    hostname: impl Fn(u32) -> String,
+    deleting: bool,
+) -> Vec<(String, String)> {
+    let Some(sts) = statefulset else {
+        return vec![];
+    };
+    let spec = sts.spec.as_ref();
+    let ordered = spec
+        .and_then(|s| s.pod_management_policy.as_deref())
+        .is_none_or(|p| p == "OrderedReady");
+    let seen = match (&sts.status, sts.metadata.generation) {
+        (Some(st), Some(generation)) => st.observed_generation.is_some_and(|o| o >= generation),
+        _ => false,
+    };
+    let Some(size) = spec.and_then(|s| s.replicas).map(|r| r.max(0) as u32) else {
+        return vec![];
+    };
+    if !ordered || !seen {
+        return vec![];
+    }
+    let ready = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    pods.iter()
+        .filter(|(o, p)| *o >= size && p.metadata.deletion_timestamp.is_none() && !ready(p))
+        .filter(|(o, _)| deleting || !registered.contains(&hostname(*o)))
+        .filter_map(|(_, p)| Some((p.metadata.name.clone()?, p.metadata.uid.clone()?)))
+        .collect()
 }
 
 fn statefulset_change(
@@ -379,6 +440,7 @@ impl Decision {
         }
         let busy = !self.plan.ops.is_empty()
             || self.plan.waiting_for.is_some()
+            || !self.remove_pods.is_empty()
             || self.after.is_some()
             || applied.ran.persisted
             || wrote_status
@@ -400,4 +462,94 @@ impl Decision {
 pub struct Applied {
     pub ran: Ran,
     pub finalizer_removed: bool,
+}
+
+#[cfg(test)]
+mod leaving_pod_tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn sts(replicas: i32, policy: Option<&str>, generation: i64, observed: i64) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                pod_management_policy: policy.map(String::from),
+                ..Default::default()
+            }),
+            status: Some(StatefulSetStatus {
+                observed_generation: Some(observed),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn pod(o: u32, ready: bool) -> (u32, Pod) {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("mc-{o}")),
+                uid: Some(format!("uid-{o}")),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        (o, pod)
+    }
+
+    fn names(v: Vec<(String, String)>) -> Vec<String> {
+        v.into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[test]
+    fn unready_pods_past_the_size_and_out_of_the_ring_are_removed() {
+        // 5 → 2: mc-2 is unready and out (removed), mc-3 Ready (the controller's), mc-4 unready
+        // but still registered (left alone), mc-1 in range (never).
+        let pods = vec![
+            pod(0, true),
+            pod(1, false),
+            pod(2, false),
+            pod(3, true),
+            pod(4, false),
+        ];
+        let registered: BTreeSet<String> = ["mc-0", "mc-1", "mc-4"].map(String::from).into();
+        let host = |o: u32| format!("mc-{o}");
+        let set = sts(2, Some("OrderedReady"), 7, 7);
+        let got = stalled_leaving_pods(Some(&set), &pods, &registered, host, false);
+        assert_eq!(names(got), vec!["mc-2"]);
+        // Deleting: registered or not, every unready pod past the size goes.
+        let set = sts(0, None, 8, 8);
+        let got = stalled_leaving_pods(Some(&set), &pods, &registered, host, true);
+        assert_eq!(names(got), vec!["mc-1", "mc-2", "mc-4"]);
+    }
+
+    #[test]
+    fn nothing_goes_before_the_controller_saw_the_size_or_under_parallel() {
+        let pods = vec![pod(0, true), pod(1, false), pod(2, false)];
+        let none = BTreeSet::new();
+        let host = |o: u32| format!("mc-{o}");
+        let unseen = sts(1, None, 9, 8);
+        assert!(stalled_leaving_pods(Some(&unseen), &pods, &none, host, false).is_empty());
+        let parallel = sts(1, Some("Parallel"), 9, 9);
+        assert!(stalled_leaving_pods(Some(&parallel), &pods, &none, host, false).is_empty());
+        assert!(stalled_leaving_pods(None, &pods, &none, host, false).is_empty());
+        let mut terminating = pods.clone();
+        terminating[2].1.metadata.deletion_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let seen = sts(1, None, 9, 9);
+        let got = stalled_leaving_pods(Some(&seen), &terminating, &none, host, false);
+        assert_eq!(names(got), vec!["mc-1"]);
+    }
 }

@@ -29,6 +29,9 @@ pub struct StatusInput<'a> {
     pub blocking_error: Option<(&'static str, String)>,
     /// What a scale or deletion is waiting for.
     pub progress: Option<(&'static str, String)>,
+    /// Something in ZooKeeper the operator does not own and leaves alone, but clients see
+    /// (a foreign child of `cache_list/<svc>`): Degraded, without blocking anything.
+    pub zookeeper_problem: Option<(&'static str, String)>,
     pub service_code: Option<String>,
     pub operation: Option<crate::crd::OperationStatus>,
 }
@@ -56,7 +59,11 @@ pub fn compute(cr: &ArcusMemcached, input: &StatusInput, now: Time) -> ArcusMemc
     let message = match (&input.blocking_error, failures.is_empty()) {
         (Some((_, m)), _) => m.clone(),
         (None, false) => failures.join("; "),
-        (None, true) => String::new(),
+        (None, true) => input
+            .zookeeper_problem
+            .as_ref()
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default(),
     };
     let generation = cr.metadata.generation;
     let conditions = [
@@ -133,12 +140,15 @@ fn degraded(input: &StatusInput, failures: &[String]) -> ConditionParts {
             "NodesFailing",
             failures.join("; "),
         ),
-        (None, true) => (
-            ConditionType::Degraded,
-            false,
-            "Healthy",
-            "no errors".into(),
-        ),
+        (None, true) => match &input.zookeeper_problem {
+            Some((reason, m)) => (ConditionType::Degraded, true, reason, m.clone()),
+            None => (
+                ConditionType::Degraded,
+                false,
+                "Healthy",
+                "no errors".into(),
+            ),
+        },
     }
 }
 
@@ -303,6 +313,7 @@ mod tests {
             registered_nodes: vec![],
             blocking_error: None,
             progress: None,
+            zookeeper_problem: None,
             service_code: Some("test".into()),
             operation: None,
         }

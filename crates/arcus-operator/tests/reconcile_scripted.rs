@@ -952,3 +952,111 @@ async fn an_api_error_fails_the_pass_and_keeps_the_mappings_for_the_next() {
         "the pass after the error wrote ZooKeeper again (its mappings were already there)"
     );
 }
+
+/// Garbage in ZooKeeper (hand edits, another tenant's tools): each is reported in status and
+/// nothing the operator does not own is changed. Cases, on a settled 3-node resource read from
+/// the stores: foreign children of `cache_list/<svc>`, then a mapping with a second service
+/// code, then an unreadable operation record in our claim, then a claim that is not JSON.
+#[tokio::test]
+async fn garbage_in_zookeeper_is_reported_and_left_alone() {
+    let zk = ZkServer::start().expect("start a ZooKeeper");
+    let zkc = zk_session(&zk.addr()).await;
+    let case = Case::new("scripted-garbage", &zk);
+    let first = first_pass(&case, &zkc).await;
+    let live_sts = stored(&first.find(Method::PATCH, &case.sts_path()).body);
+    let ips: Vec<String> = (0..3)
+        .map(|_| test_support::process::unique_loopback_ip())
+        .collect();
+    let pods = running_pods(&case, &live_sts, &ips);
+    let nodes = zk_session(&zk.addr()).await;
+    for (o, ip) in ips.iter().enumerate() {
+        let z = format!("{}/{ip}:{PORT}-{}", case.claim(), case.hostname(o as u32));
+        create(&nodes, &z, b"", zk::CreateMode::Ephemeral).await;
+    }
+    let svc = stored(&first.find(Method::PATCH, &case.svc_path()).body);
+    let pdb = stored(&first.find(Method::PATCH, &case.pdb_path()).body);
+    let cr = after_first_pass(&case, 3, &first);
+
+    // One pass from the stores: it may write only its status, whose Degraded condition must
+    // be `reason` with a message naming `names`; ZooKeeper must stay as it was.
+    let check = |reason: &'static str, names: &'static str| {
+        let stored_cr = cr.clone();
+        Step::apply(case.status_path(), FIELD_MANAGER)
+            .check(move |b| {
+                let degraded = condition(&b["status"], "Degraded");
+                expect(
+                    degraded
+                        .as_ref()
+                        .is_some_and(|(st, r, m)| st == "True" && r == reason && m.contains(names)),
+                    || format!("Degraded {degraded:?}, not True/{reason} naming {names:?}"),
+                )
+            })
+            .reply_with(move |b| (200, with_status(&stored_cr, b)))
+    };
+    let caches = || caches_of(&case.ns, &live_sts, &pods, &svc, &pdb);
+
+    // 1. Foreign children under cache_list/<svc>: an unparsable name and another host.
+    for child in ["garbage", "10.9.9.9:11211-stranger.elsewhere"] {
+        let path = format!("{}/{child}", case.claim());
+        create(&zkc, &path, b"", zk::CreateMode::Persistent).await;
+    }
+    let before = tree(&zkc, "/arcus").await;
+    let script = vec![check("ForeignNodesInRing", "stranger.elsewhere")];
+    let (result, t) = pass_with(&cr, script, None, caches()).await;
+    result.unwrap_or_else(|e| panic!("a pass with foreign ring members failed: {e}"));
+    assert_eq!(t.writes().len(), 1, "{:#?}", t.lines());
+    assert_eq!(tree(&zkc, "/arcus").await, before, "ZooKeeper was changed");
+
+    // 2. A mapping of ours also maps another service code: the resource stops (conflict).
+    let other = format!(
+        "/arcus/cache_server_mapping/{}:{PORT}/other_svc",
+        case.hostname(1)
+    );
+    create(&zkc, &other, b"", zk::CreateMode::Persistent).await;
+    let before = tree(&zkc, "/arcus").await;
+    let script = vec![check("ServiceCodeConflict", "other_svc")];
+    let (result, t) = pass_with(&cr, script, None, caches()).await;
+    result.unwrap_or_else(|e| panic!("a pass with a doubly mapped address failed: {e}"));
+    assert_eq!(t.writes().len(), 1, "{:#?}", t.lines());
+    assert_eq!(
+        t.event_reasons(),
+        ["ServiceCodeConflict"],
+        "{:#?}",
+        t.events
+    );
+    assert_eq!(tree(&zkc, "/arcus").await, before, "ZooKeeper was changed");
+    zkc.delete(&other, None)
+        .await
+        .expect("delete the second child");
+
+    // 3. Our claim, with an operation record that does not parse: the pass fails, says why
+    //    in status, and writes nothing else.
+    let (data, _) = zkc.get_data(&case.claim()).await.expect("read the claim");
+    let mut claim: Value = serde_json::from_slice(&data).expect("the claim is JSON");
+    claim["operation"] = json!("garbage");
+    let spoiled = claim.to_string();
+    zkc.set_data(&case.claim(), spoiled.as_bytes(), None)
+        .await
+        .expect("spoil the claim");
+    let before = tree(&zkc, "/arcus").await;
+    let script = vec![check("OperationRecordInvalid", "does not parse")];
+    let (result, t) = pass_with(&cr, script, None, caches()).await;
+    assert!(
+        matches!(&result, Err(Error::ZooKeeper(_))),
+        "a pass over an unreadable record: {result:?}"
+    );
+    assert_eq!(t.writes().len(), 1, "{:#?}", t.lines());
+    assert_eq!(tree(&zkc, "/arcus").await, before, "ZooKeeper was changed");
+
+    // 4. A claim that is not JSON at all: not ours any more, so a conflict; nothing changed.
+    zkc.set_data(&case.claim(), b"{not json", None)
+        .await
+        .expect("overwrite the claim");
+    let before = tree(&zkc, "/arcus").await;
+    let script = vec![check("ServiceCodeConflict", "outside this operator")];
+    let (result, t) = pass_with(&cr, script, None, caches()).await;
+    result.unwrap_or_else(|e| panic!("a pass over a foreign claim failed: {e}"));
+    assert_eq!(t.writes().len(), 1, "{:#?}", t.lines());
+    assert_eq!(tree(&zkc, "/arcus").await, before, "ZooKeeper was changed");
+    drop(nodes);
+}

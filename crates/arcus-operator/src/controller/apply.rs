@@ -357,6 +357,7 @@ pub async fn update_status(
         registered_nodes: if conflict { vec![] } else { registered_nodes },
         blocking_error: parts.blocking_error.clone(),
         progress: parts.progress.clone(),
+        zookeeper_problem: parts.zookeeper_problem.clone(),
         service_code: parts.service_code.clone(),
         operation: parts.operation.clone(),
     };

@@ -47,6 +47,7 @@ pub struct StatusParts {
     pub desired: u32,
     pub blocking_error: Option<(&'static str, String)>,
     pub progress: Option<(&'static str, String)>,
+    pub zookeeper_problem: Option<(&'static str, String)>,
     pub service_code: Option<String>,
     pub operation: Option<OperationStatus>,
 }
@@ -131,6 +132,7 @@ pub fn decide(
         desired: world.desired,
         blocking_error: day2.roll_stuck.clone().map(|m| ("RollingRestartStuck", m)),
         progress: progress(valid, &plan, &day2, step.as_ref()),
+        zookeeper_problem: foreign_ring_note(valid, &world.zk.cache_list_children),
         service_code: Some(valid.service_code.to_string()),
         operation: operation_status(cr, &plan, sts_now, world.desired, after.as_ref(), now),
     };
@@ -172,6 +174,7 @@ fn in_conflict(world: &World, plan: ZkPlan, conflict: String) -> Decision {
             desired: world.desired,
             blocking_error: Some(("ServiceCodeConflict", conflict.clone())),
             progress: None,
+            zookeeper_problem: None,
             service_code: None,
             operation: None,
         },
@@ -187,6 +190,40 @@ fn in_conflict(world: &World, plan: ZkPlan, conflict: String) -> Decision {
         remove_pods: vec![],
         plan,
     }
+}
+
+/// Children of `cache_list/<svc>` that are not this resource's nodes: a name that is not
+/// `<ip>:<port>-<hostname>`, or a hostname that is not one of its pods (`<statefulset>-<n>.<ns>`).
+/// They are not ours, so they stay; but ARCUS clients put a parsable one in their ring.
+pub fn foreign_ring_members(valid: &ValidSpec, children: &[String]) -> Vec<String> {
+    let prefix = format!("{}-", valid.statefulset_name());
+    let suffix = format!(".{}", valid.namespace);
+    let ours = |child: &String| {
+        zk_plan::CacheZnode::parse(child).is_some_and(|z| {
+            z.host()
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(&suffix))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    children.iter().filter(|c| !ours(c)).cloned().collect()
+}
+
+fn foreign_ring_note(valid: &ValidSpec, children: &[String]) -> Option<(&'static str, String)> {
+    let foreign = foreign_ring_members(valid, children);
+    (!foreign.is_empty()).then(|| {
+        let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+        (
+            "ForeignNodesInRing",
+            format!(
+                "/arcus/cache_list/{} holds {} znode(s) that are not this resource's nodes ({}{}): left as they are; clients of the service may route keys to them; delete them by hand if they are stale",
+                valid.service_code,
+                foreign.len(),
+                shown.join(", "),
+                if foreign.len() > shown.len() { ", ..." } else { "" }
+            ),
+        )
+    })
 }
 
 /// Pods past the StatefulSet's size that its controller will never remove: `(name, uid)`.
@@ -551,5 +588,35 @@ mod leaving_pod_tests {
         let seen = sts(1, None, 9, 9);
         let got = stalled_leaving_pods(Some(&seen), &terminating, &none, host, false);
         assert_eq!(names(got), vec!["mc-1"]);
+    }
+}
+
+#[cfg(test)]
+mod foreign_ring_tests {
+    use super::*;
+    use crate::crd::tests::seed_cr;
+
+    #[test]
+    fn only_this_resources_pods_are_its_ring_members() {
+        let valid = crate::validate::validate(&seed_cr()).unwrap();
+        let sts = valid.statefulset_name();
+        let ours = format!("10.0.0.1:11211-{sts}-0.default");
+        let children = vec![
+            ours.clone(),
+            format!("10.0.0.2:11211-{sts}-12.default"),
+            "garbage".to_string(),
+            "10.0.0.9:11211-stranger.elsewhere".to_string(),
+            format!("10.0.0.3:11211-{sts}-1.other-ns"),
+            format!("10.0.0.4:11211-{sts}-x.default"),
+        ];
+        let foreign = foreign_ring_members(&valid, &children);
+        assert_eq!(foreign, children[2..].to_vec());
+        let (reason, note) = foreign_ring_note(&valid, &children).unwrap();
+        assert_eq!(reason, "ForeignNodesInRing");
+        assert!(
+            note.contains("4 znode(s)") && note.contains("stranger.elsewhere"),
+            "{note}"
+        );
+        assert!(foreign_ring_note(&valid, &[ours]).is_none());
     }
 }

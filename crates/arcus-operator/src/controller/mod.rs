@@ -181,6 +181,13 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             report_zookeeper_down(cr, ctx, &ensemble).await;
             return Err(Error::ZooKeeper(e));
         }
+        // Our claim's operation record is unreadable (edited by hand, or garbage): nothing is
+        // changed until it is fixed; status says where and what.
+        Err(Error::ZooKeeper(e @ ZkError::Record { .. })) => {
+            let message = format!("{e}; nothing is changed until then");
+            report_degraded(cr, ctx, "OperationRecordInvalid", message).await;
+            return Err(Error::ZooKeeper(e));
+        }
         r => r?,
     };
     ctx.zk_unreachable_since
@@ -223,11 +230,16 @@ async fn report_zookeeper_down(cr: &ArcusMemcached, ctx: &Context, ensemble: &st
         "ZooKeeper {ensemble} unreachable for {} s; cache nodes keep serving; no scale step starts until it is back",
         since.elapsed().as_secs()
     );
+    report_degraded(cr, ctx, "ZooKeeperUnreachable", message).await;
+}
+
+/// Status as last written but for `Degraded` (true for `reason`), for a pass that stops early.
+async fn report_degraded(cr: &ArcusMemcached, ctx: &Context, reason: &str, message: String) {
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
-    let status = crate::status::degraded_only(cr, "ZooKeeperUnreachable", message, now);
+    let status = crate::status::degraded_only(cr, reason, message, now);
     if let Err(e) = apply::apply_status(cr, ctx, status).await {
-        tracing::warn!(cr = %name_of(cr), error = %ErrorChain(&e), "could not report the ZooKeeper outage in status");
+        tracing::warn!(cr = %name_of(cr), reason, error = %ErrorChain(&e), "could not report in status");
     }
 }
 
@@ -275,6 +287,7 @@ async fn validated(cr: &ArcusMemcached, ctx: &Context) -> Result<Option<ValidSpe
         registered_nodes: vec![],
         blocking_error: Some(("InvalidSpec", message)),
         progress: None,
+        zookeeper_problem: None,
         service_code: None,
         operation: None,
     };

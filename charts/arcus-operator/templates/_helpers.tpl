@@ -120,6 +120,13 @@ workload (each watched namespace), lease (the release namespace), events (both),
 - apiGroups: ["jam2in.com"]
   resources: ["memcacheds/finalizers"]
   verbs: ["update"]
+{{- with .Values.zookeeperAuth.secretNames }}
+# ZooKeeper digest credentials (spec.zookeeperAuth): get, and only the Secrets named here.
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: {{ toJson . }}
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 
 {{- define "arcus-operator.rules.lease" -}}

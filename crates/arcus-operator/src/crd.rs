@@ -353,6 +353,16 @@ pub struct ArcusMemcachedSpec {
     #[serde(default)]
     pub zk_failstop: bool,
 
+    /// ZooKeeper digest authentication, for ensembles shared with other tenants. The operator
+    /// authenticates (`addauth digest`) with the Secret's credentials and creates the znodes
+    /// this resource owns (`cache_list/<svc>`, `client_list/<svc>`, its mappings) with an ACL
+    /// that gives that user everything and anyone else only what ARCUS servers and clients
+    /// need without authenticating (read; create under `cache_list/<svc>` and
+    /// `client_list/<svc>`): other tenants cannot delete or change them. Existing znodes get the
+    /// ACL on the next pass. Unset: open ACLs (world:anyone), as ARCUS itself creates them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zookeeper_auth: Option<ZookeeperAuth>,
+
     /// CPU and memory requests and limits of the arcus-memcached container. Keep the memory
     /// limit comfortably above `configuration.memlimit`: arcus-memcached also uses memory for
     /// connections and its hash table.
@@ -497,6 +507,17 @@ impl PullPolicy {
             PullPolicy::Never => "Never",
         }
     }
+}
+
+/// Where the operator finds its ZooKeeper digest credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZookeeperAuth {
+    /// A Secret in the resource's namespace with the keys `username` and `password` (the
+    /// `kubernetes.io/basic-auth` layout). The operator may read only the Secrets its RBAC names
+    /// (Helm value `zookeeperAuth.secretNames`; `deploy/operator.yaml`: `arcus-zookeeper-auth`).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 /// A Prometheus memcached exporter run next to each cache node.

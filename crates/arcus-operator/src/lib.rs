@@ -15,4 +15,5 @@ pub mod operation;
 pub mod status;
 pub mod validate;
 pub mod zk;
+pub mod zk_auth;
 pub mod zk_plan;

@@ -78,6 +78,8 @@ pub struct ValidSpec {
     pub threads: u32,
     pub zk_session_timeout_seconds: Option<u32>,
     pub zk_failstop: bool,
+    /// The Secret with the operator's ZooKeeper digest credentials (`spec.zookeeperAuth`).
+    pub zookeeper_auth_secret: Option<String>,
     pub image: String,
     pub pull_policy: PullPolicy,
     pub resources: Option<ResourceRequirements>,
@@ -234,6 +236,12 @@ pub enum InvalidSpec {
         limit_mb: u64,
         max_mb: u64,
     },
+
+    #[error(
+        "spec.zookeeperAuth.secretName {value:?} cannot name a Secret: it must be a DNS-1123 subdomain \
+         (lower-case letters, digits, '-' and '.', at most 253 characters), e.g. \"arcus-zookeeper-auth\""
+    )]
+    ZookeeperAuthSecretInvalid { value: String },
 
     #[error("spec.metricsExporter.port {port} equals spec.port; give the exporter its own port (default 9150)")]
     PortClash { port: i32 },
@@ -477,6 +485,26 @@ fn check_pod_fields(spec: &crate::crd::ArcusMemcachedSpec, problems: &mut Vec<In
         }
     }
     check_resources(spec.resources.as_ref(), c.memlimit, problems);
+    if let Some(auth) = &spec.zookeeper_auth {
+        if !is_dns1123_subdomain(&auth.secret_name) {
+            problems.push(InvalidSpec::ZookeeperAuthSecretInvalid {
+                value: auth.secret_name.clone(),
+            });
+        }
+    }
+}
+
+/// Dot-separated DNS-1123 labels, at most 253 characters: what an object name must be.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
 }
 
 fn valid_spec(
@@ -503,6 +531,7 @@ fn valid_spec(
         threads: c.threads as u32,
         zk_session_timeout_seconds: spec.zk_session_timeout_seconds.map(|s| s as u32),
         zk_failstop: spec.zk_failstop,
+        zookeeper_auth_secret: spec.zookeeper_auth.as_ref().map(|a| a.secret_name.clone()),
         image: spec.image.name.clone(),
         pull_policy: spec.image.pull_policy,
         resources: spec.resources.clone(),

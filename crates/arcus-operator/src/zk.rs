@@ -10,6 +10,7 @@
 use crate::leader::{Fenced, LeaderGate};
 use crate::metrics::Metrics;
 use crate::operation::{self, Operation, OperationRecord, RecordError, RECORD_VERSION};
+use crate::zk_auth::{same_acls, OwnedAcls, ZkAuth};
 use crate::zk_plan::{
     CacheZnode, Claim, MappingState, ZkObserved, ZkOp, BASE_TREE, CACHE_LIST, CLIENT_LIST,
     MAPPING_ROOT,
@@ -29,6 +30,12 @@ pub enum ZkError {
         ensemble: String,
         timeout: Duration,
         cause: String,
+    },
+    #[error("ZooKeeper {ensemble}: {action} {path} refused: its ACL does not let the operator in (NoAuth); set spec.zookeeperAuth to the Secret with the credentials the tree was secured with, or open the znode's ACL by hand")]
+    NotAuthorized {
+        ensemble: String,
+        action: &'static str,
+        path: String,
     },
     #[error("ZooKeeper {ensemble}: {action} {path} failed: {source}")]
     Op {
@@ -110,19 +117,32 @@ impl ZkPool {
         servers.join(",")
     }
 
-    /// A live session to `ensemble`, connecting (bounded) when there is none or it ended.
-    pub async fn session(&self, ensemble: &str) -> Result<zk::Client, ZkError> {
+    /// A live session to `ensemble`, connecting (bounded) when there is none or it ended; with
+    /// `auth`, a session of its own that has sent `addauth digest` with it.
+    pub async fn session(
+        &self,
+        ensemble: &str,
+        auth: Option<&ZkAuth>,
+    ) -> Result<zk::Client, ZkError> {
+        // Keyed by the digest id, never the password: a changed password opens a new session.
+        let key = match auth {
+            Some(a) => format!("{ensemble}#{}", a.digest_id()),
+            None => ensemble.to_string(),
+        };
         let mut sessions = self.sessions.lock().await;
-        if let Some(c) = sessions.get(ensemble) {
+        if let Some(c) = sessions.get(&key) {
             if !c.state().is_terminated() {
                 return Ok(c.clone());
             }
             tracing::warn!(%ensemble, state = ?c.state(), "ZooKeeper session ended; reconnecting");
         }
-        let connect = zk::Client::connector()
+        let mut connector = zk::Client::connector()
             .with_session_timeout(self.session_timeout)
-            .with_connection_timeout(Duration::from_secs(3))
-            .connect(ensemble);
+            .with_connection_timeout(Duration::from_secs(3));
+        if let Some(a) = auth {
+            connector = connector.with_auth("digest", &a.credential());
+        }
+        let connect = connector.connect(ensemble);
         let client = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| ZkError::Connect {
@@ -135,9 +155,10 @@ impl ZkPool {
                 timeout: self.connect_timeout,
                 cause: e.to_string(),
             })?;
-        tracing::info!(%ensemble, session = ?client.session_id(), "connected to ZooKeeper");
+        let user = auth.map(|a| a.user.as_str());
+        tracing::info!(%ensemble, session = ?client.session_id(), ?user, "connected to ZooKeeper");
         self.watch_cache_list(ensemble, &client).await;
-        sessions.insert(ensemble.to_string(), client.clone());
+        sessions.insert(key, client.clone());
         Ok(client)
     }
 
@@ -261,6 +282,8 @@ pub struct ZkRegistry {
     gate: LeaderGate,
     metrics: Arc<Metrics>,
     state: Arc<std::sync::Mutex<ClaimState>>,
+    /// What the znodes this service code owns are created (and secured) with.
+    acls: OwnedAcls,
 }
 
 impl ZkRegistry {
@@ -271,6 +294,7 @@ impl ZkRegistry {
         claim: ServiceClaim,
         gate: LeaderGate,
         metrics: Arc<Metrics>,
+        acls: OwnedAcls,
     ) -> Self {
         Self {
             client,
@@ -280,6 +304,23 @@ impl ZkRegistry {
             gate,
             metrics,
             state: Arc::default(),
+            acls,
+        }
+    }
+
+    fn client_list_path(&self) -> String {
+        format!("{CLIENT_LIST}/{}", self.service_code)
+    }
+
+    /// The ACL an owned znode gets: `cache_list/<svc>` and `client_list/<svc>` take children
+    /// from anyone, mappings are read-only to them. None: a shared node (open).
+    fn acl_of(&self, path: &str) -> Option<Vec<zk::Acl>> {
+        if path == self.claim_path() || path == self.client_list_path() {
+            Some(self.acls.registrable())
+        } else if path.starts_with(&format!("{MAPPING_ROOT}/")) {
+            Some(self.acls.readable())
+        } else {
+            None
         }
     }
 
@@ -289,11 +330,18 @@ impl ZkRegistry {
 
     fn op_err(&self, action: &'static str, path: &str) -> impl FnOnce(zk::Error) -> ZkError {
         let (ensemble, path) = (self.ensemble.clone(), path.to_string());
-        move |source| ZkError::Op {
-            ensemble,
-            action,
-            path,
-            source,
+        move |source| match source {
+            zk::Error::NoAuth => ZkError::NotAuthorized {
+                ensemble,
+                action,
+                path,
+            },
+            source => ZkError::Op {
+                ensemble,
+                action,
+                path,
+                source,
+            },
         }
     }
 
@@ -315,8 +363,16 @@ impl ZkRegistry {
             }
         }
         let (claim, operation) = self.read_claim(req.our_uid).await?;
-        observed.claim = Some(claim);
         let claim_path = self.claim_path();
+        if claim == Claim::Ours {
+            let (acl, _) = self
+                .client
+                .get_acl(&claim_path)
+                .await
+                .map_err(self.op_err("read the ACL of", &claim_path))?;
+            observed.owned_acls_stale = !same_acls(&acl, &self.acls.registrable());
+        }
+        observed.claim = Some(claim);
         if observed.claim != Some(Claim::Absent) {
             let children = children(&self.client, &claim_path).await;
             observed.cache_list_children = children
@@ -469,6 +525,7 @@ impl ZkRegistry {
                 ZkOp::DeleteNodeAndChildren { path, children } => {
                     self.delete_tree(path, children).await?
                 }
+                ZkOp::SecureOwned { paths } => self.secure(paths).await?,
             };
         }
         self.metrics.zk_writes.inc_by(writes as u64);
@@ -476,7 +533,9 @@ impl ZkRegistry {
     }
 
     async fn create_node(&self, path: &str, data: &str) -> Result<u32, ZkError> {
-        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        let acl = self.acl_of(path);
+        let acls = acl.as_deref().map_or(zk::Acls::anyone_all(), zk::Acls::new);
+        let persistent = zk::CreateMode::Persistent.with_acls(acls);
         let created = self.client.create(path, data.as_bytes(), &persistent).await;
         let wrote = ignore(created, zk::Error::NodeExists).map_err(self.op_err("create", path))?;
         if wrote && path == self.claim_path() {
@@ -492,7 +551,8 @@ impl ZkRegistry {
     /// `cache_server_mapping/<key>` and its child `<svc>` in one transaction, with the claim's
     /// version checked.
     async fn create_mapping(&self, key: &str, service_code: &str) -> Result<u32, ZkError> {
-        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        let acl = self.acls.readable();
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&acl));
         let parent = format!("{MAPPING_ROOT}/{key}");
         let child = format!("{parent}/{service_code}");
         for with_parent in [true, false] {
@@ -521,6 +581,21 @@ impl ZkRegistry {
             }
         }
         Ok(0)
+    }
+
+    /// Sets each owned znode's ACL (absent ones are done). Not fenced (ZooKeeper has no
+    /// conditional ACL change in a transaction); an ex-leader's late write sets the same ACL.
+    async fn secure(&self, paths: &[String]) -> Result<u32, ZkError> {
+        let mut writes = 0;
+        for path in paths {
+            let Some(acl) = self.acl_of(path) else {
+                continue;
+            };
+            let set = self.client.set_acl(path, &acl, None).await;
+            writes += ignore(set.map(|_| ()), zk::Error::NoNode)
+                .map_err(self.op_err("set the ACL of", path))? as u32;
+        }
+        Ok(writes)
     }
 
     /// Deletes `paths` in order, each with the claim's version checked; absent ones are done.

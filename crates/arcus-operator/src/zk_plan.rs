@@ -62,6 +62,9 @@ pub struct ZkObserved {
     pub cache_list_children: Vec<String>,
     /// Children of `client_list/<svc>` (ephemeral client registrations).
     pub client_list_children: Vec<String>,
+    /// Our claim's ACL is not the one `spec.zookeeperAuth` asks for (credentials set on an
+    /// existing tree, or changed).
+    pub owned_acls_stale: bool,
 }
 
 /// The inputs the plan needs about the CR and the cluster.
@@ -98,6 +101,8 @@ pub enum ZkOp {
     },
     /// Delete a node and its (ephemeral) children.
     DeleteNodeAndChildren { path: String, children: Vec<String> },
+    /// Give the znodes we own the ACL `spec.zookeeperAuth` asks for (the claim last).
+    SecureOwned { paths: Vec<String> },
 }
 
 impl ZkOp {
@@ -112,6 +117,7 @@ impl ZkOp {
                 key, service_code, ..
             } => format!("unmap {key} from {service_code}"),
             ZkOp::DeleteNodeAndChildren { path, .. } => format!("delete {path}"),
+            ZkOp::SecureOwned { paths } => format!("set the ACL of {} owned znodes", paths.len()),
         }
     }
 }
@@ -174,6 +180,9 @@ pub fn plan(input: &PlanInput, zk: &ZkObserved) -> ZkPlan {
         if zk.mappings.get(&ordinal) != Some(&MappingState::Ours) {
             ops.push(create_mapping(input, ordinal));
         }
+    }
+    if zk.owned_acls_stale {
+        ops.push(secure_owned(input, zk));
     }
     // A StatefulSet not yet lowered may still (re)create pods of surplus ordinals: their
     // mappings stay until it has been lowered and the pods are gone.
@@ -282,6 +291,27 @@ fn create_mapping(input: &PlanInput, ordinal: u32) -> ZkOp {
         key: (input.mapping_key)(ordinal),
         service_code: input.service_code.to_string(),
     }
+}
+
+/// Every znode we own that exists, mappings first and the claim last: the claim's ACL is what
+/// tells the next pass whether this is done.
+fn secure_owned(input: &PlanInput, zk: &ZkObserved) -> ZkOp {
+    let svc = input.service_code;
+    let mut paths = Vec::new();
+    for (&ordinal, state) in &zk.mappings {
+        if matches!(state, MappingState::Ours | MappingState::Empty) {
+            let parent = format!("{MAPPING_ROOT}/{}", (input.mapping_key)(ordinal));
+            if *state == MappingState::Ours {
+                paths.push(format!("{parent}/{svc}"));
+            }
+            paths.push(parent);
+        }
+    }
+    if zk.client_list_exists {
+        paths.push(format!("{CLIENT_LIST}/{svc}"));
+    }
+    paths.push(format!("{CACHE_LIST}/{svc}"));
+    ZkOp::SecureOwned { paths }
 }
 
 fn delete_mapping(input: &PlanInput, ordinal: u32) -> ZkOp {

@@ -1060,3 +1060,141 @@ async fn garbage_in_zookeeper_is_reported_and_left_alone() {
     assert_eq!(tree(&zkc, "/arcus").await, before, "ZooKeeper was changed");
     drop(nodes);
 }
+
+const AUTH_SECRET: &str = "arcus-zookeeper-auth";
+
+/// The GET of `spec.zookeeperAuth`'s Secret (user `arcus`, password `s3cret`).
+fn auth_secret_step(case: &Case) -> Step {
+    Step::get(format!(
+        "/api/v1/namespaces/{}/secrets/{AUTH_SECRET}",
+        case.ns
+    ))
+    .reply(
+        200,
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
+            "metadata": {"name": AUTH_SECRET, "namespace": case.ns},
+            // base64 of "arcus" and "s3cret"
+            "data": {"username": "YXJjdXM=", "password": "czNjcmV0"},
+        }),
+    )
+}
+
+fn with_auth(cr: &Value) -> Value {
+    let mut cr = cr.clone();
+    cr["spec"]["zookeeperAuth"] = json!({"secretName": AUTH_SECRET});
+    cr
+}
+
+/// `digest` ALL for the operator's user, and exactly `world` for anyone. Read as that user:
+/// ZooKeeper shows a digest's hash only to a session with ADMIN on the znode.
+async fn assert_secured(addr: &str, path: &str, world: zk::Permission) {
+    let zkc = tokio::time::timeout(
+        Duration::from_secs(10),
+        zk::Client::connector()
+            .with_auth("digest", b"arcus:s3cret")
+            .connect(addr),
+    )
+    .await
+    .expect("connecting as the operator's user timed out")
+    .expect("connecting as the operator's user");
+    let (acl, _) = zkc
+        .get_acl(path)
+        .await
+        .unwrap_or_else(|e| panic!("ACL of {path}: {e}"));
+    let digest = arcus_operator::zk_auth::ZkAuth::new("arcus", "s3cret").digest_id();
+    let has = |scheme: &str, id: &str, perm: zk::Permission| {
+        acl.iter()
+            .any(|a| a.scheme() == scheme && a.id() == id && a.permission() == perm)
+    };
+    assert!(
+        acl.len() == 2
+            && has("digest", &digest, zk::Permission::ALL)
+            && has("world", "anyone", world),
+        "{path}: ACL {acl:?}, not digest ALL + world {world:?}"
+    );
+}
+
+/// With `spec.zookeeperAuth` the operator authenticates and creates what the resource owns with
+/// an ACL other tenants cannot delete or rewrite, while an unauthenticated ARCUS node and client
+/// still register; a tree made without it is secured on the next pass.
+#[tokio::test]
+async fn zookeeper_auth_secures_what_the_resource_owns() {
+    let zk = ZkServer::start().expect("start a ZooKeeper");
+    let zkc = zk_session(&zk.addr()).await;
+    let case = Case::new("scripted-auth", &zk);
+    let cr = with_auth(&case.cr_json(3));
+    let mut script = creating_script(&case, 3, NEW);
+    script.insert(3, auth_secret_step(&case));
+    let (result, t) = pass(&cr, script, None).await;
+    result.unwrap_or_else(|e| panic!("first reconcile with zookeeperAuth failed: {e}"));
+    assert_eq!(t.event_reasons(), ["ScaledOut"], "events: {:#?}", t.events);
+    assert_registered(&case, &zkc, 3).await;
+    let rw = zk::Permission::READ | zk::Permission::CREATE;
+    let client_list = format!("/arcus/client_list/{}", case.svc);
+    assert_secured(&case.zk, &case.claim(), rw).await;
+    assert_secured(&case.zk, &client_list, rw).await;
+    for o in 0..3 {
+        let child = case.mapping(o);
+        let parent = child.rsplit_once('/').unwrap().0.to_string();
+        assert_secured(&case.zk, &child, zk::Permission::READ).await;
+        assert_secured(&case.zk, &parent, zk::Permission::READ).await;
+    }
+    // Another tenant (no credentials): what ARCUS nodes and clients do works...
+    let node = format!("{}/127.0.0.9:{PORT}-{}", case.claim(), case.hostname(0));
+    create(&zkc, &node, b"", zk::CreateMode::Ephemeral).await;
+    create(
+        &zkc,
+        &format!("{client_list}/client-1"),
+        b"",
+        zk::CreateMode::Ephemeral,
+    )
+    .await;
+    zkc.get_data(&case.mapping(1))
+        .await
+        .expect("anyone reads a mapping");
+    // ...and deleting or rewriting what the resource owns does not.
+    let refused = |what: &str, r: Result<(), zk::Error>| {
+        assert_eq!(r, Err(zk::Error::NoAuth), "{what} was not refused");
+    };
+    refused(
+        "deleting a mapping",
+        zkc.delete(&case.mapping(1), None).await,
+    );
+    refused(
+        "deleting a node's registration",
+        zkc.delete(&node, None).await,
+    );
+    refused(
+        "rewriting the claim",
+        zkc.set_data(&case.claim(), b"{}", None).await.map(|_| ()),
+    );
+    drop(zkc);
+
+    // A resource made without credentials gets them later: its znodes are secured (the
+    // mappings, client_list and the claim), without anything else changing in ZooKeeper.
+    // (A ZooKeeper of its own: the first pass checks the tree was empty before it.)
+    let zk = ZkServer::start().expect("start a second ZooKeeper");
+    let zkc = zk_session(&zk.addr()).await;
+    let case = Case::new("scripted-auth-later", &zk);
+    let first = first_pass(&case, &zkc).await;
+    let open = zk::Acls::anyone_all().to_vec();
+    assert_eq!(zkc.get_acl(&case.claim()).await.unwrap().0, open);
+    let live_sts = stored(&first.find(Method::PATCH, &case.sts_path()).body);
+    let svc = stored(&first.find(Method::PATCH, &case.svc_path()).body);
+    let pdb = stored(&first.find(Method::PATCH, &case.pdb_path()).body);
+    let caches = caches_of(&case.ns, &live_sts, &[], &svc, &pdb);
+    let cr = with_auth(&after_first_pass(&case, 3, &first));
+    let stored_cr = cr.clone();
+    let script = vec![
+        auth_secret_step(&case),
+        Step::apply(case.status_path(), FIELD_MANAGER)
+            .reply_with(move |b| (200, with_status(&stored_cr, b))),
+    ];
+    let (result, t) = pass_with(&cr, script, None, caches).await;
+    result.unwrap_or_else(|e| panic!("a pass adding zookeeperAuth failed: {e}"));
+    assert_eq!(t.event_reasons(), ["ZooKeeperUpdated"], "{:#?}", t.events);
+    assert_secured(&case.zk, &case.claim(), rw).await;
+    assert_secured(&case.zk, &format!("/arcus/client_list/{}", case.svc), rw).await;
+    assert_secured(&case.zk, &case.mapping(2), zk::Permission::READ).await;
+}

@@ -11,7 +11,7 @@
 
 use arcus_operator::crd::ArcusMemcached;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -505,7 +505,7 @@ fn checksum_rolls_the_operator_only_for_its_configuration() {
 // ---- on the sandbox -------------------------------------------------------------------------
 
 /// `kubectl auth can-i <verb> <group>/<resource> -n <namespace> --as <user>`, asked with a
-/// SubjectAccessReview (empty namespace: cluster-wide).
+/// SubjectAccessReview (empty namespace: cluster-wide; `resource` may be `<resource>/<name>`).
 async fn can_i(
     sb: &Sandbox,
     user: &str,
@@ -515,13 +515,15 @@ async fn can_i(
     namespace: &str,
 ) -> anyhow::Result<bool> {
     use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+    let (resource, name) = resource.split_once('/').unwrap_or((resource, ""));
     let review: SubjectAccessReview = serde_json::from_value(json!({
         "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
         "spec": {
             "user": user,
             "groups": ["system:serviceaccounts", "system:authenticated"],
             "resourceAttributes": {
-                "verb": verb, "group": group, "resource": resource, "namespace": namespace
+                "verb": verb, "group": group, "resource": resource, "namespace": namespace,
+                "name": name
             }
         }
     }))?;
@@ -540,6 +542,11 @@ async fn least_privilege(sb: &Sandbox, ns: &str, sa: &str) -> anyhow::Result<()>
     let checks = [
         ("get", "", "secrets", ns, false),
         ("list", "", "secrets", "", false),
+        ("list", "", "secrets", ns, false),
+        ("get", "", "secrets/other-secret", ns, false),
+        // spec.zookeeperAuth's Secret, by the name the chart allows, and nothing else.
+        ("get", "", "secrets/arcus-zookeeper-auth", ns, true),
+        ("get", "", "secrets/arcus-zookeeper-auth", "default", false),
         ("list", "", "pods", "default", false),
         ("delete", "", "pods", "kube-system", false),
         ("patch", "apps", "statefulsets", "default", false),
@@ -562,6 +569,46 @@ async fn least_privilege(sb: &Sandbox, ns: &str, sa: &str) -> anyhow::Result<()>
         }
     }
     anyhow::ensure!(wrong.is_empty(), "{user}: {wrong:?}");
+    Ok(())
+}
+
+/// What `spec.zookeeperAuth` promises, seen by another tenant (no credentials): the claim and a
+/// mapping carry the operator's digest ACL; their nodes (the stand-in, which never
+/// authenticates, like arcus-memcached) registered anyway; deleting a mapping or a node's
+/// registration, or rewriting the claim, is refused.
+async fn zookeeper_acl_holds(zk: &zk::Client, svc: &str, ns: &str) -> anyhow::Result<()> {
+    let claim = format!("/arcus/cache_list/{svc}");
+    let mapping = format!("/arcus/cache_server_mapping/test-arcus-mc-0.{ns}:11211/{svc}");
+    for path in [&claim, &mapping] {
+        let (acl, _) = zk.get_acl(path).await?;
+        anyhow::ensure!(
+            acl.iter()
+                .any(|a| a.scheme() == "digest" && a.id().starts_with("arcus-e2e:"))
+                && acl
+                    .iter()
+                    .all(|a| a.scheme() != "world" || !a.permission().has(zk::Permission::DELETE)),
+            "{path}: ACL {acl:?} is not the operator's digest ACL"
+        );
+    }
+    let nodes = zk.list_children(&claim).await?;
+    anyhow::ensure!(nodes.len() == 3, "registered under {claim}: {nodes:?}");
+    let refused = [
+        ("delete a mapping", zk.delete(&mapping, None).await),
+        (
+            "delete a registration",
+            zk.delete(&format!("{claim}/{}", nodes[0]), None).await,
+        ),
+        (
+            "rewrite the claim",
+            zk.set_data(&claim, b"{}", None).await.map(|_| ()),
+        ),
+    ];
+    for (what, result) in refused {
+        anyhow::ensure!(
+            result == Err(zk::Error::NoAuth),
+            "another tenant could {what}: {result:?}"
+        );
+    }
     Ok(())
 }
 
@@ -855,16 +902,27 @@ async fn lifecycle(sb: &'static Sandbox, ns: &TestNamespace) -> anyhow::Result<(
         Some(&*format!("arcus-operator:{INSTALL_TAG}"))
     );
 
-    // The seed's sample, with this namespace's own service code and the sandbox's ZooKeeper.
+    // The seed's sample, with this namespace's own service code and the sandbox's ZooKeeper,
+    // and a digest ACL on what it owns there (the ensemble is shared by every test).
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "arcus-zookeeper-auth"},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": "arcus-e2e", "password": "not-a-real-secret"},
+    }))?;
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
     let mut sample = repo_docs("deploy/samples/arcus_memcached.yaml").remove(0);
     sample["metadata"]["namespace"] = json!(ns.name);
     sample["spec"]["serviceCode"] = json!(svc);
     sample["spec"]["zookeeperServers"] = json!([ZOOKEEPER]);
+    sample["spec"]["zookeeperAuth"] = json!({"secretName": "arcus-zookeeper-auth"});
     let crs: Api<ArcusMemcached> = ns.api();
     crs.create(&PostParams::default(), &serde_json::from_value(sample)?)
         .await?;
     wait_ready(&crs, "3/3", 180).await?;
-    step("the sample is Ready 3/3");
+    step("the sample is Ready 3/3, its znodes under a digest ACL");
+    zookeeper_acl_holds(&zk, &svc, &ns.name).await?;
 
     // Keys written now must all be readable after the scale-out and after the upgrade.
     let client = arcus_client::ArcusClient::connect(ZOOKEEPER, &svc, Default::default()).await?;

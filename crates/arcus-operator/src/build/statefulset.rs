@@ -73,6 +73,8 @@ pub fn restart_hash(spec: &ValidSpec) -> String {
         zk_session_timeout_seconds,
         // Live (`config zkfailstop`), like memlimit and connections.
         zk_failstop: _,
+        // The operator's own credentials: the nodes never authenticate.
+        zookeeper_auth_secret: _,
         image,
         pull_policy,
         resources,

@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error("the watches of StatefulSets, pods, Services and PDBs in namespace {namespace} have not listed them within {waited:?}: check the operator's RBAC (list and watch) and its log")]
     NotWatched { namespace: String, waited: Duration },
+    #[error("ZooKeeper credentials (spec.zookeeperAuth): Secret {secret}: {why}")]
+    ZookeeperAuth { secret: String, why: String },
     #[error(transparent)]
     NotLeader(#[from] Fenced),
     #[error(transparent)]
@@ -68,6 +70,7 @@ impl Error {
             Error::ZooKeeper(ZkError::ClaimChanged { .. }) => "ClaimChanged",
             Error::ZooKeeper(_) => "ZooKeeperError",
             Error::Kube { .. } | Error::NotWatched { .. } => "KubernetesApiError",
+            Error::ZookeeperAuth { .. } => "ZooKeeperAuthUnavailable",
             Error::Migration(_) => "MigrationFailed",
         }
     }
@@ -183,6 +186,10 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         }
         // Our claim's operation record is unreadable (edited by hand, or garbage): nothing is
         // changed until it is fixed; status says where and what.
+        Err(e @ Error::ZookeeperAuth { .. }) => {
+            report_degraded(cr, ctx, "ZooKeeperAuthUnavailable", e.to_string()).await;
+            return Err(e);
+        }
         Err(Error::ZooKeeper(e @ ZkError::Record { .. })) => {
             let message = format!("{e}; nothing is changed until then");
             report_degraded(cr, ctx, "OperationRecordInvalid", message).await;

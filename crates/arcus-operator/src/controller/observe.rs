@@ -10,9 +10,10 @@ use crate::operation::{self, Operation, PodState};
 use crate::status::{self, NodeView};
 use crate::validate::ValidSpec;
 use crate::zk::{ObserveRequest, ServiceClaim, ZkPool, ZkRegistry};
+use crate::zk_auth::{OwnedAcls, ZkAuth};
 use crate::zk_plan::{self, CacheZnode, ZkObserved};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
@@ -140,7 +141,11 @@ async fn observe_zookeeper(
         name: cr.name_any(),
         uid: uid.clone(),
     };
-    let session = ctx.zk.session(&ensemble).await?;
+    let auth = match &valid.zookeeper_auth_secret {
+        Some(secret) => Some(zookeeper_auth(ctx, &namespace_of(cr), secret).await?),
+        None => None,
+    };
+    let session = ctx.zk.session(&ensemble, auth.as_ref()).await?;
     let registry = ZkRegistry::new(
         session,
         &ensemble,
@@ -148,6 +153,7 @@ async fn observe_zookeeper(
         claim.clone(),
         ctx.leader.clone(),
         ctx.metrics.clone(),
+        OwnedAcls::of(auth.as_ref()),
     );
     let recorded = cr
         .status
@@ -163,6 +169,50 @@ async fn observe_zookeeper(
         })
         .await?;
     Ok((registry, claim, zk, operation))
+}
+
+/// The digest credentials of `spec.zookeeperAuth`: the Secret's `username` and `password`.
+/// Read on every pass that needs ZooKeeper (one GET), so a rotated password is used at once.
+async fn zookeeper_auth(ctx: &Context, ns: &str, secret: &str) -> Result<ZkAuth, Error> {
+    let unusable = |why: String| Error::ZookeeperAuth {
+        secret: format!("{ns}/{secret}"),
+        why,
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let found = match api.get_opt(secret).await {
+        Ok(found) => found,
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            return Err(unusable(
+                "the operator may not read it: name it in the Helm value zookeeperAuth.secretNames (deploy/operator.yaml allows arcus-zookeeper-auth only)".into(),
+            ))
+        }
+        Err(source) => {
+            return Err(Error::Kube {
+                action: "get",
+                object: format!("Secret {ns}/{secret}"),
+                source,
+            })
+        }
+    };
+    let Some(found) = found else {
+        return Err(unusable(
+            "it does not exist; create it with the keys username and password".into(),
+        ));
+    };
+    let data = found.data.unwrap_or_default();
+    let field = |key: &str| match data.get(key).map(|b| String::from_utf8(b.0.clone())) {
+        Some(Ok(v)) if !v.is_empty() => Ok(v),
+        _ => Err(unusable(format!(
+            "its key {key} is missing, empty or not UTF-8"
+        ))),
+    };
+    let user = field("username")?;
+    if user.contains(':') {
+        return Err(unusable(
+            "its username contains ':', which a digest credential cannot".into(),
+        ));
+    }
+    Ok(ZkAuth::new(user, field("password")?))
 }
 
 /// Asks the nodes the state machine needs to know about whether they know `zkensemble`.

@@ -306,3 +306,61 @@ impl Drop for StoppedProcess {
         }
     }
 }
+
+/// Restarts one of the sandbox's daemons (`etcd`, `kube-apiserver`, ...) as `scripts/sandbox
+/// up` started it: the same command line, environment and working directory read from /proc,
+/// SIGTERM (SIGKILL after 30 s), then started again in its own session, its output appended to
+/// `logs/<name>.log` and its new PID written to `pids/<name>.pid` (so `scripts/sandbox down`
+/// stops it). Returns the new PID.
+pub fn restart_sandbox_daemon(sandbox_dir: &std::path::Path, name: &str) -> anyhow::Result<i32> {
+    let pid_file = sandbox_dir.join(format!("pids/{name}.pid"));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", pid_file.display()))?
+        .trim()
+        .parse()?;
+    let proc_dir = format!("/proc/{pid}");
+    let split = |bytes: Vec<u8>| -> Vec<String> {
+        bytes
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    };
+    let argv = split(std::fs::read(format!("{proc_dir}/cmdline"))?);
+    let env = split(std::fs::read(format!("{proc_dir}/environ"))?);
+    let cwd = std::fs::read_link(format!("{proc_dir}/cwd"))?;
+    anyhow::ensure!(!argv.is_empty(), "{name} (pid {pid}) has no command line");
+    let process =
+        ProcessId::of(pid).ok_or_else(|| anyhow::anyhow!("{name} (pid {pid}) is not running"))?;
+    signal_process(pid, "TERM")?;
+    if crate::wait::wait_until_blocking(
+        Duration::from_secs(30),
+        &format!("{name} (pid {pid}) to exit after SIGTERM"),
+        || process.exited(),
+    )
+    .is_err()
+    {
+        signal_process(pid, "KILL")?;
+        crate::wait::wait_until_blocking(
+            Duration::from_secs(10),
+            &format!("{name} (pid {pid}) to exit after SIGKILL"),
+            || process.exited(),
+        )?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(sandbox_dir.join(format!("logs/{name}.log")))?;
+    let mut cmd = std::process::Command::new("setsid");
+    cmd.args(&argv)
+        .env_clear()
+        .envs(env.iter().filter_map(|kv| kv.split_once('=')))
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = cmd.spawn()?;
+    let new_pid = child.id() as i32;
+    std::fs::write(&pid_file, format!("{new_pid}\n"))?;
+    Ok(new_pid)
+}

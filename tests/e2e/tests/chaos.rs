@@ -1,0 +1,388 @@
+//! Faults of one cache node under a client load, each bounded in time and count: the node's
+//! process SIGKILLed (by PID), and its pod's network link down for 30 s (the sandbox's own
+//! veth, by `ip link`). Each checks what the design promises: the node comes back and is in
+//! `cache_list` again; a client's request to it fails within its timeout instead of hanging;
+//! no key ever reads back a value other than the last one written (a lost node's keys are
+//! misses); the other nodes' keys all survive. Hit ratios are printed for docs/RELIABILITY.md.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DynamicObject, PostParams};
+use kube::ResourceExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use test_support::operator::container_pid;
+use test_support::sandbox::{Sandbox, TestNamespace};
+use test_support::wait_until;
+
+const KEYS: usize = 30_000;
+/// Bound of the background load: at most this many writes, for at most `LOAD_FOR`.
+const LOAD_OPS: usize = 20_000;
+const LOAD_FOR: Duration = Duration::from_secs(120);
+
+fn key(i: usize) -> String {
+    format!("chaos:{i}")
+}
+
+/// What the load wrote last, per key index (absent: the loaded value).
+type Written = Arc<Mutex<HashMap<usize, String>>>;
+
+struct LoadReport {
+    ops: usize,
+    errors: usize,
+    slowest: Duration,
+}
+
+/// Writes keys in a fixed stride until `stop` is set, `LOAD_OPS` are done or `LOAD_FOR` passed;
+/// records each acknowledged value (a failed set may or may not have landed: its key is then
+/// unknown and left out of the checks).
+fn start_load(
+    client: Arc<arcus_client::ArcusClient>,
+    written: Written,
+    unknown: Arc<Mutex<Vec<usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut report = LoadReport {
+            ops: 0,
+            errors: 0,
+            slowest: Duration::ZERO,
+        };
+        for n in 0..LOAD_OPS {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > LOAD_FOR {
+                break;
+            }
+            let i = (n * 7_919) % KEYS;
+            let v = format!("w-{n}-{i}");
+            let t = Instant::now();
+            let r = client.set(&key(i), v.clone(), 0, 0).await;
+            report.slowest = report.slowest.max(t.elapsed());
+            report.ops += 1;
+            match r {
+                Ok(_) => {
+                    written.lock().unwrap().insert(i, v);
+                }
+                Err(_) => {
+                    report.errors += 1;
+                    unknown.lock().unwrap().push(i);
+                    // Paces the writes while a node is unreachable (each failure is one timeout).
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        report
+    })
+}
+
+struct Readback {
+    hits: usize,
+    misses: usize,
+    /// Keys reading a value that is not their last one written: must be none.
+    stale: Vec<String>,
+    /// Misses of keys not owned by the faulted node: must be none.
+    lost_elsewhere: usize,
+}
+
+async fn read_back(
+    client: &arcus_client::ArcusClient,
+    written: &Written,
+    unknown: &[usize],
+    faulted: &str,
+) -> anyhow::Result<Readback> {
+    let written = written.lock().unwrap().clone();
+    let mut r = Readback {
+        hits: 0,
+        misses: 0,
+        stale: vec![],
+        lost_elsewhere: 0,
+    };
+    for i in (0..KEYS).filter(|i| !unknown.contains(i)) {
+        let want = written.get(&i).cloned().unwrap_or_else(|| format!("v-{i}"));
+        match get_retrying(client, &key(i)).await? {
+            Some(got) if got.value == want.as_bytes() => r.hits += 1,
+            Some(got) => r.stale.push(format!(
+                "{}: {:?} (want {want})",
+                key(i),
+                String::from_utf8_lossy(&got.value)
+            )),
+            None => {
+                r.misses += 1;
+                if client.node_for_key(&key(i)).ok().as_deref() != Some(faulted) {
+                    r.lost_elsewhere += 1;
+                }
+            }
+        }
+    }
+    Ok(r)
+}
+
+async fn cache_pod(ns: &TestNamespace, name: &str) -> anyhow::Result<Pod> {
+    Ok(ns.api::<Pod>().get(name).await?)
+}
+
+fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |c| c.iter().map(|c| c.restart_count).sum())
+}
+
+/// A 3-node resource `name`, Ready, with `KEYS` keys loaded (`v-<i>`), and a ring client.
+async fn three_loaded_nodes(
+    sandbox: &Sandbox,
+    ns: &TestNamespace,
+    name: &str,
+) -> anyhow::Result<(String, Arc<arcus_client::ArcusClient>)> {
+    let svc = service_code(ns);
+    let crs = mc_api(sandbox, ns);
+    let cr: DynamicObject = serde_json::from_value(cr_json(name, &svc, 3))?;
+    crs.create(&PostParams::default(), &cr).await?;
+    wait_until(Duration::from_secs(180), "3/3 ready", || async {
+        let cr = crs.get(name).await.ok()?;
+        (cr.data["status"]["ready"] == "3/3").then_some(())
+    })
+    .await?;
+    let client = ring_client(&svc, 3).await?;
+    load(&client, KEYS, |i| (key(i), format!("v-{i}"), 0, 0)).await?;
+    Ok((svc, client))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_node_sigkilled_under_load_comes_back_and_misses_only_its_keys(
+) -> anyhow::Result<()> {
+    with_namespace("kill", 1, |sandbox, ns| async move {
+        let r = sigkill(sandbox, &ns).await;
+        (ns, r)
+    })
+    .await
+}
+
+async fn sigkill(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
+    let (svc, client) = three_loaded_nodes(sandbox, ns, "kill").await?;
+    let victim = cache_pod(ns, "kill-arcus-mc-1").await?;
+    let ip = victim
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("kill-arcus-mc-1 has no IP"))?;
+    let faulted = format!("{ip}:11211");
+    let (uid, restarts_before) = (victim.uid(), restarts(&victim));
+    let pid = container_pid(&victim).ok_or_else(|| anyhow::anyhow!("no container PID"))?;
+
+    let written: Written = Arc::default();
+    let unknown = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(
+        client.clone(),
+        written.clone(),
+        unknown.clone(),
+        stop.clone(),
+    );
+    // Paces the fault into the load (its moment is the fault itself, not a condition).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    test_support::operator::signal_process(pid, "KILL")?;
+    let killed = Instant::now();
+
+    let zk = zk_client().await?;
+    let list = format!("/arcus/cache_list/{svc}");
+    wait_until(
+        Duration::from_secs(180),
+        "the node restarted, Ready, in cache_list",
+        || async {
+            let p = cache_pod(ns, "kill-arcus-mc-1").await.ok()?;
+            let back = restarts(&p) > restarts_before && test_support::sandbox::pod_ready(&p);
+            let in_ring = children(&zk, &list)
+                .await
+                .iter()
+                .any(|z| z.starts_with(&faulted));
+            (back && in_ring).then_some(())
+        },
+    )
+    .await?;
+    let back_after = killed.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = load.await?;
+    let p = cache_pod(ns, "kill-arcus-mc-1").await?;
+    anyhow::ensure!(
+        p.uid() == uid,
+        "the pod was re-created instead of restarted in place"
+    );
+
+    let unknown = unknown.lock().unwrap().clone();
+    let r = read_back(&client, &written, &unknown, &faulted).await?;
+    let checked = r.hits + r.misses;
+    eprintln!(
+        "[chaos sigkill] node back in cache_list {:.1} s after SIGKILL; load: {} writes, {} failed, slowest {:?}; \
+         read back {checked} keys: {} hits ({:.1}%), {} misses (all of the killed node's: {}), {} stale",
+        back_after.as_secs_f64(),
+        report.ops,
+        report.errors,
+        report.slowest,
+        r.hits,
+        100.0 * r.hits as f64 / checked.max(1) as f64,
+        r.misses,
+        r.lost_elsewhere == 0,
+        r.stale.len()
+    );
+    anyhow::ensure!(
+        r.stale.is_empty(),
+        "keys read back an older value: {:?}",
+        r.stale
+    );
+    anyhow::ensure!(
+        r.lost_elsewhere == 0,
+        "{} keys of the other nodes were lost",
+        r.lost_elsewhere
+    );
+    anyhow::ensure!(
+        report.slowest < Duration::from_secs(5),
+        "a write hung for {:?} instead of failing within its timeout",
+        report.slowest
+    );
+    Ok(())
+}
+
+/// The pod's link on the host side (the node agent names it `av` + the first 12 hex digits of
+/// the pod's uid, a port of the sandbox bridge), set down and, on every exit path, up again.
+struct LinkDown {
+    dev: String,
+}
+
+impl LinkDown {
+    fn cut(pod_uid: &str) -> anyhow::Result<LinkDown> {
+        let hex: String = pod_uid
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(12)
+            .collect();
+        let dev = format!("av{hex}");
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", &dev, "down"])
+            .status()?;
+        anyhow::ensure!(status.success(), "ip link set {dev} down failed");
+        Ok(LinkDown { dev })
+    }
+}
+
+impl Drop for LinkDown {
+    fn drop(&mut self) {
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", &self.dev, "up"])
+            .status();
+        if !up.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "could not set {} up again: run `ip link set {} up`",
+                self.dev, self.dev
+            );
+        }
+    }
+}
+
+const CUT_FOR: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_node_cut_off_30s_times_out_clients_and_rejoins() -> anyhow::Result<()> {
+    with_namespace("cut", 1, |sandbox, ns| async move {
+        let r = cut(sandbox, &ns).await;
+        (ns, r)
+    })
+    .await
+}
+
+async fn cut(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
+    let (svc, client) = three_loaded_nodes(sandbox, ns, "cut").await?;
+    let victim = cache_pod(ns, "cut-arcus-mc-2").await?;
+    let ip = victim
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("cut-arcus-mc-2 has no IP"))?;
+    let faulted = format!("{ip}:11211");
+    let (uid, restarts_before) = (victim.uid(), restarts(&victim));
+    let written: Written = Arc::default();
+    let unknown = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(
+        client.clone(),
+        written.clone(),
+        unknown.clone(),
+        stop.clone(),
+    );
+    let link = LinkDown::cut(&uid.clone().unwrap_or_default())?;
+    let t = Instant::now();
+    // While the link is down: a get of a key the node owns fails within the client's timeout.
+    let theirs = (0..KEYS)
+        .find(|i| client.node_for_key(&key(*i)).ok().as_deref() == Some(faulted.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("no key on {faulted}"))?;
+    let mut slowest_get = Duration::ZERO;
+    let mut failed_gets = 0;
+    while t.elapsed() < CUT_FOR {
+        let g = Instant::now();
+        failed_gets += usize::from(client.get(&key(theirs)).await.is_err());
+        slowest_get = slowest_get.max(g.elapsed());
+        // Samples the cut once a second (its length is the fault itself).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    drop(link);
+    let restored = Instant::now();
+    let zk = zk_client().await?;
+    let list = format!("/arcus/cache_list/{svc}");
+    wait_until(
+        Duration::from_secs(120),
+        "the node back in cache_list",
+        || async {
+            children(&zk, &list)
+                .await
+                .iter()
+                .any(|z| z.starts_with(&faulted))
+                .then_some(())
+        },
+    )
+    .await?;
+    let rejoined = restored.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = load.await?;
+    let p = cache_pod(ns, "cut-arcus-mc-2").await?;
+    let unknown = unknown.lock().unwrap().clone();
+    let r = read_back(&client, &written, &unknown, &faulted).await?;
+    let checked = r.hits + r.misses;
+    eprintln!(
+        "[chaos link] link down {:.1} s: {failed_gets} gets to the node failed, slowest {slowest_get:?}; \
+         node back in cache_list {:.1} s after the link (pod restarts {} → {}); load: {} writes, {} failed, slowest {:?}; \
+         read back {checked} keys: {} hits ({:.1}%), {} misses ({} of other nodes), {} stale",
+        CUT_FOR.as_secs_f64(),
+        rejoined.as_secs_f64(),
+        restarts_before,
+        restarts(&p),
+        report.ops,
+        report.errors,
+        report.slowest,
+        r.hits,
+        100.0 * r.hits as f64 / checked.max(1) as f64,
+        r.misses,
+        r.lost_elsewhere,
+        r.stale.len()
+    );
+    anyhow::ensure!(p.uid() == uid, "the pod was re-created");
+    anyhow::ensure!(failed_gets > 0, "no get failed while the node was cut off");
+    anyhow::ensure!(
+        slowest_get < Duration::from_secs(5) && report.slowest < Duration::from_secs(5),
+        "a request hung: get {slowest_get:?}, set {:?}",
+        report.slowest
+    );
+    anyhow::ensure!(
+        r.stale.is_empty(),
+        "keys read back an older value: {:?}",
+        r.stale
+    );
+    anyhow::ensure!(
+        r.lost_elsewhere == 0,
+        "{} keys of the other nodes were lost",
+        r.lost_elsewhere
+    );
+    Ok(())
+}

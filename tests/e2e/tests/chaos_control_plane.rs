@@ -1,0 +1,137 @@
+//! The control plane restarted in the middle of a migration: the sandbox's etcd and API server
+//! get SIGTERM and are started again (same command line) while a 3→5 scale-out copies 60,000
+//! keys. The operator's watches reconnect, the scale-out finishes, and every key reads back.
+//!
+//! One test, alone in its binary: the restart stops every other user of the API server (test
+//! binaries run one after another).
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use test_support::operator::restart_sandbox_daemon;
+use test_support::sandbox::{Sandbox, TestNamespace};
+use test_support::wait_until;
+
+const KEYS: usize = 60_000;
+
+fn key(i: usize) -> String {
+    format!("cp:{i}")
+}
+
+fn value(i: usize) -> String {
+    format!("value-{i:08}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_server_and_etcd_restarted_mid_migration_lose_nothing() -> anyhow::Result<()> {
+    with_namespace("cp", 1, |sandbox, ns| async move {
+        let r = run(sandbox, &ns).await;
+        (ns, r)
+    })
+    .await
+}
+
+/// `status.ready` of the resource once it reads `want` and no operation is recorded.
+async fn settled(crs: &Api<DynamicObject>, want: &str) -> Option<()> {
+    let cr = crs.get("cp").await.ok()?;
+    let status = &cr.data["status"];
+    (status["ready"] == want && status.get("operation").is_none_or(|o| o.is_null())).then_some(())
+}
+
+async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
+    let svc = service_code(ns);
+    let crs = mc_api(sandbox, ns);
+    let cr: DynamicObject = serde_json::from_value(cr_json("cp", &svc, 3))?;
+    crs.create(&PostParams::default(), &cr).await?;
+    wait_until(Duration::from_secs(180), "3/3 ready", || {
+        settled(&crs, "3/3")
+    })
+    .await?;
+    let client = ring_client(&svc, 3).await?;
+    load(&client, KEYS, |i| (key(i), value(i), 0, 0)).await?;
+
+    crs.patch(
+        "cp",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 5}})),
+    )
+    .await?;
+    let zk = zk_client().await?;
+    let claim = format!("/arcus/cache_list/{svc}");
+    wait_until(
+        Duration::from_secs(60),
+        "the scale-out recorded",
+        || async {
+            let (data, _) = zk.get_data(&claim).await.ok()?;
+            String::from_utf8_lossy(&data)
+                .contains("\"operation\"")
+                .then_some(())
+        },
+    )
+    .await?;
+
+    let down = Instant::now();
+    let etcd = restart_sandbox_daemon(&sandbox.dir, "etcd")?;
+    let apiserver = restart_sandbox_daemon(&sandbox.dir, "kube-apiserver")?;
+    let pods: Api<Pod> = ns.api();
+    wait_until(
+        Duration::from_secs(90),
+        "the API server answers again",
+        || async { pods.list(&ListParams::default()).await.ok().map(|_| ()) },
+    )
+    .await?;
+    let api_back = down.elapsed();
+    eprintln!(
+        "[control-plane] etcd (pid {etcd}) and kube-apiserver (pid {apiserver}) restarted mid-migration; the API answered again after {:.1} s",
+        api_back.as_secs_f64()
+    );
+
+    wait_until(
+        Duration::from_secs(300),
+        "5/5 ready, the scale-out done",
+        || settled(&crs, "5/5"),
+    )
+    .await?;
+    let converged = down.elapsed();
+    let status = crs.get("cp").await?.data["status"]["migration"].clone();
+    eprintln!(
+        "[control-plane] scale-out finished {:.1} s after the restart began; migration: {}",
+        converged.as_secs_f64(),
+        status["summary"]
+    );
+    wait_until(Duration::from_secs(30), "client ring of 5", || async {
+        (client.nodes().len() == 5).then_some(())
+    })
+    .await?;
+    let good = read_back(&client).await?;
+    eprintln!("[control-plane] {good} of {KEYS} keys read back");
+    anyhow::ensure!(good == KEYS, "{} keys lost", KEYS - good);
+    Ok(())
+}
+
+/// How many keys read their value, 64 in flight.
+async fn read_back(client: &Arc<arcus_client::ArcusClient>) -> anyhow::Result<usize> {
+    let results: Vec<anyhow::Result<bool>> = futures::stream::iter(0..KEYS)
+        .map(|i| {
+            let c = client.clone();
+            async move {
+                let got = get_retrying(&c, &key(i)).await?;
+                Ok(got.is_some_and(|g| g.value == value(i).as_bytes()))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut good = 0;
+    for r in results {
+        good += usize::from(r?);
+    }
+    Ok(good)
+}

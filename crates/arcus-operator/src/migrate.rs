@@ -32,7 +32,7 @@ use crate::leader::{Fenced, LeaderGate};
 use crate::migration::{
     Checkpoint, Migration, MigrationError, MigrationOptions, Phase, Progress, ScaleIn, ScaleOut,
 };
-use crate::operation::{Action, DrainPurpose, Outcome, Step};
+use crate::operation::{Action, DrainPurpose, Operation, Outcome, Step};
 use crate::zk::{Registry, ZkError};
 use crate::zk_plan::CacheZnode;
 use arcus_client::Ring;
@@ -206,11 +206,13 @@ pub trait Mover: Send + Sync {
         joining: &[String],
         label: &Label,
     ) -> impl Future<Output = Result<u64, MigrateError>> + Send;
-    /// Pass 1 into `joining`, held out of the ring.
+    /// Pass 1 into `joining`, held out of the ring. `keep_own`: what the nodes hold already is
+    /// theirs (healed nodes that kept serving) and pass 2 keeps it ([`Checkpoint::kept`]).
     fn fill(
         &self,
         before: &[String],
         joining: &[String],
+        keep_own: bool,
         label: &Label,
     ) -> impl Future<Output = Result<Checkpoint, MigrateError>> + Send;
     /// Pass 2 (twice) after `joining` was let in.
@@ -387,7 +389,11 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             }
             Action::FillHeldOut { before, held, .. } => {
                 let joining = addrs(held);
-                let cp = mover.fill(before, &joining, label).await?;
+                // A restart's node comes back empty; a healed one that kept serving out of
+                // cache_list (its session expired, zkfailstop off) still holds its items, which
+                // only it has: pass 2 must not take them for copies of deleted items.
+                let keep_own = matches!(step.operation, Some(Operation::Restart { .. }));
+                let cp = mover.fill(before, &joining, keep_own, label).await?;
                 match self.rejoin_all(held).await {
                     Err(MigrateError::Rejoin { node, source }) => {
                         return self.restart_instead(step, node, source).await;
@@ -683,6 +689,7 @@ impl Mover for CacheMover {
         &self,
         before: &[String],
         joining: &[String],
+        keep_own: bool,
         label: &Label,
     ) -> Result<Checkpoint, MigrateError> {
         let (before, joining, label) = (owned(before), owned(joining), label.clone());
@@ -691,9 +698,17 @@ impl Mover for CacheMover {
             // holds as ours to overwrite.
             tokio::time::sleep(CLIENTS_FOLLOW).await;
             let mut job = ScaleOut::new(Ring::new(before), &joining, MigrationOptions::default())?;
+            let mut kept = BTreeMap::new();
+            if keep_own {
+                for n in &joining {
+                    kept.insert(n.clone(), job.migration().watermark(n).await?.cas);
+                }
+            }
             let _follow = r.follow(&label, job.progress());
-            tracing::info!(?joining, "pass 1 into the node out of the ring");
-            Ok(job.pass1().await?)
+            tracing::info!(?joining, keep_own, "pass 1 into the node out of the ring");
+            let mut cp = job.pass1().await?;
+            cp.kept = kept;
+            Ok(cp)
         })
         .await
     }
@@ -867,6 +882,7 @@ async fn pass2_twice(
         sources,
         targets: cp.targets.clone(),
         complete: early.items_failed == 0,
+        kept: cp.kept.clone(),
     };
     tokio::time::sleep(CLIENTS_FOLLOW).await;
     let second = crate::migration::Migration::new(

@@ -414,6 +414,7 @@ impl Mover for Fake {
         &self,
         before: &[String],
         joining: &[String],
+        _keep_own: bool,
         _label: &Label,
     ) -> Result<Checkpoint, MigrateError> {
         let mut m = self.alive()?;

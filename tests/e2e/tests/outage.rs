@@ -3,9 +3,12 @@
 //! `zkFailstop: false` (the default) no pod restarts, every key reads back, and every node is
 //! back in `cache_list` within 30 s of ZooKeeper's return.
 //!
-//! One test, alone in its binary: the outage stops every other user of the sandbox's ZooKeeper
-//! (test binaries run one after another). ZooKeeper is resumed on every exit path
-//! (`StoppedProcess` sends SIGCONT when dropped).
+//! The same outage in the middle of a 3→5 scale-out and of the 5→3 scale-in after it: both
+//! finish once ZooKeeper is back, and every key reads back.
+//!
+//! Alone in their binary, and one at a time (`OUTAGES`): an outage stops every other user of
+//! the sandbox's ZooKeeper (test binaries run one after another). ZooKeeper is resumed on every
+//! exit path (`StoppedProcess` sends SIGCONT when dropped).
 
 mod common;
 
@@ -35,8 +38,12 @@ fn value(i: usize) -> String {
     format!("value-{i:08}")
 }
 
+/// One outage at a time (the tests of a binary run in parallel threads).
+static OUTAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread")]
 async fn zookeeper_stopped_60s_loses_no_key_and_restarts_no_pod() -> anyhow::Result<()> {
+    let _one = OUTAGES.lock().await;
     with_namespace("outage", 1, |sandbox, ns| async move {
         let r = run(sandbox, &ns).await;
         (ns, r)
@@ -228,5 +235,124 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let good = read_back(&client).await?;
     eprintln!("[outage] {good} of {KEYS} keys read back");
     anyhow::ensure!(good == KEYS, "{} keys lost to the outage", KEYS - good);
+    Ok(())
+}
+
+/// The sandbox's ZooKeeper, SIGSTOPped (resumed when the guard is dropped or resumed).
+fn stop_zookeeper(sandbox: &Sandbox) -> anyhow::Result<StoppedProcess> {
+    let pid_file = sandbox.dir.join("pids/zookeeper.pid");
+    let zk_pid: i32 = std::fs::read_to_string(&pid_file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", pid_file.display()))?
+        .trim()
+        .parse()?;
+    StoppedProcess::stop(zk_pid)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zookeeper_stopped_60s_in_the_middle_of_a_scale_out_and_a_scale_in() -> anyhow::Result<()> {
+    let _one = OUTAGES.lock().await;
+    with_namespace("outscale", 1, |sandbox, ns| async move {
+        let r = during_scales(sandbox, &ns).await;
+        (ns, r)
+    })
+    .await
+}
+
+/// `status.ready` reads `want` and no operation is recorded.
+async fn settled(crs: &Api<DynamicObject>, want: &str) -> Option<()> {
+    let cr = crs.get("zs").await.ok()?;
+    let status = &cr.data["status"];
+    (status["ready"] == want && status.get("operation").is_none_or(|o| o.is_null())).then_some(())
+}
+
+async fn during_scales(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
+    const SCALE_KEYS: usize = 30_000;
+    let svc = service_code(ns);
+    let crs = mc_api(sandbox, ns);
+    let cr: DynamicObject = serde_json::from_value(cr_json("zs", &svc, 3))?;
+    crs.create(&PostParams::default(), &cr).await?;
+    wait_until(Duration::from_secs(180), "3/3 ready", || {
+        settled(&crs, "3/3")
+    })
+    .await?;
+    let client = ring_client(&svc, 3).await?;
+    load(&client, SCALE_KEYS, |i| (key(i), value(i), 0, 0)).await?;
+    let claim = format!("/arcus/cache_list/{svc}");
+    for (from, to) in [(3, 5), (5, 3)] {
+        // A session of its own per phase: the last one expired in the outage.
+        let zk = zk_client().await?;
+        crs.patch(
+            "zs",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": to}})),
+        )
+        .await?;
+        wait_until(Duration::from_secs(60), "the scale recorded", || async {
+            let (data, _) = zk.get_data(&claim).await.ok()?;
+            String::from_utf8_lossy(&data)
+                .contains("\"operation\"")
+                .then_some(())
+        })
+        .await?;
+        let stopped = stop_zookeeper(sandbox)?;
+        let t = Instant::now();
+        let mut said: Option<String> = None;
+        while t.elapsed() < OUTAGE {
+            if let Ok(cr) = crs.get("zs").await {
+                let conditions = cr.data["status"]["conditions"].as_array().cloned();
+                if let Some(c) = conditions
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|c| c["type"] == "Degraded" && c["reason"] == "ZooKeeperUnreachable")
+                {
+                    said = c["message"].as_str().map(str::to_string);
+                }
+            }
+            // Samples the status over the outage (the outage's length is the fault itself).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        stopped.resume()?;
+        let back = Instant::now();
+        anyhow::ensure!(
+            said.is_some(),
+            "{from}→{to}: status never said ZooKeeper was unreachable"
+        );
+        let want = format!("{to}/{to}");
+        wait_until(
+            Duration::from_secs(300),
+            &format!("{from}→{to} finished after the outage"),
+            || settled(&crs, &want),
+        )
+        .await?;
+        let finished = back.elapsed();
+        let zk = zk_client().await?;
+        let list = format!("/arcus/cache_list/{svc}");
+        let ring = wait_until(Duration::from_secs(60), "the client's ring", || async {
+            (client.nodes().len() == to && children(&zk, &list).await.len() == to).then_some(())
+        })
+        .await;
+        if let Err(e) = ring {
+            anyhow::bail!(
+                "{from}→{to}: {e}: the client has {:?} (session {:?}), cache_list has {:?}",
+                client.nodes(),
+                client.zk_session_id(),
+                children(&zk, &list).await
+            );
+        }
+        let mut good = 0;
+        for i in 0..SCALE_KEYS {
+            let got = get_retrying(&client, &key(i)).await?;
+            good += usize::from(got.is_some_and(|g| g.value == value(i).as_bytes()));
+        }
+        eprintln!(
+            "[outage] {from}→{to}: ZooKeeper stopped 60 s mid-scale; status said {said:?}; finished {:.1} s after it came back; {good} of {SCALE_KEYS} keys read back",
+            finished.as_secs_f64()
+        );
+        anyhow::ensure!(
+            good == SCALE_KEYS,
+            "{from}→{to}: {} keys lost",
+            SCALE_KEYS - good
+        );
+    }
     Ok(())
 }

@@ -209,6 +209,12 @@ pub struct Checkpoint {
     pub targets: BTreeMap<String, NodeMark>,
     /// Every key pass 1 listed was copied (no per-key failure).
     pub complete: bool,
+    /// Per target, its CAS before pass 1 began, when the target's own items are to be kept: a
+    /// healed node that kept serving while it was out of `cache_list` (its session expired with
+    /// zkfailstop off). Pass 2 does not take an item at or below it for a copy of ours: the
+    /// sweep keeps it. Empty: every item on a target is ours to judge (a new or restarted node).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kept: BTreeMap<String, u64>,
 }
 
 /// A migration between two rings. See the module docs for the sequence.
@@ -778,6 +784,7 @@ impl Migration {
             sources: marks,
             targets,
             complete: !failed,
+            kept: BTreeMap::new(),
         })
     }
 
@@ -1048,7 +1055,7 @@ impl Migration {
             self.targets
                 .iter()
                 .filter(|t| wm_target[*t] != 0 && !cleaning)
-                .map(|t| self.pass2_sweep(t, wm_target[t])),
+                .map(|t| self.pass2_sweep(t, wm_target[t], cp.kept.get(t).copied().unwrap_or(0))),
         )
         .await;
         for r in sweeps {
@@ -1078,12 +1085,18 @@ impl Migration {
     /// (`cas <= W_T`), and gone from that source, is compare-and-deleted. Runs before the
     /// sources' pass, whose scale-out cleanup deletes moved items from their sources: after
     /// that, "gone from the source" would no longer mean "deleted by a client".
-    async fn pass2_sweep(&self, target: &str, w_t: u64) -> Result<()> {
+    ///
+    /// `kept`: items at or below it were the target's own before pass 1 (see
+    /// [`Checkpoint::kept`]), not copies: they stay.
+    async fn pass2_sweep(&self, target: &str, w_t: u64, kept: u64) -> Result<()> {
         let plan_chunk = |chunk: Vec<KeyInfo>| {
             let mut per_source: BTreeMap<&str, Vec<String>> = BTreeMap::new();
             for k in chunk {
                 if k.cas.is_some_and(|c| c > w_t) {
                     continue; // a client's write after the change
+                }
+                if k.cas.is_some_and(|c| c <= kept) {
+                    continue; // the node's own item from before pass 1
                 }
                 let h = self.opts.hashing.hash(&k.key);
                 if self.after.node_for_hash(h) != Some(target) {
@@ -1106,7 +1119,7 @@ impl Migration {
         };
         self.stream_jobs(target, plan_chunk, |(source, keys)| async move {
             self.retry("pass 2 deletions", || {
-                self.pass2_gone_batch(&source, target, &keys, w_t)
+                self.pass2_gone_batch(&source, target, &keys, w_t, kept)
             })
             .await?;
             Ok((0, false))
@@ -1421,6 +1434,7 @@ impl Migration {
         target: &str,
         keys: &[String],
         w_t: u64,
+        kept: u64,
     ) -> arcus_client::Result<()> {
         let names: Vec<&str> = keys.iter().map(String::as_str).collect();
         let s_items = self.gets(source, &names).await?;
@@ -1447,6 +1461,7 @@ impl Migration {
                 same_as_source: false,
             });
             match rules::decide(None, tt, Copied::Unknown, wm) {
+                Decision::Delete { expect } if expect <= kept => t.unchanged += 1,
                 Decision::Delete { expect } => ops.push(compare_and_delete(k, expect)),
                 Decision::KeepNewer => t.newer += 1,
                 _ => t.gone += 1,

@@ -19,7 +19,8 @@ use test_support::sandbox::{Sandbox, TestNamespace};
 use test_support::wait_until;
 
 const KEYS: usize = 30_000;
-/// Bound of the background load: at most this many writes, for at most `LOAD_FOR`.
+/// Bound of the background load (about 500 writes/s): at most this many writes, for at most
+/// `LOAD_FOR`.
 const LOAD_OPS: usize = 20_000;
 const LOAD_FOR: Duration = Duration::from_secs(120);
 
@@ -55,6 +56,10 @@ fn start_load(
         for n in 0..LOAD_OPS {
             if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > LOAD_FOR {
                 break;
+            }
+            if n % 50 == 49 {
+                // Paces the load at about 500 writes/s, so it spans the fault.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let i = (n * 7_919) % KEYS;
             let v = format!("w-{n}-{i}");

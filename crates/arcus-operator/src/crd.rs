@@ -515,7 +515,7 @@ impl PullPolicy {
 pub struct ZookeeperAuth {
     /// A Secret in the resource's namespace with the keys `username` and `password` (the
     /// `kubernetes.io/basic-auth` layout). The operator may read only the Secrets its RBAC names
-    /// (Helm value `zookeeperAuth.secretNames`; `deploy/operator.yaml`: `arcus-zookeeper-auth`).
+    /// (Helm value `zookeeperAuth.secretNames`; `deploy/rbac.yaml`: `arcus-zookeeper-auth`).
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
 }

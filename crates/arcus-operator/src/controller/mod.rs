@@ -184,12 +184,13 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
             report_zookeeper_down(cr, ctx, &ensemble).await;
             return Err(Error::ZooKeeper(e));
         }
-        // Our claim's operation record is unreadable (edited by hand, or garbage): nothing is
-        // changed until it is fixed; status says where and what.
+        // spec.zookeeperAuth's Secret cannot be used: status says why.
         Err(e @ Error::ZookeeperAuth { .. }) => {
             report_degraded(cr, ctx, "ZooKeeperAuthUnavailable", e.to_string()).await;
             return Err(e);
         }
+        // Our claim's operation record is unreadable (edited by hand, or garbage): nothing is
+        // changed until it is fixed; status says where and what.
         Err(Error::ZooKeeper(e @ ZkError::Record { .. })) => {
             let message = format!("{e}; nothing is changed until then");
             report_degraded(cr, ctx, "OperationRecordInvalid", message).await;

@@ -183,7 +183,7 @@ async fn zookeeper_auth(ctx: &Context, ns: &str, secret: &str) -> Result<ZkAuth,
         Ok(found) => found,
         Err(kube::Error::Api(e)) if e.code == 403 => {
             return Err(unusable(
-                "the operator may not read it: name it in the Helm value zookeeperAuth.secretNames (deploy/operator.yaml allows arcus-zookeeper-auth only)".into(),
+                "the operator may not read it: name it in the Helm value zookeeperAuth.secretNames (deploy/rbac.yaml allows arcus-zookeeper-auth only)".into(),
             ))
         }
         Err(source) => {

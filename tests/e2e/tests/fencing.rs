@@ -522,44 +522,16 @@ async fn leader_stopped_during_scale_in_writes_nothing_after_it_wakes() -> anyho
                 );
 
                 // Wake the old leader: it must find it lost the lease and exit, writing nothing.
-                stopped.resume()?;
-                let resumed = Instant::now();
-                wait_until(
-                    Duration::from_secs(60),
-                    &format!("the resumed old leader (pid {pid}) to exit"),
-                    || async { process.exited().then_some(()) },
+                let (after, writes) = wake_the_old_leader(
+                    stopped,
+                    WokenLeader { pod: &old, pid, restarts_before },
+                    &zk,
+                    &crs,
+                    &ns,
+                    (name, &svc),
+                    &before,
                 )
                 .await?;
-                eprintln!("the old leader exited {:?} after SIGCONT", resumed.elapsed());
-                let pods: Api<Pod> = ns.api();
-                wait_until(
-                    Duration::from_secs(90),
-                    &format!("the operator container of {old} restarted and running"),
-                    || async {
-                        let p = pods.get(&old).await.ok()?;
-                        let new_pid = container_pid(&p)?;
-                        (restart_count(&p) > restarts_before
-                            && new_pid != pid
-                            && ProcessId::of(new_pid).is_some())
-                        .then_some(())
-                    },
-                )
-                .await?;
-                let after = Snapshot::take(&zk, &crs, &ns, name, &svc).await?;
-                let writes = Writes::between(&before, &after);
-                eprintln!(
-                    "writes after the old leader woke: {}{}",
-                    writes.summary(),
-                    if writes.none() {
-                        String::new()
-                    } else {
-                        format!("\n  {}", writes.details())
-                    }
-                );
-                eprintln!(
-                    "(pod Events, the node agent's, not compared: {} → {})",
-                    before.pod_events, after.pod_events
-                );
                 let migration = after.status["migration"].clone();
                 eprintln!("status.migration at the end: {migration}");
 
@@ -591,6 +563,210 @@ async fn leader_stopped_during_scale_in_writes_nothing_after_it_wakes() -> anyho
         },
     )
     .await
+}
+
+/// The stopped ex-leader, as it was before the stop.
+struct WokenLeader<'a> {
+    pod: &'a str,
+    pid: i32,
+    restarts_before: i32,
+}
+
+/// SIGCONTs the stopped old leader, waits (bounded) until it exits and its container is running
+/// again, and returns the snapshot then with the writes made since `before` (by anyone: the
+/// caller asserts there are none).
+async fn wake_the_old_leader(
+    stopped: StoppedProcess,
+    old: WokenLeader<'_>,
+    zk: &zk::Client,
+    crs: &Api<DynamicObject>,
+    ns: &TestNamespace,
+    (name, svc): (&str, &str),
+    before: &Snapshot,
+) -> anyhow::Result<(Snapshot, Writes)> {
+    let (pid, process) = (old.pid, stopped.process());
+    stopped.resume()?;
+    let resumed = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        &format!("the resumed old leader (pid {pid}) to exit"),
+        || async { process.exited().then_some(()) },
+    )
+    .await?;
+    eprintln!(
+        "the old leader exited {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+    let pods: Api<Pod> = ns.api();
+    wait_until(
+        Duration::from_secs(90),
+        &format!(
+            "the operator container of {} restarted and running",
+            old.pod
+        ),
+        || async {
+            let p = pods.get(old.pod).await.ok()?;
+            let new_pid = container_pid(&p)?;
+            (restart_count(&p) > old.restarts_before
+                && new_pid != pid
+                && ProcessId::of(new_pid).is_some())
+            .then_some(())
+        },
+    )
+    .await?;
+    let after = Snapshot::take(zk, crs, ns, name, svc).await?;
+    let writes = Writes::between(before, &after);
+    eprintln!(
+        "writes after the old leader woke: {}{}",
+        writes.summary(),
+        if writes.none() {
+            String::new()
+        } else {
+            format!("\n  {}", writes.details())
+        }
+    );
+    eprintln!(
+        "(pod Events, the node agent's, not compared: {} → {})",
+        before.pod_events, after.pod_events
+    );
+    Ok((after, writes))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_stopped_during_a_rolling_restart_writes_nothing_after_it_wakes(
+) -> anyhow::Result<()> {
+    with_namespace_customized(
+        "fence-roll",
+        2,
+        without_liveness_probe,
+        |sandbox, ns| async move {
+            let r = roll_with_the_leader_stopped(sandbox, &ns).await;
+            (ns, r)
+        },
+    )
+    .await
+}
+
+/// A cache-aware rolling restart of 3 nodes (spec.configuration.threads changed) with the
+/// leader SIGSTOPped as soon as the first node's restart is recorded: the stand-by finishes the
+/// roll, the old leader wakes, exits and writes nothing, and no key is lost or reverted.
+async fn roll_with_the_leader_stopped(
+    sandbox: &'static test_support::sandbox::Sandbox,
+    ns: &TestNamespace,
+) -> anyhow::Result<()> {
+    const KEYS: usize = 30_000;
+    let zk = zk_client().await?;
+    let svc = service_code(ns);
+    let crs = mc_api(sandbox, ns);
+    let name = "fr";
+    crs.create(&PostParams::default(), &cr(name, &svc, 3))
+        .await?;
+    wait_ready(&crs, name, "3/3", 240).await?;
+    let client = ring_client(&svc, 3).await?;
+    load(&client, KEYS, |i| (format!("r:{i}"), format!("v{i}"), 0, 0)).await?;
+    let leader = wait_until(Duration::from_secs(30), "a leader", || async {
+        leader_pod(ns).await.ok().flatten()
+    })
+    .await?;
+    let old = leader.name_any();
+    let pid = container_pid(&leader)
+        .ok_or_else(|| anyhow::anyhow!("the leader pod {old} reports no PID"))?;
+    let restarts_before = restart_count(&leader);
+
+    crs.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"configuration": {"threads": 3}}})),
+    )
+    .await?;
+    let seen = wait_until(Duration::from_secs(60), "the roll's first restart recorded", || async {
+        match Claim::read(&zk, &svc).await.ok()? {
+            c @ Claim::Operation { .. } if matches!(&c, Claim::Operation { kind, .. } if kind == "restart") => Some(c),
+            _ => None,
+        }
+    })
+    .await?;
+    let stopped = StoppedProcess::stop(pid)?;
+    let process = stopped.process();
+    eprintln!("SIGSTOPped the leader {old} (pid {pid}) at {seen:?}");
+    let stopped_at = Instant::now();
+    let new_leader = new_leader(ns, &old, 60).await?;
+    eprintln!(
+        "takeover by {} {:?} after the stop",
+        new_leader.name_any(),
+        stopped_at.elapsed()
+    );
+
+    let sts: Api<StatefulSet> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let sts_name = format!("{name}-arcus-mc");
+    wait_until(
+        Duration::from_secs(300),
+        "the stand-by finished the roll",
+        || async {
+            let s = sts.get(&sts_name).await.ok()?;
+            let want = s
+                .spec?
+                .template
+                .metadata?
+                .annotations?
+                .get(arcus_operator::day2::RESTART_HASH)?
+                .clone();
+            let list = pods
+                .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}")))
+                .await
+                .ok()?;
+            let rolled = list.items.len() == 3
+                && list.items.iter().all(|p| {
+                    p.annotations().get(arcus_operator::day2::RESTART_HASH) == Some(&want)
+                        && pod_ready(p)
+                });
+            let status = status_of(&crs.get(name).await.ok()?);
+            let idle = Claim::read(&zk, &svc).await.ok()? == Claim::Idle
+                && status.get("operation").is_none_or(|o| o.is_null())
+                && status["ready"] == "3/3";
+            (rolled && idle && client.nodes().len() == 3).then_some(())
+        },
+    )
+    .await?;
+    eprintln!(
+        "the stand-by finished the roll {:?} after the stop",
+        stopped_at.elapsed()
+    );
+    let before = quiet_snapshot(&zk, &crs, ns, name, &svc).await?;
+    anyhow::ensure!(
+        process.state() == Some('T'),
+        "the old leader (pid {pid}) is not stopped any more (state {:?})",
+        process.state()
+    );
+    let (_, writes) = wake_the_old_leader(
+        stopped,
+        WokenLeader {
+            pod: &old,
+            pid,
+            restarts_before,
+        },
+        &zk,
+        &crs,
+        ns,
+        (name, &svc),
+        &before,
+    )
+    .await?;
+    let mut wrong = 0;
+    for i in 0..KEYS {
+        let got = get_retrying(&client, &format!("r:{i}")).await?;
+        wrong += usize::from(got.map(|g| g.value) != Some(format!("v{i}").into_bytes()));
+    }
+    eprintln!("{wrong} of {KEYS} keys lost or changed");
+    anyhow::ensure!(
+        writes.none(),
+        "the old leader wrote after it woke: {}\n  {}",
+        writes.summary(),
+        writes.details()
+    );
+    anyhow::ensure!(wrong == 0, "{wrong} keys lost or changed by the roll");
+    Ok(())
 }
 
 /// Waits (bounded) for the drain of `host` to end in the claim znode, watching it, and

@@ -11,7 +11,6 @@ use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DynamicObject, PostParams};
 use kube::ResourceExt;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use test_support::operator::container_pid;
@@ -19,68 +18,9 @@ use test_support::sandbox::{Sandbox, TestNamespace};
 use test_support::wait_until;
 
 const KEYS: usize = 30_000;
-/// Bound of the background load (about 500 writes/s): at most this many writes, for at most
-/// `LOAD_FOR`.
-const LOAD_OPS: usize = 20_000;
-const LOAD_FOR: Duration = Duration::from_secs(120);
 
 fn key(i: usize) -> String {
     format!("chaos:{i}")
-}
-
-/// What the load wrote last, per key index (absent: the loaded value).
-type Written = Arc<Mutex<HashMap<usize, String>>>;
-
-struct LoadReport {
-    ops: usize,
-    errors: usize,
-    slowest: Duration,
-}
-
-/// Writes keys in a fixed stride until `stop` is set, `LOAD_OPS` are done or `LOAD_FOR` passed;
-/// records each acknowledged value (a failed set may or may not have landed: its key is then
-/// unknown and left out of the checks).
-fn start_load(
-    client: Arc<arcus_client::ArcusClient>,
-    written: Written,
-    unknown: Arc<Mutex<Vec<usize>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<LoadReport> {
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut report = LoadReport {
-            ops: 0,
-            errors: 0,
-            slowest: Duration::ZERO,
-        };
-        for n in 0..LOAD_OPS {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > LOAD_FOR {
-                break;
-            }
-            if n % 50 == 49 {
-                // Paces the load at about 500 writes/s, so it spans the fault.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let i = (n * 7_919) % KEYS;
-            let v = format!("w-{n}-{i}");
-            let t = Instant::now();
-            let r = client.set(&key(i), v.clone(), 0, 0).await;
-            report.slowest = report.slowest.max(t.elapsed());
-            report.ops += 1;
-            match r {
-                Ok(_) => {
-                    written.lock().unwrap().insert(i, v);
-                }
-                Err(_) => {
-                    report.errors += 1;
-                    unknown.lock().unwrap().push(i);
-                    // Paces the writes while a node is unreachable (each failure is one timeout).
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-        report
-    })
 }
 
 struct Readback {
@@ -183,6 +123,8 @@ async fn sigkill(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = start_load(
         client.clone(),
+        KEYS,
+        key,
         written.clone(),
         unknown.clone(),
         stop.clone(),
@@ -313,6 +255,8 @@ async fn cut(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = start_load(
         client.clone(),
+        KEYS,
+        key,
         written.clone(),
         unknown.clone(),
         stop.clone(),

@@ -151,6 +151,20 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
         // Paces the sampling over the outage (the outage's length is the fault itself).
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    // A writer across ZooKeeper's return: what clients see while the ring empties and the
+    // nodes rejoin (failed writes; writes landing on a node that does not own the key, which
+    // the operator moves to the owner), and afterwards every acknowledged write must read back.
+    let written: Written = Arc::default();
+    let unknown = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = start_load(
+        client.clone(),
+        WRITER_KEYS,
+        writer_key,
+        written.clone(),
+        unknown.clone(),
+        stop.clone(),
+    );
     stopped.resume()?;
     let back = Instant::now();
     let resumed_at = k8s_openapi::jiff::Timestamp::now();
@@ -232,10 +246,40 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
             "in a new session"
         }
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = writer.await?;
+    let written = written.lock().unwrap().clone();
+    let unknown = unknown.lock().unwrap().clone();
+    let mut stale = Vec::new();
+    for (i, want) in &written {
+        if unknown.contains(i) {
+            continue;
+        }
+        let got = get_retrying(&client, &writer_key(*i)).await?;
+        if got.as_ref().map(|g| g.value.as_slice()) != Some(want.as_bytes()) {
+            stale.push(writer_key(*i));
+        }
+    }
+    eprintln!(
+        "[outage] writer across ZooKeeper's return: {} writes, {} failed (slowest {:?}); {} keys written, {} read back another value",
+        report.ops,
+        report.errors,
+        report.slowest,
+        written.len(),
+        stale.len()
+    );
+    anyhow::ensure!(stale.is_empty(), "writes lost or reverted: {stale:?}");
     let good = read_back(&client).await?;
     eprintln!("[outage] {good} of {KEYS} keys read back");
     anyhow::ensure!(good == KEYS, "{} keys lost to the outage", KEYS - good);
     Ok(())
+}
+
+/// The writer's keys (apart from the loaded ones).
+const WRITER_KEYS: usize = 10_000;
+
+fn writer_key(i: usize) -> String {
+    format!("outage-w:{i}")
 }
 
 /// The sandbox's ZooKeeper, SIGSTOPped (resumed when the guard is dropped or resumed).

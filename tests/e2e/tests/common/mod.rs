@@ -10,9 +10,9 @@ use kube::api::{
 };
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use test_support::operator::{deploy_operator_with, undeploy_operator};
 use test_support::sandbox::{Sandbox, TestNamespace, ZOOKEEPER};
 use test_support::wait_until;
@@ -259,4 +259,67 @@ pub fn node_stats(ip: &str) -> anyhow::Result<BTreeMap<String, String>> {
         }
     }
     Ok(out)
+}
+
+/// What the load wrote last, per key index (absent: the loaded value).
+pub type Written = Arc<Mutex<HashMap<usize, String>>>;
+
+pub struct LoadReport {
+    pub ops: usize,
+    pub errors: usize,
+    pub slowest: Duration,
+}
+
+/// Bound of a background load (about 500 writes/s): at most this many writes, for at most
+/// `LOAD_FOR`.
+pub const LOAD_OPS: usize = 20_000;
+pub const LOAD_FOR: Duration = Duration::from_secs(120);
+
+/// Writes `key(i)` for `i < keys` in a fixed stride until `stop` is set, `LOAD_OPS` are done or
+/// `LOAD_FOR` passed;
+/// records each acknowledged value (a failed set may or may not have landed: its key is then
+/// unknown and left out of the checks).
+pub fn start_load(
+    client: Arc<arcus_client::ArcusClient>,
+    keys: usize,
+    key: fn(usize) -> String,
+    written: Written,
+    unknown: Arc<Mutex<Vec<usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut report = LoadReport {
+            ops: 0,
+            errors: 0,
+            slowest: Duration::ZERO,
+        };
+        for n in 0..LOAD_OPS {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > LOAD_FOR {
+                break;
+            }
+            if n % 50 == 49 {
+                // Paces the load at about 500 writes/s, so it spans the fault.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let i = (n * 7_919) % keys;
+            let v = format!("w-{n}-{i}");
+            let t = Instant::now();
+            let r = client.set(&key(i), v.clone(), 0, 0).await;
+            report.slowest = report.slowest.max(t.elapsed());
+            report.ops += 1;
+            match r {
+                Ok(_) => {
+                    written.lock().unwrap().insert(i, v);
+                }
+                Err(_) => {
+                    report.errors += 1;
+                    unknown.lock().unwrap().push(i);
+                    // Paces the writes while a node is unreachable (each failure is one timeout).
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        report
+    })
 }

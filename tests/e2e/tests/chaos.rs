@@ -11,7 +11,7 @@ use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DynamicObject, PostParams};
 use kube::ResourceExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use test_support::operator::container_pid;
 use test_support::sandbox::{Sandbox, TestNamespace};
@@ -34,11 +34,10 @@ struct Readback {
 
 async fn read_back(
     client: &arcus_client::ArcusClient,
-    written: &Written,
-    unknown: &[usize],
+    load: &LoadReport,
     faulted: &str,
 ) -> anyhow::Result<Readback> {
-    let written = written.lock().unwrap().clone();
+    let (written, unknown) = (&load.written, &load.unknown);
     let mut r = Readback {
         hits: 0,
         misses: 0,
@@ -67,6 +66,30 @@ async fn read_back(
 
 async fn cache_pod(ns: &TestNamespace, name: &str) -> anyhow::Result<Pod> {
     Ok(ns.api::<Pod>().get(name).await?)
+}
+
+/// The node a fault hits, as it was before.
+struct Victim {
+    pod: Pod,
+    /// `<pod IP>:11211`: its address in the ring.
+    addr: String,
+    uid: Option<String>,
+    restarts: i32,
+}
+
+async fn victim(ns: &TestNamespace, name: &str) -> anyhow::Result<Victim> {
+    let pod = cache_pod(ns, name).await?;
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| anyhow::anyhow!("{name} has no IP"))?;
+    Ok(Victim {
+        addr: format!("{ip}:11211"),
+        uid: pod.uid(),
+        restarts: restarts(&pod),
+        pod,
+    })
 }
 
 fn restarts(p: &Pod) -> i32 {
@@ -108,27 +131,14 @@ async fn a_cache_node_sigkilled_under_load_comes_back_and_misses_only_its_keys(
 
 async fn sigkill(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let (svc, client) = three_loaded_nodes(sandbox, ns, "kill").await?;
-    let victim = cache_pod(ns, "kill-arcus-mc-1").await?;
-    let ip = victim
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .ok_or_else(|| anyhow::anyhow!("kill-arcus-mc-1 has no IP"))?;
-    let faulted = format!("{ip}:11211");
-    let (uid, restarts_before) = (victim.uid(), restarts(&victim));
-    let pid = container_pid(&victim).ok_or_else(|| anyhow::anyhow!("no container PID"))?;
-
-    let written: Written = Arc::default();
-    let unknown = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = start_load(
-        client.clone(),
-        KEYS,
-        key,
-        written.clone(),
-        unknown.clone(),
-        stop.clone(),
-    );
+    let Victim {
+        pod,
+        addr: faulted,
+        uid,
+        restarts: restarts_before,
+    } = victim(ns, "kill-arcus-mc-1").await?;
+    let pid = container_pid(&pod).ok_or_else(|| anyhow::anyhow!("no container PID"))?;
+    let load = BackgroundWriter::start(client.clone(), KEYS, key);
     // Paces the fault into the load (its moment is the fault itself, not a condition).
     tokio::time::sleep(Duration::from_secs(2)).await;
     test_support::operator::signal_process(pid, "KILL")?;
@@ -151,16 +161,14 @@ async fn sigkill(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     )
     .await?;
     let back_after = killed.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let report = load.await?;
+    let report = load.finish().await?;
     let p = cache_pod(ns, "kill-arcus-mc-1").await?;
     anyhow::ensure!(
         p.uid() == uid,
         "the pod was re-created instead of restarted in place"
     );
 
-    let unknown = unknown.lock().unwrap().clone();
-    let r = read_back(&client, &written, &unknown, &faulted).await?;
+    let r = read_back(&client, &report, &faulted).await?;
     let checked = r.hits + r.misses;
     eprintln!(
         "[chaos sigkill] node back in cache_list {:.1} s after SIGKILL; load: {} writes, {} failed, slowest {:?}; \
@@ -242,25 +250,13 @@ async fn a_cache_node_cut_off_30s_times_out_clients_and_rejoins() -> anyhow::Res
 
 async fn cut(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let (svc, client) = three_loaded_nodes(sandbox, ns, "cut").await?;
-    let victim = cache_pod(ns, "cut-arcus-mc-2").await?;
-    let ip = victim
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .ok_or_else(|| anyhow::anyhow!("cut-arcus-mc-2 has no IP"))?;
-    let faulted = format!("{ip}:11211");
-    let (uid, restarts_before) = (victim.uid(), restarts(&victim));
-    let written: Written = Arc::default();
-    let unknown = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = start_load(
-        client.clone(),
-        KEYS,
-        key,
-        written.clone(),
-        unknown.clone(),
-        stop.clone(),
-    );
+    let Victim {
+        addr: faulted,
+        uid,
+        restarts: restarts_before,
+        ..
+    } = victim(ns, "cut-arcus-mc-2").await?;
+    let load = BackgroundWriter::start(client.clone(), KEYS, key);
     let link = LinkDown::cut(&uid.clone().unwrap_or_default())?;
     let t = Instant::now();
     // While the link is down: a get of a key the node owns fails within the client's timeout.
@@ -293,11 +289,9 @@ async fn cut(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     )
     .await?;
     let rejoined = restored.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let report = load.await?;
+    let report = load.finish().await?;
     let p = cache_pod(ns, "cut-arcus-mc-2").await?;
-    let unknown = unknown.lock().unwrap().clone();
-    let r = read_back(&client, &written, &unknown, &faulted).await?;
+    let r = read_back(&client, &report, &faulted).await?;
     let checked = r.hits + r.misses;
     eprintln!(
         "[chaos link] link down {:.1} s: {failed_gets} gets to the node failed, slowest {slowest_get:?}; \

@@ -8,12 +8,10 @@
 mod common;
 
 use common::*;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use test_support::operator::restart_sandbox_daemon;
 use test_support::sandbox::{Sandbox, TestNamespace};
@@ -110,28 +108,8 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
         (client.nodes().len() == 5).then_some(())
     })
     .await?;
-    let good = read_back(&client).await?;
+    let good = read_back_all(&client, KEYS, key, value).await?;
     eprintln!("[control-plane] {good} of {KEYS} keys read back");
     anyhow::ensure!(good == KEYS, "{} keys lost", KEYS - good);
     Ok(())
-}
-
-/// How many keys read their value, 64 in flight.
-async fn read_back(client: &Arc<arcus_client::ArcusClient>) -> anyhow::Result<usize> {
-    let results: Vec<anyhow::Result<bool>> = futures::stream::iter(0..KEYS)
-        .map(|i| {
-            let c = client.clone();
-            async move {
-                let got = get_retrying(&c, &key(i)).await?;
-                Ok(got.is_some_and(|g| g.value == value(i).as_bytes()))
-            }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let mut good = 0;
-    for r in results {
-        good += usize::from(r?);
-    }
-    Ok(good)
 }

@@ -13,13 +13,11 @@
 mod common;
 
 use common::*;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use test_support::operator::StoppedProcess;
 use test_support::sandbox::{Sandbox, TestNamespace};
@@ -69,27 +67,6 @@ async fn pod_identities(ns: &TestNamespace) -> anyhow::Result<BTreeMap<String, (
             (p.name_any(), (p.uid().unwrap_or_default(), restarts))
         })
         .collect())
-}
-
-/// Reads every key back, 64 in flight: how many read their value (a get that times out on the
-/// loaded machine is asked again, three times at most).
-async fn read_back(client: &Arc<arcus_client::ArcusClient>) -> anyhow::Result<usize> {
-    let results: Vec<anyhow::Result<bool>> = futures::stream::iter(0..KEYS)
-        .map(|i| {
-            let c = client.clone();
-            async move {
-                let got = get_retrying(&c, &key(i)).await?;
-                Ok(got.is_some_and(|g| g.value == value(i).as_bytes()))
-            }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let mut good = 0;
-    for r in results {
-        good += usize::from(r?);
-    }
-    Ok(good)
 }
 
 async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
@@ -154,17 +131,7 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     // A writer across ZooKeeper's return: what clients see while the ring empties and the
     // nodes rejoin (failed writes; writes landing on a node that does not own the key, which
     // the operator moves to the owner), and afterwards every acknowledged write must read back.
-    let written: Written = Arc::default();
-    let unknown = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = start_load(
-        client.clone(),
-        WRITER_KEYS,
-        writer_key,
-        written.clone(),
-        unknown.clone(),
-        stop.clone(),
-    );
+    let writer = BackgroundWriter::start(client.clone(), WRITER_KEYS, writer_key);
     stopped.resume()?;
     let back = Instant::now();
     let resumed_at = k8s_openapi::jiff::Timestamp::now();
@@ -246,13 +213,10 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
             "in a new session"
         }
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let report = writer.await?;
-    let written = written.lock().unwrap().clone();
-    let unknown = unknown.lock().unwrap().clone();
+    let report = writer.finish().await?;
     let mut stale = Vec::new();
-    for (i, want) in &written {
-        if unknown.contains(i) {
+    for (i, want) in &report.written {
+        if report.unknown.contains(i) {
             continue;
         }
         let got = get_retrying(&client, &writer_key(*i)).await?;
@@ -265,11 +229,11 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
         report.ops,
         report.errors,
         report.slowest,
-        written.len(),
+        report.written.len(),
         stale.len()
     );
     anyhow::ensure!(stale.is_empty(), "writes lost or reverted: {stale:?}");
-    let good = read_back(&client).await?;
+    let good = read_back_all(&client, KEYS, key, value).await?;
     eprintln!("[outage] {good} of {KEYS} keys read back");
     anyhow::ensure!(good == KEYS, "{} keys lost to the outage", KEYS - good);
     Ok(())

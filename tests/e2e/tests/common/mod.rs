@@ -268,6 +268,52 @@ pub struct LoadReport {
     pub ops: usize,
     pub errors: usize,
     pub slowest: Duration,
+    /// Per key index, the value the load wrote last and was acknowledged.
+    pub written: HashMap<usize, String>,
+    /// Keys whose last write failed: it may or may not have landed (left out of checks).
+    pub unknown: Vec<usize>,
+}
+
+/// A [`start_load`] running in the background: [`BackgroundWriter::finish`] stops it.
+pub struct BackgroundWriter {
+    written: Written,
+    unknown: Arc<Mutex<Vec<usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<LoadReport>,
+}
+
+impl BackgroundWriter {
+    pub fn start(
+        client: Arc<arcus_client::ArcusClient>,
+        keys: usize,
+        key: fn(usize) -> String,
+    ) -> BackgroundWriter {
+        let written: Written = Arc::default();
+        let unknown = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = start_load(
+            client,
+            keys,
+            key,
+            written.clone(),
+            unknown.clone(),
+            stop.clone(),
+        );
+        BackgroundWriter {
+            written,
+            unknown,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn finish(self) -> anyhow::Result<LoadReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut report = self.task.await?;
+        report.written = self.written.lock().unwrap().clone();
+        report.unknown = self.unknown.lock().unwrap().clone();
+        Ok(report)
+    }
 }
 
 /// Bound of a background load (about 500 writes/s): at most this many writes, for at most
@@ -279,7 +325,7 @@ pub const LOAD_FOR: Duration = Duration::from_secs(120);
 /// `LOAD_FOR` passed;
 /// records each acknowledged value (a failed set may or may not have landed: its key is then
 /// unknown and left out of the checks).
-pub fn start_load(
+fn start_load(
     client: Arc<arcus_client::ArcusClient>,
     keys: usize,
     key: fn(usize) -> String,
@@ -293,6 +339,8 @@ pub fn start_load(
             ops: 0,
             errors: 0,
             slowest: Duration::ZERO,
+            written: HashMap::new(),
+            unknown: Vec::new(),
         };
         for n in 0..LOAD_OPS {
             if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > LOAD_FOR {
@@ -322,4 +370,30 @@ pub fn start_load(
         }
         report
     })
+}
+
+/// How many of `keys` keys read back `value(i)`, 64 in flight (a get that times out on the
+/// loaded machine is asked again).
+pub async fn read_back_all(
+    client: &Arc<arcus_client::ArcusClient>,
+    keys: usize,
+    key: fn(usize) -> String,
+    value: fn(usize) -> String,
+) -> anyhow::Result<usize> {
+    let results: Vec<anyhow::Result<bool>> = futures::stream::iter(0..keys)
+        .map(|i| {
+            let c = client.clone();
+            async move {
+                let got = get_retrying(&c, &key(i)).await?;
+                Ok(got.is_some_and(|g| g.value == value(i).as_bytes()))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut good = 0;
+    for r in results {
+        good += usize::from(r?);
+    }
+    Ok(good)
 }

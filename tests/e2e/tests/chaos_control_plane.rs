@@ -36,20 +36,13 @@ async fn api_server_and_etcd_restarted_mid_migration_lose_nothing() -> anyhow::R
     .await
 }
 
-/// `status.ready` of the resource once it reads `want` and no operation is recorded.
-async fn settled(crs: &Api<DynamicObject>, want: &str) -> Option<()> {
-    let cr = crs.get("cp").await.ok()?;
-    let status = &cr.data["status"];
-    (status["ready"] == want && status.get("operation").is_none_or(|o| o.is_null())).then_some(())
-}
-
 async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     let svc = service_code(ns);
     let crs = mc_api(sandbox, ns);
     let cr: DynamicObject = serde_json::from_value(cr_json("cp", &svc, 3))?;
     crs.create(&PostParams::default(), &cr).await?;
     wait_until(Duration::from_secs(180), "3/3 ready", || {
-        settled(&crs, "3/3")
+        settled(&crs, "cp", "3/3")
     })
     .await?;
     let client = ring_client(&svc, 3).await?;
@@ -94,7 +87,7 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     wait_until(
         Duration::from_secs(300),
         "5/5 ready, the scale-out done",
-        || settled(&crs, "5/5"),
+        || settled(&crs, "cp", "5/5"),
     )
     .await?;
     let converged = down.elapsed();

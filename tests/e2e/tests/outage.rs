@@ -266,13 +266,6 @@ async fn zookeeper_stopped_60s_in_the_middle_of_a_scale_out_and_a_scale_in() -> 
     .await
 }
 
-/// `status.ready` reads `want` and no operation is recorded.
-async fn settled(crs: &Api<DynamicObject>, want: &str) -> Option<()> {
-    let cr = crs.get("zs").await.ok()?;
-    let status = &cr.data["status"];
-    (status["ready"] == want && status.get("operation").is_none_or(|o| o.is_null())).then_some(())
-}
-
 async fn during_scales(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     const SCALE_KEYS: usize = 30_000;
     let svc = service_code(ns);
@@ -280,7 +273,7 @@ async fn during_scales(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<
     let cr: DynamicObject = serde_json::from_value(cr_json("zs", &svc, 3))?;
     crs.create(&PostParams::default(), &cr).await?;
     wait_until(Duration::from_secs(180), "3/3 ready", || {
-        settled(&crs, "3/3")
+        settled(&crs, "zs", "3/3")
     })
     .await?;
     let client = ring_client(&svc, 3).await?;
@@ -329,7 +322,7 @@ async fn during_scales(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<
         wait_until(
             Duration::from_secs(300),
             &format!("{from}→{to} finished after the outage"),
-            || settled(&crs, &want),
+            || settled(&crs, "zs", &want),
         )
         .await?;
         let finished = back.elapsed();

@@ -397,3 +397,10 @@ pub async fn read_back_all(
     }
     Ok(good)
 }
+
+/// `Some` once resource `name`'s `status.ready` reads `want` and no operation is recorded.
+pub async fn settled(crs: &Api<DynamicObject>, name: &str, want: &str) -> Option<()> {
+    let cr = crs.get(name).await.ok()?;
+    let status = &cr.data["status"];
+    (status["ready"] == want && status.get("operation").is_none_or(|o| o.is_null())).then_some(())
+}

@@ -308,11 +308,31 @@ impl Drop for StoppedProcess {
 }
 
 /// Restarts one of the sandbox's daemons (`etcd`, `kube-apiserver`, ...) as `scripts/sandbox
-/// up` started it: the same command line, environment and working directory read from /proc,
-/// SIGTERM (SIGKILL after 30 s), then started again in its own session, its output appended to
-/// `logs/<name>.log` and its new PID written to `pids/<name>.pid` (so `scripts/sandbox down`
-/// stops it). Returns the new PID.
+/// up` started it: SIGTERM (SIGKILL after 30 s), then [`StoppedDaemon::start`]. Returns the
+/// new PID.
 pub fn restart_sandbox_daemon(sandbox_dir: &std::path::Path, name: &str) -> anyhow::Result<i32> {
+    stop_sandbox_daemon(sandbox_dir, name, "TERM")?.start()
+}
+
+/// A sandbox daemon stopped by [`stop_sandbox_daemon`], with what starts it again. Dropped
+/// without [`StoppedDaemon::start`] (a test failed in between), it starts it anyway, so the
+/// sandbox is never left without it.
+pub struct StoppedDaemon {
+    sandbox_dir: std::path::PathBuf,
+    name: String,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: std::path::PathBuf,
+    started: bool,
+}
+
+/// Stops one of the sandbox's daemons with `signal` (`TERM`: SIGKILL after 30 s; `KILL`: a
+/// crash), after reading its command line, environment and working directory from /proc.
+pub fn stop_sandbox_daemon(
+    sandbox_dir: &std::path::Path,
+    name: &str,
+    signal: &str,
+) -> anyhow::Result<StoppedDaemon> {
     let pid_file = sandbox_dir.join(format!("pids/{name}.pid"));
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", pid_file.display()))?
@@ -332,10 +352,10 @@ pub fn restart_sandbox_daemon(sandbox_dir: &std::path::Path, name: &str) -> anyh
     anyhow::ensure!(!argv.is_empty(), "{name} (pid {pid}) has no command line");
     let process =
         ProcessId::of(pid).ok_or_else(|| anyhow::anyhow!("{name} (pid {pid}) is not running"))?;
-    signal_process(pid, "TERM")?;
+    signal_process(pid, signal)?;
     if crate::wait::wait_until_blocking(
         Duration::from_secs(30),
-        &format!("{name} (pid {pid}) to exit after SIGTERM"),
+        &format!("{name} (pid {pid}) to exit after SIG{signal}"),
         || process.exited(),
     )
     .is_err()
@@ -347,20 +367,55 @@ pub fn restart_sandbox_daemon(sandbox_dir: &std::path::Path, name: &str) -> anyh
             || process.exited(),
         )?;
     }
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(sandbox_dir.join(format!("logs/{name}.log")))?;
-    let mut cmd = std::process::Command::new("setsid");
-    cmd.args(&argv)
-        .env_clear()
-        .envs(env.iter().filter_map(|kv| kv.split_once('=')))
-        .current_dir(cwd)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let child = cmd.spawn()?;
-    let new_pid = child.id() as i32;
-    std::fs::write(&pid_file, format!("{new_pid}\n"))?;
-    Ok(new_pid)
+    Ok(StoppedDaemon {
+        sandbox_dir: sandbox_dir.to_path_buf(),
+        name: name.to_string(),
+        argv,
+        env,
+        cwd,
+        started: false,
+    })
+}
+
+impl StoppedDaemon {
+    /// Starts the daemon again in its own session with the same command line, environment and
+    /// working directory, its output appended to `logs/<name>.log` and its new PID written to
+    /// `pids/<name>.pid` (so `scripts/sandbox down` stops it). Returns the new PID.
+    pub fn start(mut self) -> anyhow::Result<i32> {
+        self.started = true;
+        self.spawn()
+    }
+
+    fn spawn(&self) -> anyhow::Result<i32> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.sandbox_dir.join(format!("logs/{}.log", self.name)))?;
+        let mut cmd = std::process::Command::new("setsid");
+        cmd.args(&self.argv)
+            .env_clear()
+            .envs(self.env.iter().filter_map(|kv| kv.split_once('=')))
+            .current_dir(&self.cwd)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn()?;
+        let new_pid = child.id() as i32;
+        let pid_file = self.sandbox_dir.join(format!("pids/{}.pid", self.name));
+        std::fs::write(&pid_file, format!("{new_pid}\n"))?;
+        Ok(new_pid)
+    }
+}
+
+impl Drop for StoppedDaemon {
+    fn drop(&mut self) {
+        if !self.started {
+            if let Err(e) = self.spawn() {
+                eprintln!(
+                    "could not start {} again: {e}; run `scripts/sandbox down` and up",
+                    self.name
+                );
+            }
+        }
+    }
 }

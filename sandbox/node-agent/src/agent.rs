@@ -18,6 +18,7 @@ use crate::images::ImageTable;
 use crate::ipam::IpAllocator;
 use crate::netns::NetConfig;
 use crate::node::NodeInfo;
+use crate::runtime::{Leftover, RunInfo};
 use crate::serviceaccount::ServerTls;
 
 /// One of the agent's nodes and the allocator of its podCIDR.
@@ -51,6 +52,9 @@ pub struct Agent {
     pub shutdown: CancellationToken,
     pub events: crate::events::Events,
     images: Mutex<(Option<SystemTime>, Arc<ImageTable>)>,
+    /// Containers a previous agent run left running, by pod UID: filled at start, taken over
+    /// by the pod's worker instead of being started again.
+    adoptions: Mutex<HashMap<String, Vec<RunInfo>>>,
 }
 
 impl Agent {
@@ -78,7 +82,21 @@ impl Agent {
             token_wait: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
             images: Mutex::new((mtime, Arc::new(images))),
+            adoptions: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn set_adoptions(&self, adoptions: HashMap<String, Vec<RunInfo>>) {
+        *self.adoptions.lock().expect("adoptions lock") = adoptions;
+    }
+
+    /// The running containers of pod `uid` to take over (once: a later worker starts fresh).
+    pub fn take_adoption(&self, uid: &str) -> Vec<RunInfo> {
+        self.adoptions
+            .lock()
+            .expect("adoptions lock")
+            .remove(uid)
+            .unwrap_or_default()
     }
 
     /// The agent's node named `name`.
@@ -286,6 +304,53 @@ pub async fn finish_deletion(client: &Client, pod: &Pod) {
     }
 }
 
+/// Whether the processes a previous agent run left in one pod dir can be taken over as they
+/// are (as kubelet keeps containers across its restarts): the pod still exists with that UID,
+/// is bound to one of our nodes, is neither deleted nor terminal, every live process is a
+/// (non-init) container of its spec with its run file, and its network namespace is there.
+/// `Err` says why not: then they are stopped and the pod starts fresh.
+pub fn adoptable(
+    leftover: &Leftover,
+    pod: Option<&Pod>,
+    on_our_node: bool,
+    netns_exists: bool,
+) -> Result<Vec<RunInfo>, String> {
+    let pod = pod.ok_or("the pod no longer exists")?;
+    if !on_our_node {
+        return Err("the pod is not bound to one of this agent's nodes".into());
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err("the pod is being deleted".into());
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return Err(format!("the pod is {}", phase.unwrap_or_default()));
+    }
+    let spec = pod.spec.as_ref().ok_or("the pod has no spec")?;
+    let host_network = spec.host_network.unwrap_or(false);
+    if !host_network && !netns_exists {
+        return Err("its network namespace is gone".into());
+    }
+    leftover
+        .alive
+        .iter()
+        .map(|(record, info)| {
+            if !spec.containers.iter().any(|c| c.name == record.container) {
+                return Err(format!(
+                    "process {} is not a container of the pod's spec ({})",
+                    record.pid, record.container
+                ));
+            }
+            info.clone().ok_or_else(|| {
+                format!(
+                    "container {} (pid {}) has no run file",
+                    record.container, record.pid
+                )
+            })
+        })
+        .collect()
+}
+
 pub fn pod_dir(pods_dir: &Path, pod: &Pod) -> PathBuf {
     pods_dir.join(format!(
         "{}_{}_{}",
@@ -293,4 +358,117 @@ pub fn pod_dir(pods_dir: &Path, pod: &Pod) -> PathBuf {
         pod.metadata.name.as_deref().unwrap_or_default(),
         pod.metadata.uid.as_deref().unwrap_or_default()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::PidRecord;
+
+    fn run(container: &str, pid: u32) -> RunInfo {
+        RunInfo {
+            container: container.into(),
+            pid,
+            start_time: 7,
+            started_at: "2026-12-02T05:00:00Z".into(),
+            image_id: String::new(),
+            log_file: PathBuf::from("/dev/null"),
+            target: crate::probe::Target {
+                pod_ip: String::new(),
+                env: vec![],
+                ports: vec![],
+                working_dir: "/".into(),
+                pid: Some(pid),
+                netns: None,
+                user: None,
+                no_new_privs: false,
+            },
+        }
+    }
+
+    fn leftover(alive: Vec<(&str, u32, bool)>) -> Leftover {
+        Leftover {
+            pod_dir: PathBuf::from("/nonexistent/ns_p_u1"),
+            uid: "u1".into(),
+            alive: alive
+                .into_iter()
+                .map(|(c, pid, has_run)| {
+                    let rec = PidRecord {
+                        container: c.into(),
+                        pid,
+                        start_time: 7,
+                    };
+                    (rec, has_run.then(|| run(c, pid)))
+                })
+                .collect(),
+        }
+    }
+
+    fn pod(yaml_status_phase: &str, deleting: bool) -> Pod {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u1"},
+            "spec": {"nodeName": "sandbox-a", "containers": [{"name": "main"}, {"name": "side"}],
+                     "initContainers": [{"name": "init"}]},
+            "status": {"phase": yaml_status_phase}
+        }))
+        .unwrap();
+        if deleting {
+            p.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ));
+        }
+        p
+    }
+
+    #[test]
+    fn running_containers_of_a_live_pod_are_adopted() {
+        let l = leftover(vec![("main", 100, true), ("side", 101, true)]);
+        let runs = adoptable(&l, Some(&pod("Running", false)), true, true).unwrap();
+        assert_eq!(
+            runs.iter().map(|r| r.pid).collect::<Vec<_>>(),
+            vec![100, 101]
+        );
+    }
+
+    #[test]
+    fn leftovers_that_cannot_be_taken_over_say_why() {
+        let l = leftover(vec![("main", 100, true)]);
+        let live = pod("Running", false);
+        let cases: Vec<(Result<Vec<RunInfo>, String>, &str)> = vec![
+            (adoptable(&l, None, true, true), "no longer exists"),
+            (adoptable(&l, Some(&live), false, true), "not bound"),
+            (
+                adoptable(&l, Some(&pod("Running", true)), true, true),
+                "being deleted",
+            ),
+            (
+                adoptable(&l, Some(&pod("Succeeded", false)), true, true),
+                "Succeeded",
+            ),
+            (adoptable(&l, Some(&live), true, false), "network namespace"),
+            (
+                adoptable(
+                    &leftover(vec![("init", 100, true)]),
+                    Some(&live),
+                    true,
+                    true,
+                ),
+                "not a container",
+            ),
+            (
+                adoptable(
+                    &leftover(vec![("main", 100, false)]),
+                    Some(&live),
+                    true,
+                    true,
+                ),
+                "no run file",
+            ),
+        ];
+        for (result, why) in cases {
+            let err = result.expect_err(why);
+            assert!(err.contains(why), "{err:?} should say {why:?}");
+        }
+    }
 }

@@ -178,24 +178,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         tracing::warn!("not running as root: pod network namespaces cannot be created, pods will wait in ContainerCreating");
     }
-    let leftovers =
-        runtime::kill_leftovers(&cli.sandbox_dir.join("pods"), Duration::from_secs(5)).await;
-    if leftovers > 0 {
-        tracing::info!(
-            count = leftovers,
-            "stopped container processes of a previous agent run"
-        );
-    }
-    // No pod of this run has a network yet: every agent-named netns/veth is a leftover.
-    match netns::remove_all_own().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            count = n,
-            "removed network namespaces and veths of a previous agent run"
-        ),
-        Err(e) => tracing::warn!(error = %e, "removing a previous run's pod networks"),
-    }
-
     let agent = Arc::new(agent::Agent::new(
         client.clone(),
         table,
@@ -256,6 +238,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ));
     }
 
+    // After the nodes are registered (the API answers): what a previous run left running is
+    // either taken over or stopped, before any pod of this run starts.
+    settle_leftovers(&client, &agent).await;
+
     let manager = agent::Manager::new(agent.clone());
     let mut events = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
@@ -289,4 +275,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     manager.wait_all().await;
     tracing::info!("all pods stopped; exiting");
     Ok(())
+}
+
+/// Containers a previous agent run (killed, not stopped) left running: those of pods that still
+/// exist here are adopted (they keep running; their network namespace stays), the rest are
+/// stopped; then every agent-named namespace and veth not adopted is removed.
+async fn settle_leftovers(client: &kube::Client, agent: &agent::Agent) {
+    let leftovers = runtime::find_leftovers(&agent.pods_dir());
+    let mut adopted = std::collections::HashMap::new();
+    let mut to_stop = Vec::new();
+    if !leftovers.is_empty() {
+        let pods = match Api::<Pod>::all(client.clone())
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => Some(list.items),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing pods to adopt a previous run's containers failed; stopping them instead");
+                None
+            }
+        };
+        for l in leftovers {
+            let pod = pods
+                .iter()
+                .flatten()
+                .find(|p| p.metadata.uid.as_deref() == Some(&l.uid));
+            let decision = match &pods {
+                None => Err("the pods could not be listed".to_string()),
+                Some(_) => agent::adoptable(
+                    &l,
+                    pod,
+                    pod.is_some_and(|p| agent.node_of(p).is_some()),
+                    netns::ns_path(&netns::ns_name(&l.uid)).exists(),
+                ),
+            };
+            match decision {
+                Ok(runs) => {
+                    tracing::info!(pod_dir = %l.pod_dir.display(), containers = runs.len(),
+                        "adopting running containers of a previous agent run");
+                    adopted.insert(l.uid.clone(), runs);
+                }
+                Err(why) => {
+                    tracing::info!(pod_dir = %l.pod_dir.display(), reason = %why,
+                        "not adopting a previous agent run's containers");
+                    to_stop.push(l);
+                }
+            }
+        }
+    }
+    let stopped = runtime::kill_leftovers(&to_stop, Duration::from_secs(5)).await;
+    if stopped > 0 {
+        tracing::info!(
+            count = stopped,
+            "stopped container processes of a previous agent run"
+        );
+    }
+    let keep: std::collections::HashSet<String> = adopted.keys().cloned().collect();
+    match netns::remove_all_own(&keep).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            count = n,
+            "removed network namespaces and veths of a previous agent run"
+        ),
+        Err(e) => tracing::warn!(error = %e, "removing a previous run's pod networks"),
+    }
+    agent.set_adoptions(adopted);
 }

@@ -220,10 +220,13 @@ fn parse_link_name(line: &str) -> Option<String> {
     Some(name.split('@').next()?.to_string())
 }
 
-/// Removes every namespace and veth of the agent's naming that exists now (call only when no
-/// pod of this run has its network yet). Returns how many objects were removed.
-pub async fn remove_all_own() -> Result<usize, String> {
-    let (namespaces, veths) = list_own().await?;
+/// Removes every namespace and veth of the agent's naming that exists now, but those of the
+/// pod UIDs in `keep` (adopted from a previous run); call only when no pod of this run has its
+/// network yet. Returns how many objects were removed.
+pub async fn remove_all_own(keep: &std::collections::HashSet<String>) -> Result<usize, String> {
+    let (mut namespaces, mut veths) = list_own().await?;
+    namespaces.retain(|n| !keep.iter().any(|uid| ns_name(uid) == *n));
+    veths.retain(|v| !keep.iter().any(|uid| veth_name(uid) == *v));
     let mut errors = Vec::new();
     for v in &veths {
         if let Err(e) = ip_tolerating_gone(&["link", "del", "dev", v]).await {

@@ -25,7 +25,7 @@ use crate::images::{ImageError, Mode, Templates};
 use crate::netns;
 use crate::probe::{self, Settings, Tracker};
 use crate::runtime::Mount;
-use crate::runtime::{self, PidRecord, SpawnSpec};
+use crate::runtime::{self, PidRecord, RunInfo, SpawnSpec};
 use crate::serviceaccount;
 use crate::status::{self, ContainerRt, PodRt, RunState, Termination};
 
@@ -219,6 +219,55 @@ fn initial_rt(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr) -> PodRt {
     }
 }
 
+/// Marks the containers taken over from a previous agent run as running (with their start,
+/// image and readiness as last reported) and the pod as initialized, so that the first status
+/// this run computes is the one already in the API.
+fn adopt_into_rt(rt: &mut PodRt, pod: &Pod, adopted: &[RunInfo]) {
+    if adopted.is_empty() {
+        return;
+    }
+    let status = pod.status.as_ref();
+    rt.initialized = true;
+    let init_statuses = status.and_then(|s| s.init_container_statuses.as_ref());
+    for c in &mut rt.init {
+        let done = init_statuses
+            .into_iter()
+            .flatten()
+            .find(|s| s.name == c.name)
+            .and_then(|s| s.state.as_ref()?.terminated.as_ref());
+        let mut term = Termination::new(
+            done.map(|t| t.exit_code).unwrap_or(0),
+            None,
+            done.and_then(|t| t.started_at.as_ref()).map(|t| t.0),
+            done.and_then(|t| t.finished_at.as_ref())
+                .map(|t| t.0)
+                .unwrap_or_else(Timestamp::now),
+        );
+        term.pid = None;
+        c.state = RunState::Terminated(term);
+    }
+    let statuses = status.and_then(|s| s.container_statuses.as_ref());
+    for c in &mut rt.containers {
+        let Some(info) = adopted.iter().find(|a| a.container == c.name) else {
+            if matches!(c.state, RunState::Waiting { .. }) {
+                c.state = RunState::waiting("ContainerCreating", None);
+            }
+            continue;
+        };
+        c.state = RunState::Running {
+            started_at: info.started_at.parse().unwrap_or_else(|_| Timestamp::now()),
+            pid: info.pid,
+        };
+        c.image_id = info.image_id.clone();
+        c.started = true;
+        c.ready = statuses
+            .into_iter()
+            .flatten()
+            .find(|s| s.name == c.name)
+            .is_some_and(|s| s.ready);
+    }
+}
+
 enum End {
     Deleting(Duration),
     Gone(Duration),
@@ -272,9 +321,12 @@ pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<Pod
     {
         warn!(pod = %key, error = %e, "creating pod dir {}", dir.display());
     }
-    info!(pod = %key, %uid, node = %node_name, %ip, host_network, dir = %dir.display(), "pod accepted");
+    let adopted = agent.take_adoption(&uid);
+    info!(pod = %key, %uid, node = %node_name, %ip, host_network, dir = %dir.display(), adopted = adopted.len(), "pod accepted");
+    let mut rt = initial_rt(&first, ip, host_ip);
+    adopt_into_rt(&mut rt, &first, &adopted);
     let ctx = Arc::new(PodCtx {
-        rt: Mutex::new(initial_rt(&first, ip, host_ip)),
+        rt: Mutex::new(rt),
         node_name,
         host_ip,
         host_network,
@@ -299,7 +351,7 @@ pub async fn run(agent: Arc<Agent>, first: Arc<Pod>, mut rx: watch::Receiver<Pod
         first.status.clone(),
         status_stop.clone(),
     ));
-    let life = tokio::spawn(lifecycle(ctx.clone(), stop.clone()));
+    let life = tokio::spawn(lifecycle(ctx.clone(), stop.clone(), adopted));
 
     let end = loop {
         tokio::select! {
@@ -575,8 +627,11 @@ fn with_dns_mounts(pod_dir: &std::path::Path, volume_mounts: Vec<Mount>) -> Vec<
     mounts
 }
 
-async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
-    if !create_network(&ctx, &stop).await {
+/// Network, setup, init containers, then the containers. `adopted`: containers a previous
+/// agent run left running (the network exists, init containers are done): supervised as they
+/// are, the others started.
+async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken, mut adopted: Vec<RunInfo>) {
+    if adopted.is_empty() && !create_network(&ctx, &stop).await {
         return;
     }
     let mut attempt = 0;
@@ -604,14 +659,26 @@ async fn lifecycle(ctx: Arc<PodCtx>, stop: CancellationToken) {
     }
     tokio::spawn(refresh_volumes(ctx.clone(), stop.clone()));
     let pod = ctx.pod();
-    for idx in 0..containers_of(&pod, Kind::Init).len() {
-        if supervise(ctx.clone(), Kind::Init, idx, stop.clone()).await != Outcome::Succeeded {
-            return;
+    if adopted.is_empty() {
+        for idx in 0..containers_of(&pod, Kind::Init).len() {
+            if supervise(ctx.clone(), Kind::Init, idx, stop.clone(), None).await
+                != Outcome::Succeeded
+            {
+                return;
+            }
         }
     }
     ctx.update(|rt| rt.initialized = true);
-    let tasks: Vec<_> = (0..containers_of(&pod, Kind::Main).len())
-        .map(|idx| tokio::spawn(supervise(ctx.clone(), Kind::Main, idx, stop.clone())))
+    let tasks: Vec<_> = containers_of(&pod, Kind::Main)
+        .iter()
+        .enumerate()
+        .map(|(idx, c)| {
+            let taken = adopted
+                .iter()
+                .position(|a| a.container == c.name)
+                .map(|i| adopted.swap_remove(i));
+            tokio::spawn(supervise(ctx.clone(), Kind::Main, idx, stop.clone(), taken))
+        })
         .collect();
     for t in tasks {
         let _ = t.await;
@@ -1144,11 +1211,44 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
     }
 }
 
+/// A container's main process: our child, or adopted from a previous agent run (not our
+/// child: its exit is seen by polling /proc, and its exit status is unknown).
+enum Running {
+    Child(tokio::process::Child),
+    Adopted { pid: u32, start_time: u64 },
+}
+
+impl Running {
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Running::Child(child) => child.wait().await,
+            Running::Adopted { pid, start_time } => {
+                while runtime::process_running(*pid, *start_time) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(std::io::Error::other(
+                    "exit status unknown: the process was started by an earlier agent run",
+                ))
+            }
+        }
+    }
+}
+
+/// A started (or adopted) container: what the supervisor needs while it runs.
+struct Launched {
+    process: Running,
+    pid: u32,
+    started_at: Timestamp,
+    log_file: PathBuf,
+    log_offset: u64,
+    target: probe::Target,
+}
+
 /// SIGTERM to the group (after the preStop hook, if any), then SIGKILL once `grace` has passed.
 async fn kill_container(
     ctx: &PodCtx,
     c: &Container,
-    child: &mut tokio::process::Child,
+    child: &mut Running,
     pid: u32,
     target: &probe::Target,
     grace: Duration,
@@ -1177,8 +1277,15 @@ async fn kill_container(
 }
 
 /// Runs one container until it completes for good or the pod stops; restarts it per the pod's
-/// restartPolicy with exponential back-off (CrashLoopBackOff).
-async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationToken) -> Outcome {
+/// restartPolicy with exponential back-off (CrashLoopBackOff). `adopted`: the container is
+/// already running (left by a previous agent run): its first run is supervised, not started.
+async fn supervise(
+    ctx: Arc<PodCtx>,
+    kind: Kind,
+    idx: usize,
+    stop: CancellationToken,
+    mut adopted: Option<RunInfo>,
+) -> Outcome {
     let mut crashes: u32 = 0;
     loop {
         if stop.is_cancelled() {
@@ -1188,94 +1295,41 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
         let Some(c) = containers_of(&pod, kind).get(idx).cloned() else {
             return Outcome::Stopped;
         };
-        let prepared = match prepare(&ctx, &c).await {
-            Ok(p) => p,
-            Err(e) => {
-                let changed = match ctx.container_state(kind, idx).map(|s| s.state) {
-                    Some(RunState::Waiting { reason, message }) => {
-                        reason != e.reason || message.as_deref() != Some(e.message.as_str())
-                    }
-                    _ => true,
-                };
-                if changed {
-                    warn!(pod = %ctx.key, container = %c.name, reason = e.reason, message = %e.message, "container cannot start");
-                    ctx.agent.events.warning(
-                        &pod,
-                        "Failed",
-                        format!("Error: {}: {}", e.reason, e.message),
-                    );
-                }
-                ctx.update_container(kind, idx, |s| {
-                    s.state = RunState::waiting(e.reason, Some(e.message.clone()))
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(e.retry) => continue,
-                    _ = stop.cancelled() => return Outcome::Stopped,
-                }
-            }
-        };
-        if stop.is_cancelled() {
-            return Outcome::Stopped;
-        }
-        let log_offset = std::fs::metadata(&prepared.spawn.log_file)
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let mut child = match runtime::spawn(&prepared.spawn) {
-            Ok(child) => child,
-            Err(e) => {
-                let message = format!("{e:#}");
-                warn!(pod = %ctx.key, container = %c.name, error = %message, "starting container failed");
-                ctx.agent.events.warning(
-                    &pod,
-                    "Failed",
-                    format!("Error: failed to start container {}: {message}", c.name),
-                );
-                ctx.update_container(kind, idx, |s| {
-                    s.state = RunState::waiting("RunContainerError", Some(message.clone()))
-                });
-                let delay = ctx.agent.backoff(crashes);
-                crashes += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = stop.cancelled() => return Outcome::Stopped,
-                }
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        let started_at = Timestamp::now();
-        let started_instant = Instant::now();
-        ctx.procs.lock().expect("procs lock").insert(
-            c.name.clone(),
-            PidRecord {
-                container: c.name.clone(),
-                pid,
-                start_time: runtime::start_time(pid).unwrap_or(0),
+        let was_adopted = adopted.is_some();
+        let launched = match adopted.take() {
+            Some(info) => adopt(&ctx, info),
+            None => match launch(&ctx, kind, idx, &c, &mut crashes, &stop).await {
+                Some(l) => l,
+                None if stop.is_cancelled() => return Outcome::Stopped,
+                None => continue,
             },
-        );
-        ctx.record_pids();
-        let has_startup = kind == Kind::Main && c.startup_probe.is_some();
-        let has_readiness = kind == Kind::Main && c.readiness_probe.is_some();
-        ctx.update_container(kind, idx, |s| {
-            s.state = RunState::Running { started_at, pid };
-            s.image_id = prepared.image_id.clone();
-            s.started = !has_startup;
-            s.ready = !has_startup && !has_readiness;
-        });
-        info!(pod = %ctx.key, container = %c.name, pid, program = %prepared.spawn.program,
-            args = ?prepared.spawn.args, restarts = ctx.container_state(kind, idx).map(|s| s.restart_count).unwrap_or(0),
-            "container started");
-        ctx.agent
-            .events
-            .normal(&pod, "Started", format!("Started container {}", c.name));
-        let mut target = prepared.target.clone();
-        target.pid = Some(pid);
+        };
+        let Launched {
+            process: mut child,
+            pid,
+            started_at,
+            log_file,
+            log_offset,
+            target,
+        } = launched;
+        let started_instant = Instant::now();
+        // An adopted container passed its startup probe in the earlier run (as kubelet counts
+        // a container started before its restart as started).
+        let probed = if was_adopted {
+            Container {
+                startup_probe: None,
+                ..c.clone()
+            }
+        } else {
+            c.clone()
+        };
         let probes_stop = stop.child_token();
         let (kill_tx, mut kill_rx) = mpsc::channel::<String>(1);
         if kind == Kind::Main {
             tokio::spawn(probe_loop(
                 ctx.clone(),
                 idx,
-                c.clone(),
+                probed,
                 target.clone(),
                 probes_stop.clone(),
                 kill_tx,
@@ -1305,13 +1359,14 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
         runtime::signal_group(pid, libc::SIGKILL);
         ctx.procs.lock().expect("procs lock").remove(&c.name);
         ctx.record_pids();
+        runtime::remove_run_info(&ctx.dir, &c.name);
         let code = exit_code(status);
         let mut term = Termination::new(code, None, Some(started_at), Timestamp::now());
         term.pid = Some(pid);
         term.message = kill_message.or_else(|| {
             let fallback = c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
             (code != 0 && fallback)
-                .then(|| runtime::log_tail(&prepared.spawn.log_file, log_offset, 80, 2048))
+                .then(|| runtime::log_tail(&log_file, log_offset, 80, 2048))
                 .flatten()
         });
         info!(pod = %ctx.key, container = %c.name, pid, exit_code = code,
@@ -1368,6 +1423,152 @@ async fn supervise(ctx: Arc<PodCtx>, kind: Kind, idx: usize, stop: CancellationT
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return Outcome::Stopped,
         }
+    }
+}
+
+/// Prepares and starts a container: `None` when it cannot start (its state says why; after a
+/// back-off, or once `stop` is cancelled).
+async fn launch(
+    ctx: &Arc<PodCtx>,
+    kind: Kind,
+    idx: usize,
+    c: &Container,
+    crashes: &mut u32,
+    stop: &CancellationToken,
+) -> Option<Launched> {
+    let pod = ctx.pod();
+    let prepared = match prepare(ctx, c).await {
+        Ok(p) => p,
+        Err(e) => {
+            let changed = match ctx.container_state(kind, idx).map(|s| s.state) {
+                Some(RunState::Waiting { reason, message }) => {
+                    reason != e.reason || message.as_deref() != Some(e.message.as_str())
+                }
+                _ => true,
+            };
+            if changed {
+                warn!(pod = %ctx.key, container = %c.name, reason = e.reason, message = %e.message, "container cannot start");
+                ctx.agent.events.warning(
+                    &pod,
+                    "Failed",
+                    format!("Error: {}: {}", e.reason, e.message),
+                );
+            }
+            ctx.update_container(kind, idx, |s| {
+                s.state = RunState::waiting(e.reason, Some(e.message.clone()))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(e.retry) => {}
+                _ = stop.cancelled() => {}
+            }
+            return None;
+        }
+    };
+    if stop.is_cancelled() {
+        return None;
+    }
+    let log_offset = std::fs::metadata(&prepared.spawn.log_file)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let child = match runtime::spawn(&prepared.spawn) {
+        Ok(child) => child,
+        Err(e) => {
+            let message = format!("{e:#}");
+            warn!(pod = %ctx.key, container = %c.name, error = %message, "starting container failed");
+            ctx.agent.events.warning(
+                &pod,
+                "Failed",
+                format!("Error: failed to start container {}: {message}", c.name),
+            );
+            ctx.update_container(kind, idx, |s| {
+                s.state = RunState::waiting("RunContainerError", Some(message.clone()))
+            });
+            let delay = ctx.agent.backoff(*crashes);
+            *crashes += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => {}
+            }
+            return None;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let started_at = Timestamp::now();
+    let start_time = runtime::start_time(pid).unwrap_or(0);
+    ctx.procs.lock().expect("procs lock").insert(
+        c.name.clone(),
+        PidRecord {
+            container: c.name.clone(),
+            pid,
+            start_time,
+        },
+    );
+    ctx.record_pids();
+    let mut target = prepared.target.clone();
+    target.pid = Some(pid);
+    if kind == Kind::Main {
+        let info = RunInfo {
+            container: c.name.clone(),
+            pid,
+            start_time,
+            started_at: started_at.to_string(),
+            image_id: prepared.image_id.clone(),
+            log_file: prepared.spawn.log_file.clone(),
+            target: target.clone(),
+        };
+        if let Err(e) = runtime::write_run_info(&ctx.dir, &info) {
+            warn!(pod = %ctx.key, container = %c.name, error = %e, "writing the run file (a restarted agent will restart this container)");
+        }
+    }
+    let has_startup = kind == Kind::Main && c.startup_probe.is_some();
+    let has_readiness = kind == Kind::Main && c.readiness_probe.is_some();
+    ctx.update_container(kind, idx, |s| {
+        s.state = RunState::Running { started_at, pid };
+        s.image_id = prepared.image_id.clone();
+        s.started = !has_startup;
+        s.ready = !has_startup && !has_readiness;
+    });
+    info!(pod = %ctx.key, container = %c.name, pid, program = %prepared.spawn.program,
+        args = ?prepared.spawn.args, restarts = ctx.container_state(kind, idx).map(|s| s.restart_count).unwrap_or(0),
+        "container started");
+    ctx.agent
+        .events
+        .normal(&pod, "Started", format!("Started container {}", c.name));
+    Some(Launched {
+        process: Running::Child(child),
+        pid,
+        started_at,
+        log_file: prepared.spawn.log_file,
+        log_offset,
+        target,
+    })
+}
+
+/// Takes over a container a previous agent run started (its state was set by `adopt_into_rt`).
+fn adopt(ctx: &PodCtx, info: RunInfo) -> Launched {
+    ctx.procs.lock().expect("procs lock").insert(
+        info.container.clone(),
+        PidRecord {
+            container: info.container.clone(),
+            pid: info.pid,
+            start_time: info.start_time,
+        },
+    );
+    ctx.record_pids();
+    info!(pod = %ctx.key, container = %info.container, pid = info.pid, "container adopted from a previous agent run (kept running)");
+    let log_offset = std::fs::metadata(&info.log_file)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Launched {
+        process: Running::Adopted {
+            pid: info.pid,
+            start_time: info.start_time,
+        },
+        pid: info.pid,
+        started_at: info.started_at.parse().unwrap_or_else(|_| Timestamp::now()),
+        log_file: info.log_file,
+        log_offset,
+        target: info.target,
     }
 }
 

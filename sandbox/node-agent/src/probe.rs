@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Where and how a container's probes run.
-#[derive(Debug, Clone)]
+/// Where and how a container's probes run (kept in the container's run file for adoption).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Target {
     pub pod_ip: String,
     pub env: Vec<(String, String)>,

@@ -602,27 +602,113 @@ pub fn write_pid_records(pod_dir: &Path, records: &[PidRecord]) -> std::io::Resu
     Ok(())
 }
 
-/// Stops the process groups recorded by a previous agent run under `<sandbox>/pods/*/pids`:
-/// SIGTERM, up to `grace`, then SIGKILL. Returns how many groups were found alive.
-pub async fn kill_leftovers(pods_dir: &Path, grace: Duration) -> usize {
-    let mut alive = Vec::new();
-    let Ok(entries) = std::fs::read_dir(pods_dir) else {
-        return 0;
+/// Whether the process recorded as (`pid`, `start_time`) still runs: same start time (not a
+/// reused PID) and not a zombie. For processes that are not the agent's children (adopted).
+pub fn process_running(pid: u32, recorded_start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
     };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    let mut fields = after.split_whitespace();
+    let state = fields.next().unwrap_or("X");
+    let start: Option<u64> = fields.nth(18).and_then(|f| f.parse().ok());
+    start == Some(recorded_start) && !matches!(state, "Z" | "X" | "x")
+}
+
+/// What a restarted agent needs to take over a running container without restarting it:
+/// written to `<pod dir>/<container>.run.json` at start, removed when the container exits.
+/// (The probe target holds the container's env, so the file is 0600 like the pod's token.)
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunInfo {
+    pub container: String,
+    pub pid: u32,
+    pub start_time: u64,
+    /// RFC 3339, as reported in `state.running.startedAt`.
+    pub started_at: String,
+    pub image_id: String,
+    pub log_file: PathBuf,
+    pub target: crate::probe::Target,
+}
+
+fn run_info_path(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!("{container}.run.json"))
+}
+
+pub fn write_run_info(pod_dir: &Path, info: &RunInfo) -> std::io::Result<()> {
+    let path = run_info_path(pod_dir, &info.container);
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec(info).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::rename(tmp, path)
+}
+
+pub fn remove_run_info(pod_dir: &Path, container: &str) {
+    let _ = std::fs::remove_file(run_info_path(pod_dir, container));
+}
+
+pub fn read_run_info(pod_dir: &Path, container: &str) -> Option<RunInfo> {
+    let text = std::fs::read(run_info_path(pod_dir, container)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The container processes a previous agent run left running in one pod dir.
+#[derive(Debug, Clone)]
+pub struct Leftover {
+    pub pod_dir: PathBuf,
+    /// The pod's UID (the dir's name ends in it).
+    pub uid: String,
+    /// Alive processes with what is needed to adopt them (`None`: no run file, cannot be).
+    pub alive: Vec<(PidRecord, Option<RunInfo>)>,
+}
+
+/// Every pod dir under `pods_dir` whose recorded process groups still run.
+pub fn find_leftovers(pods_dir: &Path) -> Vec<Leftover> {
+    let Ok(entries) = std::fs::read_dir(pods_dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
     for entry in entries.flatten() {
-        let file = entry.path().join("pids");
-        let Ok(text) = std::fs::read_to_string(&file) else {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("pids")) else {
             continue;
         };
-        for r in parse_pid_records(&text) {
-            if start_time(r.pid) == Some(r.start_time) {
-                tracing::info!(pod_dir = %entry.path().display(), container = %r.container, pid = r.pid,
-                    "stopping a container process left by a previous agent run");
-                signal_group(r.pid, libc::SIGTERM);
-                alive.push(r.pid);
-            }
+        let alive: Vec<(PidRecord, Option<RunInfo>)> = parse_pid_records(&text)
+            .into_iter()
+            .filter(|r| process_running(r.pid, r.start_time))
+            .map(|r| {
+                let info = read_run_info(&entry.path(), &r.container)
+                    .filter(|i| i.pid == r.pid && i.start_time == r.start_time);
+                (r, info)
+            })
+            .collect();
+        if alive.is_empty() {
+            continue;
         }
-        let _ = write_pid_records(&entry.path(), &[]);
+        let name = entry.file_name().to_string_lossy().to_string();
+        found.push(Leftover {
+            pod_dir: entry.path(),
+            uid: name.rsplit('_').next().unwrap_or_default().to_string(),
+            alive,
+        });
+    }
+    found
+}
+
+/// Stops the process groups of leftovers that are not adopted: SIGTERM, up to `grace`, then
+/// SIGKILL; their pod dirs' records are cleared. Returns how many groups were stopped.
+pub async fn kill_leftovers(leftovers: &[Leftover], grace: Duration) -> usize {
+    let mut alive = Vec::new();
+    for l in leftovers {
+        for (r, _) in &l.alive {
+            tracing::info!(pod_dir = %l.pod_dir.display(), container = %r.container, pid = r.pid,
+                "stopping a container process left by a previous agent run");
+            signal_group(r.pid, libc::SIGTERM);
+            alive.push(r.pid);
+            remove_run_info(&l.pod_dir, &r.container);
+        }
+        let _ = write_pid_records(&l.pod_dir, &[]);
     }
     let deadline = tokio::time::Instant::now() + grace;
     while alive.iter().any(|p| group_alive(*p)) && tokio::time::Instant::now() < deadline {
@@ -955,6 +1041,87 @@ echo "pwd $(pwd)"
     #[test]
     fn own_start_time_is_readable() {
         assert!(start_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn a_running_process_is_told_from_a_reused_pid_and_a_zombie() {
+        let me = std::process::id();
+        let start = start_time(me).expect("own start time");
+        assert!(process_running(me, start));
+        assert!(
+            !process_running(me, start + 1),
+            "another start time is a reused PID"
+        );
+        // A child that exited and was not reaped yet is a zombie: not running.
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        let child_start = start_time(pid).expect("child start time");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process_running(pid, child_start) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`true` did not exit within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(start_time(pid).is_some(), "still a zombie before wait");
+        child.wait().expect("reap");
+    }
+
+    #[test]
+    fn run_info_roundtrip_and_leftovers_found() {
+        let pods = std::env::temp_dir().join(format!("agent-runinfo-{}", std::process::id()));
+        let dir = pods.join("ns_pod_0f0f-uid");
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = std::process::id();
+        let start = start_time(me).unwrap();
+        let info = RunInfo {
+            container: "main".into(),
+            pid: me,
+            start_time: start,
+            started_at: "2026-12-02T05:00:00Z".into(),
+            image_id: "img@sha256:00".into(),
+            log_file: dir.join("main.log"),
+            target: crate::probe::Target {
+                pod_ip: "10.244.1.2".into(),
+                env: vec![("A".into(), "b".into())],
+                ports: vec![],
+                working_dir: "/".into(),
+                pid: Some(me),
+                netns: None,
+                user: None,
+                no_new_privs: false,
+            },
+        };
+        write_run_info(&dir, &info).unwrap();
+        assert_eq!(read_run_info(&dir, "main"), Some(info.clone()));
+        let recs = [
+            PidRecord {
+                container: "main".into(),
+                pid: me,
+                start_time: start,
+            },
+            PidRecord {
+                container: "gone".into(),
+                pid: me,
+                start_time: start + 1,
+            },
+        ];
+        write_pid_records(&dir, &recs).unwrap();
+        let found = find_leftovers(&pods);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].uid, "0f0f-uid");
+        assert_eq!(
+            found[0].alive.len(),
+            1,
+            "the record with another start time is not alive"
+        );
+        assert_eq!(found[0].alive[0].1.as_ref(), Some(&info));
+        remove_run_info(&dir, "main");
+        assert_eq!(read_run_info(&dir, "main"), None);
+        std::fs::remove_dir_all(&pods).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use k8s_openapi::api::core::v1::{Container, Pod};
 
 /// What the process switches to after the mounts (setgroups, setgid, setuid).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
     pub uid: u32,
     pub gid: u32,

@@ -45,6 +45,14 @@ impl fmt::Display for LiveConfig {
 }
 
 impl LiveConfig {
+    /// This configuration with only `zkfailstop` changed.
+    pub fn with_failstop(self, zk_failstop: bool) -> LiveConfig {
+        LiveConfig {
+            zk_failstop,
+            ..self
+        }
+    }
+
     pub fn parse(s: &str) -> Option<LiveConfig> {
         let mut memlimit_mb = None;
         let mut connections = None;
@@ -137,7 +145,11 @@ fn running_node_actions(p: &NodePod, desired: LiveConfig, out: &mut Day2Plan) {
             out.heal_pending = true;
         }
     }
-    let Some(ip) = p.ip.clone().filter(|_| p.ready) else {
+    if !p.ready {
+        failstop_before_ready(p, desired, out);
+        return;
+    }
+    let Some(ip) = p.ip.clone() else {
         return;
     };
     if p.effective() != Some(desired) {
@@ -146,6 +158,29 @@ fn running_node_actions(p: &NodePod, desired: LiveConfig, out: &mut Day2Plan) {
             ip: ip.clone(),
             from: p.effective(),
             to: desired,
+        });
+    }
+}
+
+/// How long a node's process must have run before it is sent admin commands while unready
+/// (it listens right after it starts; before that the command would only fail).
+pub const FAILSTOP_AFTER_SECS: i64 = 2;
+
+/// `zkfailstop` is a safety setting, not tuning: it reaches a running node that is not Ready yet
+/// too (a held node of a scale-out, a node being filled, one left unready by an outage), so a
+/// ZooKeeper outage meanwhile does not make it exit and lose its fill. Only that setting
+/// changes; the rest follows once it is Ready.
+fn failstop_before_ready(p: &NodePod, desired: LiveConfig, out: &mut Day2Plan) {
+    let (Some(ip), Some(from)) = (&p.ip, p.effective()) else {
+        return;
+    };
+    let running = p.running_for_secs.is_some_and(|s| s >= FAILSTOP_AFTER_SECS);
+    if running && from.zk_failstop != desired.zk_failstop {
+        out.actions.push(Day2Action::ApplyLiveConfig {
+            pod: p.name.clone(),
+            ip: ip.clone(),
+            from: Some(from),
+            to: from.with_failstop(desired.zk_failstop),
         });
     }
 }
@@ -275,6 +310,49 @@ mod tests {
             age_secs: 100,
             running_for_secs: Some(100),
         }
+    }
+
+    #[test]
+    fn an_unready_running_node_gets_only_failstop_turned_off() {
+        let mut pods: Vec<_> = (0..3).map(|o| pod(o, "h1")).collect();
+        let started = LiveConfig {
+            zk_failstop: true,
+            ..CFG
+        };
+        for p in &mut pods {
+            p.started = Some(started);
+            p.ready = false;
+            p.ready_for_secs = None;
+        }
+        pods[1].running_for_secs = Some(1); // just started: not listening yet
+        pods[2].running_for_secs = None; // not running
+        let want = LiveConfig {
+            memlimit_mb: 200,
+            ..CFG
+        };
+        let p = plan("h1", want, 3, &pods);
+        let live: Vec<_> = p
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Day2Action::ApplyLiveConfig { .. }))
+            .collect();
+        assert_eq!(
+            live,
+            vec![&Day2Action::ApplyLiveConfig {
+                pod: pods[0].name.clone(),
+                ip: pods[0].ip.clone().unwrap(),
+                from: Some(started),
+                to: started.with_failstop(false),
+            }],
+            "only node 0 runs long enough; only zkfailstop changes before Ready"
+        );
+        // Once applied (annotation), nothing more until Ready.
+        pods[0].applied = Some(started.with_failstop(false));
+        let again = plan("h1", want, 3, &pods);
+        assert!(!again
+            .actions
+            .iter()
+            .any(|a| matches!(a, Day2Action::ApplyLiveConfig { .. })));
     }
 
     #[test]

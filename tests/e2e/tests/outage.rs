@@ -345,8 +345,13 @@ async fn during_scales(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<
             let got = get_retrying(&client, &key(i)).await?;
             good += usize::from(got.is_some_and(|g| g.value == value(i).as_bytes()));
         }
+        let restarts: BTreeMap<String, i32> = pod_identities(ns)
+            .await?
+            .into_iter()
+            .map(|(name, (_, n))| (name, n))
+            .collect();
         eprintln!(
-            "[outage] {from}→{to}: ZooKeeper stopped 60 s mid-scale; status said {said:?}; finished {:.1} s after it came back; {good} of {SCALE_KEYS} keys read back",
+            "[outage] {from}→{to}: ZooKeeper stopped 60 s mid-scale; status said {said:?}; finished {:.1} s after it came back; {good} of {SCALE_KEYS} keys read back; container restarts per pod {restarts:?}",
             finished.as_secs_f64()
         );
         anyhow::ensure!(

@@ -119,15 +119,7 @@ pub fn decide(
     };
     let statefulset = statefulset_change(valid, world, &plan, step.as_ref(), after.as_ref());
     let idle = plan_settled && after.is_none() && step.as_ref().is_none_or(|s| !s.persists());
-    let live_config = if idle {
-        day2.actions
-            .iter()
-            .filter(|a| matches!(a, Day2Action::ApplyLiveConfig { .. }))
-            .cloned()
-            .collect()
-    } else {
-        vec![]
-    };
+    let live_config = live_config_now(&day2, idle);
     let status = StatusParts {
         desired: world.desired,
         blocking_error: day2.roll_stuck.clone().map(|m| ("RollingRestartStuck", m)),
@@ -164,6 +156,30 @@ pub fn decide(
         live_config,
         status,
     }
+}
+
+/// The live configuration to apply in this pass: all of it when idle; while an operation runs
+/// or the plan is unsettled, only `zkfailstop` (a safety setting: a node filled during a
+/// scale-out must not exit in an outage), the rest waiting for the idle pass.
+fn live_config_now(day2: &Day2Plan, idle: bool) -> Vec<Day2Action> {
+    day2.actions
+        .iter()
+        .filter_map(|a| match a {
+            Day2Action::ApplyLiveConfig { .. } if idle => Some(a.clone()),
+            Day2Action::ApplyLiveConfig {
+                pod,
+                ip,
+                from: Some(from),
+                to,
+            } if from.zk_failstop != to.zk_failstop => Some(Day2Action::ApplyLiveConfig {
+                pod: pod.clone(),
+                ip: ip.clone(),
+                from: Some(*from),
+                to: from.with_failstop(to.zk_failstop),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Nothing is written but the status (and the finalizer's removal while deleting: nothing in
@@ -618,5 +634,52 @@ mod foreign_ring_tests {
             "{note}"
         );
         assert!(foreign_ring_note(&valid, &[ours]).is_none());
+    }
+}
+
+#[cfg(test)]
+mod live_config_tests {
+    use super::*;
+
+    #[test]
+    fn during_an_operation_only_zkfailstop_is_applied_live() {
+        let on = LiveConfig {
+            memlimit_mb: 100,
+            connections: 1000,
+            zk_failstop: true,
+        };
+        let action = |pod: &str, from: LiveConfig, to: LiveConfig| Day2Action::ApplyLiveConfig {
+            pod: pod.into(),
+            ip: "10.0.0.1".into(),
+            from: Some(from),
+            to,
+        };
+        let want = LiveConfig {
+            memlimit_mb: 200,
+            zk_failstop: false,
+            ..on
+        };
+        let off = on.with_failstop(false);
+        let day2 = Day2Plan {
+            actions: vec![
+                action("a", on, want),
+                action("b", off, want),
+                Day2Action::Heal {
+                    pod: "c".into(),
+                    ip: "10.0.0.3".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            live_config_now(&day2, true),
+            vec![action("a", on, want), action("b", off, want)],
+            "idle: everything"
+        );
+        assert_eq!(
+            live_config_now(&day2, false),
+            vec![action("a", on, off)],
+            "busy: only the failstop change, memlimit waits"
+        );
     }
 }

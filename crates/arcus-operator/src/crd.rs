@@ -514,8 +514,9 @@ impl PullPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct ZookeeperAuth {
     /// A Secret in the resource's namespace with the keys `username` and `password` (the
-    /// `kubernetes.io/basic-auth` layout). The operator may read only the Secrets its RBAC names
-    /// (Helm value `zookeeperAuth.secretNames`; `deploy/rbac.yaml`: `arcus-zookeeper-auth`).
+    /// `kubernetes.io/basic-auth` layout), and during a password change `previousPassword` (the
+    /// old one, until the next pass moved the ACLs). The operator may read only the Secrets its
+    /// RBAC names (Helm value `zookeeperAuth.secretNames`; `deploy/rbac.yaml`: `arcus-zookeeper-auth`).
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
 }

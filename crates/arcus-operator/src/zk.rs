@@ -31,7 +31,7 @@ pub enum ZkError {
         timeout: Duration,
         cause: String,
     },
-    #[error("ZooKeeper {ensemble}: {action} {path} refused: its ACL does not let the operator in (NoAuth); set spec.zookeeperAuth to the Secret with the credentials the tree was secured with, or open the znode's ACL by hand")]
+    #[error("ZooKeeper {ensemble}: {action} {path} refused: its ACL does not let the operator in (NoAuth); set spec.zookeeperAuth to the Secret with the credentials the tree was secured with (after a password change: the old one under the Secret's key previousPassword until the next pass), or open the znode's ACL by hand")]
     NotAuthorized {
         ensemble: String,
         action: &'static str,
@@ -124,9 +124,9 @@ impl ZkPool {
         ensemble: &str,
         auth: Option<&ZkAuth>,
     ) -> Result<zk::Client, ZkError> {
-        // Keyed by the digest id, never the password: a changed password opens a new session.
+        // Keyed by the digest ids, never the password: a changed password opens a new session.
         let key = match auth {
-            Some(a) => format!("{ensemble}#{}", a.digest_id()),
+            Some(a) => format!("{ensemble}#{}", a.session_key()),
             None => ensemble.to_string(),
         };
         let mut sessions = self.sessions.lock().await;
@@ -139,8 +139,8 @@ impl ZkPool {
         let mut connector = zk::Client::connector()
             .with_session_timeout(self.session_timeout)
             .with_connection_timeout(Duration::from_secs(3));
-        if let Some(a) = auth {
-            connector = connector.with_auth("digest", &a.credential());
+        for credential in auth.map(ZkAuth::credentials).unwrap_or_default() {
+            connector = connector.with_auth("digest", &credential);
         }
         let connect = connector.connect(ensemble);
         let client = tokio::time::timeout(self.connect_timeout, connect)
@@ -158,6 +158,12 @@ impl ZkPool {
         let user = auth.map(|a| a.user.as_str());
         tracing::info!(%ensemble, session = ?client.session_id(), ?user, "connected to ZooKeeper");
         self.watch_cache_list(ensemble, &client).await;
+        if let Some(a) = auth {
+            // The same user's sessions with another password are a password change's leftovers:
+            // let them close (a session ends when its last clone is dropped).
+            let same_user = format!("{ensemble}#{}:", a.user);
+            sessions.retain(|k, _| !k.starts_with(&same_user));
+        }
         sessions.insert(key, client.clone());
         Ok(client)
     }

@@ -20,6 +20,9 @@ use zookeeper_client as zk;
 pub struct ZkAuth {
     pub user: String,
     password: String,
+    /// During a password change: the one the tree is still secured with. The session
+    /// authenticates with both, so the owned znodes' ACLs can be moved to the new password.
+    previous_password: Option<String>,
 }
 
 impl std::fmt::Debug for ZkAuth {
@@ -27,6 +30,10 @@ impl std::fmt::Debug for ZkAuth {
         f.debug_struct("ZkAuth")
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field(
+                "previous_password",
+                &self.previous_password.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -36,26 +43,63 @@ impl ZkAuth {
         ZkAuth {
             user: user.into(),
             password: password.into(),
+            previous_password: None,
         }
+    }
+
+    /// The same user, also authenticated with the password being replaced.
+    pub fn with_previous(mut self, previous_password: impl Into<String>) -> ZkAuth {
+        self.previous_password = Some(previous_password.into());
+        self
     }
 
     /// What `addauth digest` sends.
     pub fn credential(&self) -> Vec<u8> {
-        format!("{}:{}", self.user, self.password).into_bytes()
+        digest_credential(&self.user, &self.password)
+    }
+
+    /// Every `addauth digest` a session sends: the current credential, then the previous one.
+    pub fn credentials(&self) -> Vec<Vec<u8>> {
+        std::iter::once(self.credential())
+            .chain(
+                self.previous_password
+                    .as_deref()
+                    .map(|p| digest_credential(&self.user, p)),
+            )
+            .collect()
+    }
+
+    /// What tells sessions apart in the pool: the digest ids, never a password.
+    pub fn session_key(&self) -> String {
+        match &self.previous_password {
+            Some(p) => format!(
+                "{}+{}",
+                self.digest_id(),
+                digest_of(&digest_credential(&self.user, p), &self.user)
+            ),
+            None => self.digest_id(),
+        }
     }
 
     /// The ACL id ZooKeeper's DigestAuthenticationProvider derives from the credential:
     /// `user:base64(sha1("user:password"))`.
     pub fn digest_id(&self) -> String {
-        use base64::Engine;
-        use sha1::Digest;
-        let hash = sha1::Sha1::digest(self.credential());
-        format!(
-            "{}:{}",
-            self.user,
-            base64::engine::general_purpose::STANDARD.encode(hash)
-        )
+        digest_of(&self.credential(), &self.user)
     }
+}
+
+fn digest_credential(user: &str, password: &str) -> Vec<u8> {
+    format!("{user}:{password}").into_bytes()
+}
+
+fn digest_of(credential: &[u8], user: &str) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    let hash = sha1::Sha1::digest(credential);
+    format!(
+        "{user}:{}",
+        base64::engine::general_purpose::STANDARD.encode(hash)
+    )
 }
 
 /// The ACLs of the znodes a resource owns.
@@ -120,6 +164,29 @@ mod tests {
         assert_eq!(auth.digest_id(), "arcus:1/bRj48qWGNQTfbXUfMhlCF/BMo=");
         assert_eq!(auth.credential(), b"arcus:s3cret");
         assert!(!format!("{auth:?}").contains("s3cret"));
+        let rotating = ZkAuth::new("arcus", "n3w").with_previous("s3cret");
+        assert_eq!(
+            rotating.credentials(),
+            vec![b"arcus:n3w".to_vec(), b"arcus:s3cret".to_vec()]
+        );
+        assert_eq!(
+            rotating.session_key(),
+            format!(
+                "{}+{}",
+                ZkAuth::new("arcus", "n3w").digest_id(),
+                auth.digest_id()
+            )
+        );
+        assert_ne!(
+            rotating.digest_id(),
+            auth.digest_id(),
+            "ACLs move to the new one"
+        );
+        let shown = format!("{rotating:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("n3w"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -1065,6 +1065,14 @@ const AUTH_SECRET: &str = "arcus-zookeeper-auth";
 
 /// The GET of `spec.zookeeperAuth`'s Secret (user `arcus`, password `s3cret`).
 fn auth_secret_step(case: &Case) -> Step {
+    // base64 of "arcus" and "s3cret"
+    auth_secret_step_with(
+        case,
+        json!({"username": "YXJjdXM=", "password": "czNjcmV0"}),
+    )
+}
+
+fn auth_secret_step_with(case: &Case, data: Value) -> Step {
     Step::get(format!(
         "/api/v1/namespaces/{}/secrets/{AUTH_SECRET}",
         case.ns
@@ -1074,8 +1082,7 @@ fn auth_secret_step(case: &Case) -> Step {
         json!({
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
             "metadata": {"name": AUTH_SECRET, "namespace": case.ns},
-            // base64 of "arcus" and "s3cret"
-            "data": {"username": "YXJjdXM=", "password": "czNjcmV0"},
+            "data": data,
         }),
     )
 }
@@ -1089,10 +1096,14 @@ fn with_auth(cr: &Value) -> Value {
 /// `digest` ALL for the operator's user, and exactly `world` for anyone. Read as that user:
 /// ZooKeeper shows a digest's hash only to a session with ADMIN on the znode.
 async fn assert_secured(addr: &str, path: &str, world: zk::Permission) {
+    assert_secured_for(addr, path, world, "s3cret").await
+}
+
+async fn assert_secured_for(addr: &str, path: &str, world: zk::Permission, password: &str) {
     let zkc = tokio::time::timeout(
         Duration::from_secs(10),
         zk::Client::connector()
-            .with_auth("digest", b"arcus:s3cret")
+            .with_auth("digest", format!("arcus:{password}").as_bytes())
             .connect(addr),
     )
     .await
@@ -1102,7 +1113,7 @@ async fn assert_secured(addr: &str, path: &str, world: zk::Permission) {
         .get_acl(path)
         .await
         .unwrap_or_else(|e| panic!("ACL of {path}: {e}"));
-    let digest = arcus_operator::zk_auth::ZkAuth::new("arcus", "s3cret").digest_id();
+    let digest = arcus_operator::zk_auth::ZkAuth::new("arcus", password).digest_id();
     let has = |scheme: &str, id: &str, perm: zk::Permission| {
         acl.iter()
             .any(|a| a.scheme() == scheme && a.id() == id && a.permission() == perm)
@@ -1197,4 +1208,41 @@ async fn zookeeper_auth_secures_what_the_resource_owns() {
     assert_secured(&case.zk, &case.claim(), rw).await;
     assert_secured(&case.zk, &format!("/arcus/client_list/{}", case.svc), rw).await;
     assert_secured(&case.zk, &case.mapping(2), zk::Permission::READ).await;
+
+    // A password change. Only the new password: refused, and the status says what to set.
+    let n3w = json!({"username": "YXJjdXM=", "password": "bjN3"});
+    // (A pass that fails returns its error before the status, which the controller reports; a
+    // pass that changes nothing writes no status.)
+    let rotate_pass = |secret: Value, writes_status: bool| {
+        let stored_cr = cr.clone();
+        let mut script = vec![auth_secret_step_with(&case, secret)];
+        if writes_status {
+            script.push(
+                Step::apply(case.status_path(), FIELD_MANAGER)
+                    .reply_with(move |b| (200, with_status(&stored_cr, b))),
+            );
+        }
+        let caches = caches_of(&case.ns, &live_sts, &[], &svc, &pdb);
+        pass_with(&cr, script, None, caches)
+    };
+    let (result, t) = rotate_pass(n3w.clone(), false).await;
+    let err = result.expect_err("the new password alone cannot touch the secured tree");
+    assert!(
+        err.to_string().contains("NoAuth") && err.to_string().contains("previousPassword"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("n3w"), "a password in an error");
+    assert!(t.events.iter().all(|e| !e.to_string().contains("bjN3")));
+    // With previousPassword (the old one) beside it: the next pass moves every ACL over.
+    let mut both = n3w.clone();
+    both["previousPassword"] = json!("czNjcmV0");
+    let (result, t) = rotate_pass(both, true).await;
+    result.unwrap_or_else(|e| panic!("a pass changing the password failed: {e}"));
+    assert_eq!(t.event_reasons(), ["ZooKeeperUpdated"], "{:#?}", t.events);
+    assert_secured_for(&case.zk, &case.claim(), rw, "n3w").await;
+    assert_secured_for(&case.zk, &case.mapping(0), zk::Permission::READ, "n3w").await;
+    // previousPassword removed: the new password alone now does everything.
+    let (result, t) = rotate_pass(n3w, false).await;
+    result.unwrap_or_else(|e| panic!("a pass after the password change failed: {e}"));
+    assert!(t.event_reasons().is_empty(), "{:#?}", t.events);
 }

@@ -212,7 +212,12 @@ async fn zookeeper_auth(ctx: &Context, ns: &str, secret: &str) -> Result<ZkAuth,
             "its username contains ':', which a digest credential cannot".into(),
         ));
     }
-    Ok(ZkAuth::new(user, field("password")?))
+    let auth = ZkAuth::new(user, field("password")?);
+    // A password change: the tree is still secured with this one until the next pass moves it.
+    Ok(match field("previousPassword") {
+        Ok(previous) => auth.with_previous(previous),
+        Err(_) => auth,
+    })
 }
 
 /// Asks the nodes the state machine needs to know about whether they know `zkensemble`.

@@ -7,6 +7,7 @@
 mod args;
 mod proxy;
 mod registration;
+mod scan;
 
 use args::{EngineConfig, ServerArgs, EX_USAGE};
 use proxy::{NodeStatus, RejoinRequest};
@@ -253,6 +254,7 @@ async fn run(args: ServerArgs, proxy_rt: tokio::runtime::Handle) -> u8 {
 
     // 2. The client port: the stand-in's proxy, which answers `ready` and `zkensemble` itself.
     let (status, mut rejoin_requests) = NodeStatus::new(args.zk_ensemble.as_deref());
+    status.set_upstream(sock.to_path_buf());
     let probe = format!("{}:{}", args.probe_ip(), args.port());
     match start_proxy(&proxy_rt, &args, &sock, status.clone()).await {
         Ok(addrs) => info!(

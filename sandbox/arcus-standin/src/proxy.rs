@@ -50,6 +50,10 @@ pub enum AdminCmd {
     ZkFailstopBadValue,
     /// `config zkfailstop <more than one argument>`
     ZkFailstopBad,
+    /// `scan key <cursor> [count <n>] [match <glob>] [type <T>]`
+    Scan(crate::scan::ScanRequest),
+    /// `scan key` with arguments arcus refuses
+    ScanBad,
 }
 
 /// What `ready` and `zkensemble` answer from; written by the ZooKeeper loop, read by the proxy.
@@ -64,6 +68,8 @@ pub struct NodeStatus {
     /// leaves the cluster and waits for `zkensemble rejoin`.
     failstop: AtomicBool,
     rejoin: mpsc::UnboundedSender<oneshot::Sender<bool>>,
+    /// `scan key` over memcached's hash table (set once memcached's socket is known).
+    scans: std::sync::OnceLock<crate::scan::Scans>,
 }
 
 /// A `zkensemble rejoin` for the ZooKeeper loop: it answers true when the node rejoined.
@@ -85,8 +91,14 @@ impl NodeStatus {
             session: AtomicBool::new(false),
             failstop: AtomicBool::new(true),
             rejoin: tx,
+            scans: std::sync::OnceLock::new(),
         };
         (Arc::new(status), rx)
+    }
+
+    /// Where memcached listens: `scan key` lists its hash table there.
+    pub fn set_upstream(&self, socket: PathBuf) {
+        let _ = self.scans.set(crate::scan::Scans::new(socket));
     }
 
     pub fn set_registered(&self, v: bool) {
@@ -117,6 +129,13 @@ impl NodeStatus {
             }
             AdminCmd::ZkFailstopBadValue => return b"CLIENT_ERROR bad value\r\n".to_vec(),
             AdminCmd::ZkFailstopBad => return b"CLIENT_ERROR bad command line format\r\n".to_vec(),
+            AdminCmd::Scan(req) => {
+                return match self.scans.get() {
+                    Some(scans) => scans.answer(req).await,
+                    None => b"SERVER_ERROR scan not available yet\r\n".to_vec(),
+                }
+            }
+            AdminCmd::ScanBad => return b"CLIENT_ERROR bad command line format\r\n".to_vec(),
             _ => {}
         }
         let Some(ensemble) = &self.ensemble else {
@@ -154,7 +173,11 @@ impl NodeStatus {
                 b"ERROR failed to set the new ensemble address (check logs)\r\n".to_vec()
             }
             AdminCmd::ZkBad => b"CLIENT_ERROR bad command line format\r\n".to_vec(),
-            AdminCmd::ZkFailstop(_) | AdminCmd::ZkFailstopBadValue | AdminCmd::ZkFailstopBad => {
+            AdminCmd::ZkFailstop(_)
+            | AdminCmd::ZkFailstopBadValue
+            | AdminCmd::ZkFailstopBad
+            | AdminCmd::Scan(_)
+            | AdminCmd::ScanBad => {
                 unreachable!("answered above")
             }
         }
@@ -236,6 +259,17 @@ impl RequestParser {
                     [b"zkfailstop", b"off"] => Req::Intercept(n, AdminCmd::ZkFailstop(Some(false))),
                     [b"zkfailstop", _] => Req::Intercept(n, AdminCmd::ZkFailstopBadValue),
                     [b"zkfailstop", ..] => Req::Intercept(n, AdminCmd::ZkFailstopBad),
+                    _ => Req::Forward(n),
+                }
+            }
+            b"scan" => {
+                let rest: Vec<&[u8]> = words.collect();
+                // Only `scan key` is arcus's key listing; anything else goes on (and fails).
+                match rest.split_first() {
+                    Some((&b"key", args)) => match crate::scan::parse_request(args) {
+                        Some(req) => Req::Intercept(n, AdminCmd::Scan(req)),
+                        None => Req::Intercept(n, AdminCmd::ScanBad),
+                    },
                     _ => Req::Forward(n),
                 }
             }

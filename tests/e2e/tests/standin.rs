@@ -1042,3 +1042,114 @@ async fn zookeeper_run_ensemble() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
 }
+
+/// `scan key` as arcus-memcached has it: every key present for the whole scan is listed once
+/// (here 20,000 keys, listed in pages of 1,000 while a writer rewrites them, which is what made
+/// stock memcached's LRU listing skip one), expired keys are not, a cursor continues a scan,
+/// and the operator therefore lists stand-in nodes with `scan` like ARCUS nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_key_lists_every_key_present_for_the_whole_scan() -> anyhow::Result<()> {
+    const KEYS: usize = 20_000;
+    let zks = ZkServer::start()?;
+    let client = zk::Client::connect(&zks.addr()).await?;
+    arcus_tree(&client, &["svc-scan"]).await?;
+    let ip = unique_loopback_ip();
+    let port = free_port(&ip);
+    map(&client, &format!("{ip}:{port}"), "svc-scan").await?;
+    let node = StandIn::start(&zks.addr(), &ip, port, "scan-mc-0", &[]);
+    let path = format!("/arcus/cache_list/svc-scan/{}", node.node_name());
+    wait_znode(&client, &path, Duration::from_secs(20)).await?;
+    let addr = node.addr();
+    let mc = node_client(&addr);
+    for i in 0..KEYS {
+        mc.set(&format!("s:{i}"), format!("v{i}"), 0, 0).await?;
+    }
+    mc.set("s:short", "x", 0, 1).await?;
+    let admin = AdminClient::new(&addr);
+    assert_eq!(
+        arcus_operator::migration::keys::detect_listing(&addr, Duration::from_secs(2)).await?,
+        arcus_operator::migration::keys::Listing::Scan
+    );
+    // Lets the 1 s key expire (its expiry is what is checked).
+    wait_until(Duration::from_secs(10), "s:short to expire", || async {
+        mc.get("s:short").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    let writer = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mc = node_client(&addr);
+            let mut n = 0;
+            for round in 0..5 {
+                for i in (0..KEYS).step_by(7) {
+                    let _ = mc
+                        .set(&format!("s:{i}"), format!("w{round}-{i}"), 0, 0)
+                        .await;
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let opts = arcus_client::ScanOptions {
+        count: Some(1000),
+        ..Default::default()
+    };
+    let mut cursor = "0".to_string();
+    let mut listed = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = admin.scan_keys(&cursor, &opts).await?;
+        pages += 1;
+        listed.extend(page.keys.iter().map(|k| k.key.clone()));
+        anyhow::ensure!(
+            page.keys.iter().all(|k| k.exptime == 0),
+            "a key with an expiry"
+        );
+        if page.is_last() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    let writes = writer.await?;
+    listed.sort();
+    let n = listed.len();
+    listed.dedup();
+    anyhow::ensure!(n == listed.len(), "{} keys listed twice", n - listed.len());
+    anyhow::ensure!(
+        !listed.iter().any(|k| k == "s:short"),
+        "an expired key was listed"
+    );
+    let missing: Vec<String> = (0..KEYS)
+        .map(|i| format!("s:{i}"))
+        .filter(|k| listed.binary_search(k).is_err())
+        .collect();
+    eprintln!(
+        "scan: {n} keys in {pages} pages while {writes} writes ran; {} missing",
+        missing.len()
+    );
+    anyhow::ensure!(
+        missing.is_empty(),
+        "keys not listed: {:?}",
+        &missing[..missing.len().min(5)]
+    );
+    let unknown = admin.scan_keys("9.0", &opts).await;
+    anyhow::ensure!(
+        unknown
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("cursor")),
+        "an unknown cursor is not refused: {unknown:?}"
+    );
+    Ok(())
+}
+
+/// A client of the one node at `addr`.
+fn node_client(addr: &str) -> arcus_client::ArcusClient {
+    arcus_client::ArcusClient::with_nodes(
+        vec![addr.to_string()],
+        arcus_client::ClientOptions {
+            op_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+}

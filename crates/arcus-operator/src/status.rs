@@ -209,15 +209,21 @@ fn condition(
     }
 }
 
+/// The pod's `Ready` condition when it is `True` (its transition time says since when).
+pub fn ready_condition(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::PodCondition> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 /// Reads a cache pod: readiness, whether its container runs, and why it fails (the exit codes
 /// arcus-memcached uses say what went wrong).
 pub fn node_view(pod: &Pod, ordinal: u32, hostname: String) -> NodeView {
+    let pod_ready = ready_condition(pod).is_some();
     let status = pod.status.clone().unwrap_or_default();
-    let pod_ready = status
-        .conditions
-        .unwrap_or_default()
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
     let containers = status.container_statuses.unwrap_or_default();
     let running = containers
         .iter()

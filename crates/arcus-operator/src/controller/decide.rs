@@ -278,12 +278,7 @@ pub fn stalled_leaving_pods(
     if !ordered || !seen {
         return vec![];
     }
-    let ready = |p: &k8s_openapi::api::core::v1::Pod| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    };
+    let ready = |p| crate::status::ready_condition(p).is_some();
     pods.iter()
         .filter(|(o, p)| *o >= size && p.metadata.deletion_timestamp.is_none() && !ready(p))
         .filter(|(o, _)| deleting || !registered.contains(&hostname(*o)))

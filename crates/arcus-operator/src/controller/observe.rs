@@ -272,12 +272,8 @@ fn node_pod(
 ) -> NodePod {
     let secs_since = |t: &Time| (now.as_second() - t.0.as_second()).max(0);
     let annotations = p.metadata.annotations.clone().unwrap_or_default();
+    let ready_cond = crate::status::ready_condition(p);
     let status = p.status.clone().unwrap_or_default();
-    let ready_cond = status
-        .conditions
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.type_ == "Ready" && c.status == "True");
     let config = |key: &str| annotations.get(key).and_then(|s| LiveConfig::parse(s));
     NodePod {
         ordinal,

@@ -1154,6 +1154,32 @@ impl Migration {
         Ok(self.progress_now())
     }
 
+    /// Nodes that were briefly in the ring and are out of it again (a joining node between
+    /// registering and being taken out): every key-value item on them is a client's write,
+    /// made while their ring had the node, for a key the node owned only in that ring (another
+    /// joining node held out owns it in the final one). Each goes to its owner on the ring
+    /// AFTER (which does not hold `strays_on`), unless the owner stored the key after its
+    /// mark in `owner_marks` (taken before: written by a client that had left the node), and
+    /// is then removed from the node. Key-value items only, as [`Self::return_misrouted`].
+    pub async fn return_strays(
+        &self,
+        strays_on: &[String],
+        owner_marks: &BTreeMap<String, u64>,
+    ) -> Result<Progress> {
+        self.set_phase(Phase::Pass2);
+        let results = futures::future::join_all(
+            strays_on
+                .iter()
+                .map(|n| self.misrouted_on(n, 0, owner_marks)),
+        )
+        .await;
+        for r in results {
+            r?;
+        }
+        self.set_phase(Phase::Done);
+        Ok(self.progress_now())
+    }
+
     /// [`Migration::return_misrouted`] for the items on `node`.
     async fn misrouted_on(
         &self,

@@ -676,23 +676,7 @@ impl Mover for CacheMover {
     ) -> Result<u64, MigrateError> {
         let (before, joining) = (owned(before), owned(joining));
         self.run("giving back", move |_| async move {
-            // Everything on the held nodes is what clients wrote while they were in the ring,
-            // whatever ring that was: a key a node owned then may belong to another held node
-            // in the final ring, so all of it goes to the owners on `before` (the large-cluster
-            // benchmark lost such a write when only the keys the node owns in before + it
-            // were given back).
-            let ring = Ring::new(before.clone());
-            let m = Migration::new(ring.clone(), ring, MigrationOptions::default())?;
-            // The owners' marks first: what they store after them comes from clients that have
-            // left the held nodes, and is newer than anything there.
-            let mut owner_marks = BTreeMap::new();
-            for n in &before {
-                owner_marks.insert(n.clone(), m.watermark(n).await?.cas);
-            }
-            // Clients that saw the nodes in the ring must have left them.
-            tokio::time::sleep(CLIENTS_FOLLOW).await;
-            let p = m.return_strays(&joining, &owner_marks).await?;
-            Ok(p.items_moved)
+            Ok(give_back_strays(&before, &joining).await?)
         })
         .await
     }
@@ -706,9 +690,23 @@ impl Mover for CacheMover {
     ) -> Result<Checkpoint, MigrateError> {
         let (before, joining, label) = (owned(before), owned(joining), label.clone());
         self.run("pass 1", move |r| async move {
-            // Clients that saw the node join must have left it before pass 1 treats what it
-            // holds as ours to overwrite.
-            tokio::time::sleep(CLIENTS_FOLLOW).await;
+            if keep_own {
+                // Clients that saw the node join must have left it before pass 1 treats what
+                // it holds as ours to overwrite.
+                tokio::time::sleep(CLIENTS_FOLLOW).await;
+            } else {
+                // What a client whose ring still had the node wrote after the give-back read
+                // it: pass 1 would overwrite it with the owner's older copy. Given back again
+                // (after the same wait for clients to leave it).
+                let late = give_back_strays(&before, &joining).await?;
+                if late > 0 {
+                    tracing::info!(
+                        ?joining,
+                        late,
+                        "late writes on the held node given back before pass 1"
+                    );
+                }
+            }
             let mut job = ScaleOut::new(Ring::new(before), &joining, MigrationOptions::default())?;
             let mut kept = BTreeMap::new();
             if keep_own {
@@ -800,6 +798,24 @@ impl Mover for CacheMover {
         })
         .await
     }
+}
+
+/// Everything on the held nodes `joining` is what clients wrote while they were in the ring,
+/// whatever ring that was: a key a node owned then may belong to another held node in the final
+/// ring, so all of it goes to its owner on `before` (the large-cluster benchmark lost such a
+/// write when only the keys the node owns in `before` + it were given back). The owners' marks
+/// come first: what they store after them comes from clients that have left the held nodes and
+/// is newer than anything there; then the wait for clients to leave them. Returns how many
+/// items moved.
+async fn give_back_strays(before: &[String], joining: &[String]) -> Result<u64, MigrationError> {
+    let ring = Ring::new(before.to_vec());
+    let m = Migration::new(ring.clone(), ring, MigrationOptions::default())?;
+    let mut owner_marks = BTreeMap::new();
+    for n in before {
+        owner_marks.insert(n.clone(), m.watermark(n).await?.cas);
+    }
+    tokio::time::sleep(CLIENTS_FOLLOW).await;
+    Ok(m.return_strays(joining, &owner_marks).await?.items_moved)
 }
 
 /// Add-only copies into `joining`, up to `rounds` of them while a round still moves items.

@@ -212,36 +212,11 @@ async fn dump_hash(upstream: &PathBuf) -> Result<Vec<Item>, String> {
 
 /// `key=<url-encoded> exp=<unix|-1> ...` → the key and its expiry.
 fn parse_metadump_line(line: &str) -> Option<Item> {
-    let mut key = None;
-    let mut exp = None;
-    for field in line.split(' ') {
-        match field.split_once('=') {
-            Some(("key", v)) => key = Some(url_decode(v)?),
-            Some(("exp", v)) => exp = Some(v.parse::<i64>().ok()?),
-            _ => {}
-        }
-    }
+    let e = arcus_client::protocol::parse_metadump_line(line.as_bytes())?;
     Some(Item {
-        key: key?,
-        exp: exp.filter(|e| *e >= 0),
+        key: e.key,
+        exp: e.exp,
     })
-}
-
-fn url_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// ARCUS's `match` glob: `*` any run, `?` one character, `\` escapes the next.

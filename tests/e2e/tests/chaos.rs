@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DynamicObject, PostParams};
 use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,18 +104,7 @@ async fn three_loaded_nodes(
     ns: &TestNamespace,
     name: &str,
 ) -> anyhow::Result<(String, Arc<arcus_client::ArcusClient>)> {
-    let svc = service_code(ns);
-    let crs = mc_api(sandbox, ns);
-    let cr: DynamicObject = serde_json::from_value(cr_json(name, &svc, 3))?;
-    crs.create(&PostParams::default(), &cr).await?;
-    wait_until(Duration::from_secs(180), "3/3 ready", || async {
-        let cr = crs.get(name).await.ok()?;
-        (cr.data["status"]["ready"] == "3/3").then_some(())
-    })
-    .await?;
-    let client = ring_client(&svc, 3).await?;
-    load(&client, KEYS, |i| (key(i), format!("v-{i}"), 0, 0)).await?;
-    Ok((svc, client))
+    settled_and_loaded(sandbox, ns, name, 3, KEYS, key, |i| format!("v-{i}")).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -37,16 +37,8 @@ async fn api_server_and_etcd_restarted_mid_migration_lose_nothing() -> anyhow::R
 }
 
 async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
-    let svc = service_code(ns);
+    let (svc, client) = settled_and_loaded(sandbox, ns, "cp", 3, KEYS, key, value).await?;
     let crs = mc_api(sandbox, ns);
-    let cr: DynamicObject = serde_json::from_value(cr_json("cp", &svc, 3))?;
-    crs.create(&PostParams::default(), &cr).await?;
-    wait_until(Duration::from_secs(180), "3/3 ready", || {
-        settled(&crs, "cp", "3/3")
-    })
-    .await?;
-    let client = ring_client(&svc, 3).await?;
-    load(&client, KEYS, |i| (key(i), value(i), 0, 0)).await?;
 
     crs.patch(
         "cp",

@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DynamicObject, ListParams, PostParams};
+use kube::api::ListParams;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -86,16 +86,8 @@ async fn node_agent_restarted_keeps_pods_running() -> anyhow::Result<()> {
 }
 
 async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
-    let svc = service_code(ns);
+    let (_, client) = settled_and_loaded(sandbox, ns, "agent", 3, KEYS, key, value).await?;
     let crs = mc_api(sandbox, ns);
-    let cr: DynamicObject = serde_json::from_value(cr_json("agent", &svc, 3))?;
-    crs.create(&PostParams::default(), &cr).await?;
-    wait_until(Duration::from_secs(180), "3/3 ready, settled", || {
-        settled(&crs, "agent", "3/3")
-    })
-    .await?;
-    let client = ring_client(&svc, 3).await?;
-    load(&client, KEYS, |i| (key(i), value(i), 0, 0)).await?;
     let before = identities(ns).await?;
     let pids: Vec<i32> = before
         .values()

@@ -268,16 +268,8 @@ async fn zookeeper_stopped_60s_in_the_middle_of_a_scale_out_and_a_scale_in() -> 
 
 async fn during_scales(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     const SCALE_KEYS: usize = 30_000;
-    let svc = service_code(ns);
+    let (svc, client) = settled_and_loaded(sandbox, ns, "zs", 3, SCALE_KEYS, key, value).await?;
     let crs = mc_api(sandbox, ns);
-    let cr: DynamicObject = serde_json::from_value(cr_json("zs", &svc, 3))?;
-    crs.create(&PostParams::default(), &cr).await?;
-    wait_until(Duration::from_secs(180), "3/3 ready", || {
-        settled(&crs, "zs", "3/3")
-    })
-    .await?;
-    let client = ring_client(&svc, 3).await?;
-    load(&client, SCALE_KEYS, |i| (key(i), value(i), 0, 0)).await?;
     let claim = format!("/arcus/cache_list/{svc}");
     for (from, to) in [(3, 5), (5, 3)] {
         // A session of its own per phase: the last one expired in the outage.

@@ -7,6 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
@@ -396,6 +397,33 @@ pub async fn read_back_all(
         good += usize::from(r?);
     }
     Ok(good)
+}
+
+/// Resource `name` of `replicas` nodes created, settled (all Ready, no operation), and `keys`
+/// keys loaded (`key(i)` = `value(i)`) through a ring client: its service code and that client.
+pub async fn settled_and_loaded(
+    sandbox: &Sandbox,
+    ns: &TestNamespace,
+    name: &str,
+    replicas: i32,
+    keys: usize,
+    key: fn(usize) -> String,
+    value: fn(usize) -> String,
+) -> anyhow::Result<(String, Arc<arcus_client::ArcusClient>)> {
+    let svc = service_code(ns);
+    let crs = mc_api(sandbox, ns);
+    let cr: DynamicObject = serde_json::from_value(cr_json(name, &svc, replicas))?;
+    crs.create(&PostParams::default(), &cr).await?;
+    let want = format!("{replicas}/{replicas}");
+    wait_until(
+        Duration::from_secs(180),
+        &format!("{want} ready, settled"),
+        || settled(&crs, name, &want),
+    )
+    .await?;
+    let client = ring_client(&svc, replicas as usize).await?;
+    load(&client, keys, |i| (key(i), value(i), 0, 0)).await?;
+    Ok((svc, client))
 }
 
 /// `Some` once resource `name`'s `status.ready` reads `want` and no operation is recorded.

@@ -148,9 +148,20 @@ impl Scans {
     async fn take_snapshot(&self) -> Result<u64, String> {
         let _one = self.dumping.lock().await;
         let started = Instant::now();
-        let items = tokio::time::timeout(DUMP_TIMEOUT, dump_hash(&self.upstream))
-            .await
-            .map_err(|_| format!("no END within {DUMP_TIMEOUT:?}"))??;
+        let items = tokio::time::timeout(DUMP_TIMEOUT, async {
+            // memcached's crawler stays busy for a moment after a dump's END (and while a
+            // client's own metadump runs): asked again, as the operator does for metadump.
+            loop {
+                match dump_hash(&self.upstream).await {
+                    Err(e) if e.contains("BUSY") => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("no END within {DUMP_TIMEOUT:?}"))??;
         let id = {
             let mut next = self.next_id.lock().expect("scan ids");
             let id = *next;

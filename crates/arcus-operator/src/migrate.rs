@@ -696,12 +696,11 @@ impl Mover for CacheMover {
             // clients' writes and overwrite newer ones on the owners: large-cluster run 10.)
             tokio::time::sleep(CLIENTS_FOLLOW).await;
             let mut job = ScaleOut::new(Ring::new(before), &joining, MigrationOptions::default())?;
-            let mut kept = BTreeMap::new();
-            if keep_own {
-                for n in &joining {
-                    kept.insert(n.clone(), job.migration().watermark(n).await?.cas);
-                }
-            }
+            let kept = if keep_own {
+                cas_marks(job.migration(), &joining).await?
+            } else {
+                BTreeMap::new()
+            };
             let _follow = r.follow(&label, job.progress());
             tracing::info!(?joining, keep_own, "pass 1 into the node out of the ring");
             let mut cp = job.pass1().await?;
@@ -758,12 +757,7 @@ impl Mover for CacheMover {
                 Ring::new(nodes.clone()),
                 MigrationOptions::default(),
             )?;
-            let mut marks = BTreeMap::new();
-            for n in nodes {
-                let mark = m.watermark(&n).await?;
-                marks.insert(n, mark.cas);
-            }
-            Ok(marks)
+            Ok(cas_marks(&m, &nodes).await?)
         })
         .await
     }
@@ -798,12 +792,21 @@ impl Mover for CacheMover {
 async fn give_back_strays(before: &[String], joining: &[String]) -> Result<u64, MigrationError> {
     let ring = Ring::new(before.to_vec());
     let m = Migration::new(ring.clone(), ring, MigrationOptions::default())?;
-    let mut owner_marks = BTreeMap::new();
-    for n in before {
-        owner_marks.insert(n.clone(), m.watermark(n).await?.cas);
-    }
+    let owner_marks = cas_marks(&m, before).await?;
     tokio::time::sleep(CLIENTS_FOLLOW).await;
     Ok(m.return_strays(joining, &owner_marks).await?.items_moved)
+}
+
+/// Each node's CAS watermark (a store of the watermark key): what it stores later has a higher CAS.
+async fn cas_marks(
+    m: &Migration,
+    nodes: &[String],
+) -> Result<BTreeMap<String, u64>, MigrationError> {
+    let mut marks = BTreeMap::new();
+    for n in nodes {
+        marks.insert(n.clone(), m.watermark(n).await?.cas);
+    }
+    Ok(marks)
 }
 
 /// Add-only copies into `joining`, up to `rounds` of them while a round still moves items.

@@ -305,6 +305,19 @@ async fn wait_expired(c: &ArcusClient, loaded: &HashMap<String, Loaded>) {
     .unwrap();
 }
 
+/// Every key of a stock memcached `node`, listed with `lru_crawler metadump`.
+async fn metadump_listing(node: &str) -> Vec<arcus_operator::migration::KeyInfo> {
+    keys::enumerate(
+        node,
+        Listing::Metadump,
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
 fn check_progress(p: &Progress) {
     assert_eq!(p.items_done, p.items_total, "{p:?}");
     assert_eq!(p.items_failed, 0, "{p:?}");
@@ -323,15 +336,7 @@ async fn stock_memcached_is_listed_with_metadump() {
     let c = client(&addrs);
     c.set("a:1", "x", 7, 0).await.unwrap();
     c.set("a:2", "y", 0, 100).await.unwrap();
-    let mut listed = keys::enumerate(
-        &addrs[0],
-        Listing::Metadump,
-        Duration::from_secs(2),
-        Duration::from_secs(10),
-        &[],
-    )
-    .await
-    .unwrap();
+    let mut listed = metadump_listing(&addrs[0]).await;
     listed.sort_by(|a, b| a.key.cmp(&b.key));
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].expiry, keys::Expiry::Never);
@@ -957,14 +962,6 @@ async fn strays_on_a_node_briefly_in_the_ring_all_go_to_their_owners() {
         &wrong[..wrong.len().min(3)]
     );
     assert_eq!(p.items_moved, u64::from(KEYS) - 1, "{p:?}");
-    let left = keys::enumerate(
-        &stray_node,
-        Listing::Metadump,
-        Duration::from_secs(2),
-        Duration::from_secs(10),
-        &[],
-    )
-    .await
-    .unwrap();
+    let left = metadump_listing(&stray_node).await;
     assert!(left.is_empty(), "{} items left on the node", left.len());
 }

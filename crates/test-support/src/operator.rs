@@ -181,7 +181,12 @@ pub fn container_pid(pod: &Pod) -> Option<i32> {
         .first()?
         .container_id
         .clone()?;
-    id.strip_prefix("sandbox://")?.parse().ok()
+    sandbox_pid(&id)
+}
+
+/// The PID in a containerID the node agent reports (`sandbox://<pid>`).
+pub fn sandbox_pid(container_id: &str) -> Option<i32> {
+    container_id.strip_prefix("sandbox://")?.parse().ok()
 }
 
 /// The operator pod holding the leader Lease, if any.

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -76,7 +77,7 @@ struct Snapshot {
 pub struct Scans {
     upstream: PathBuf,
     snapshots: Mutex<HashMap<u64, Snapshot>>,
-    next_id: Mutex<u64>,
+    next_id: AtomicU64,
     /// One hash dump at a time (memcached runs one crawler).
     dumping: tokio::sync::Mutex<()>,
 }
@@ -86,7 +87,7 @@ impl Scans {
         Scans {
             upstream,
             snapshots: Mutex::default(),
-            next_id: Mutex::new(1),
+            next_id: AtomicU64::new(1),
             dumping: tokio::sync::Mutex::new(()),
         }
     }
@@ -162,12 +163,7 @@ impl Scans {
         })
         .await
         .map_err(|_| format!("no END within {DUMP_TIMEOUT:?}"))??;
-        let id = {
-            let mut next = self.next_id.lock().expect("scan ids");
-            let id = *next;
-            *next += 1;
-            id
-        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         info!(
             "scan: snapshot {id} of {} keys in {:?}",
             items.len(),

@@ -248,8 +248,7 @@ impl Manager {
             if let Ok(entries) = std::fs::read_dir(self.agent.pods_dir()) {
                 for e in entries.flatten() {
                     let name = e.file_name().to_string_lossy().to_string();
-                    let uid = name.rsplit('_').next().unwrap_or_default().to_string();
-                    if !workers.contains_key(&uid) {
+                    if !workers.contains_key(pod_dir_uid(&name)) {
                         tracing::info!(dir = %e.path().display(), "removing the dir of a pod that no longer runs here");
                         let _ = std::fs::remove_dir_all(e.path());
                     }
@@ -349,6 +348,11 @@ pub fn adoptable(
             })
         })
         .collect()
+}
+
+/// The pod UID a [`pod_dir`]'s name ends in.
+pub fn pod_dir_uid(dir_name: &str) -> &str {
+    dir_name.rsplit('_').next().unwrap_or_default()
 }
 
 pub fn pod_dir(pods_dir: &Path, pod: &Pod) -> PathBuf {

@@ -118,6 +118,15 @@ impl PodCtx {
         list.get(idx).cloned()
     }
 
+    /// A container process now running: recorded (by PID and start time) for a restarted agent.
+    fn track(&self, record: PidRecord) {
+        self.procs
+            .lock()
+            .expect("procs lock")
+            .insert(record.container.clone(), record);
+        self.record_pids();
+    }
+
     fn record_pids(&self) {
         let recs: Vec<PidRecord> = self
             .procs
@@ -235,16 +244,14 @@ fn adopt_into_rt(rt: &mut PodRt, pod: &Pod, adopted: &[RunInfo]) {
             .flatten()
             .find(|s| s.name == c.name)
             .and_then(|s| s.state.as_ref()?.terminated.as_ref());
-        let mut term = Termination::new(
+        c.state = RunState::Terminated(Termination::new(
             done.map(|t| t.exit_code).unwrap_or(0),
             None,
             done.and_then(|t| t.started_at.as_ref()).map(|t| t.0),
             done.and_then(|t| t.finished_at.as_ref())
                 .map(|t| t.0)
                 .unwrap_or_else(Timestamp::now),
-        );
-        term.pid = None;
-        c.state = RunState::Terminated(term);
+        ));
     }
     let statuses = status.and_then(|s| s.container_statuses.as_ref());
     for c in &mut rt.containers {
@@ -1495,15 +1502,11 @@ async fn launch(
     let pid = child.id().unwrap_or(0);
     let started_at = Timestamp::now();
     let start_time = runtime::start_time(pid).unwrap_or(0);
-    ctx.procs.lock().expect("procs lock").insert(
-        c.name.clone(),
-        PidRecord {
-            container: c.name.clone(),
-            pid,
-            start_time,
-        },
-    );
-    ctx.record_pids();
+    ctx.track(PidRecord {
+        container: c.name.clone(),
+        pid,
+        start_time,
+    });
     let mut target = prepared.target.clone();
     target.pid = Some(pid);
     if kind == Kind::Main {
@@ -1546,15 +1549,11 @@ async fn launch(
 
 /// Takes over a container a previous agent run started (its state was set by `adopt_into_rt`).
 fn adopt(ctx: &PodCtx, info: RunInfo) -> Launched {
-    ctx.procs.lock().expect("procs lock").insert(
-        info.container.clone(),
-        PidRecord {
-            container: info.container.clone(),
-            pid: info.pid,
-            start_time: info.start_time,
-        },
-    );
-    ctx.record_pids();
+    ctx.track(PidRecord {
+        container: info.container.clone(),
+        pid: info.pid,
+        start_time: info.start_time,
+    });
     info!(pod = %ctx.key, container = %info.container, pid = info.pid, "container adopted from a previous agent run (kept running)");
     let log_offset = std::fs::metadata(&info.log_file)
         .map(|m| m.len())

@@ -549,9 +549,15 @@ pub fn group_alive(pid: u32) -> bool {
 
 /// The start time (clock ticks since boot) of a process, to tell a recorded PID from a reused one.
 pub fn start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// A process's state letter and start time from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.to_string();
+    Some((state, fields.nth(18)?.parse().ok()?))
 }
 
 /// One line of a pod's `pids` file: the process group of one container.
@@ -605,16 +611,9 @@ pub fn write_pid_records(pod_dir: &Path, records: &[PidRecord]) -> std::io::Resu
 /// Whether the process recorded as (`pid`, `start_time`) still runs: same start time (not a
 /// reused PID) and not a zombie. For processes that are not the agent's children (adopted).
 pub fn process_running(pid: u32, recorded_start: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    let mut fields = after.split_whitespace();
-    let state = fields.next().unwrap_or("X");
-    let start: Option<u64> = fields.nth(18).and_then(|f| f.parse().ok());
-    start == Some(recorded_start) && !matches!(state, "Z" | "X" | "x")
+    proc_stat(pid).is_some_and(|(state, start)| {
+        start == recorded_start && !matches!(state.as_str(), "Z" | "X" | "x")
+    })
 }
 
 /// What a restarted agent needs to take over a running container without restarting it:
@@ -686,10 +685,9 @@ pub fn find_leftovers(pods_dir: &Path) -> Vec<Leftover> {
         if alive.is_empty() {
             continue;
         }
-        let name = entry.file_name().to_string_lossy().to_string();
         found.push(Leftover {
+            uid: crate::agent::pod_dir_uid(&entry.file_name().to_string_lossy()).to_string(),
             pod_dir: entry.path(),
-            uid: name.rsplit('_').next().unwrap_or_default().to_string(),
             alive,
         });
     }

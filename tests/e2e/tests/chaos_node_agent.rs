@@ -15,7 +15,7 @@ use kube::api::ListParams;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use test_support::operator::{signal_process, stop_sandbox_daemon};
+use test_support::operator::{sandbox_pid, signal_process, stop_sandbox_daemon, ProcessId};
 use test_support::sandbox::{pod_ready, Sandbox, TestNamespace};
 use test_support::wait_until;
 
@@ -65,15 +65,7 @@ async fn identities(ns: &TestNamespace) -> anyhow::Result<BTreeMap<String, PodId
 }
 
 fn pid_of(container_id: &Option<String>) -> Option<i32> {
-    container_id
-        .as_deref()?
-        .strip_prefix("sandbox://")?
-        .parse()
-        .ok()
-}
-
-fn alive(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    sandbox_pid(container_id.as_deref()?)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,9 +85,15 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
         .values()
         .flat_map(|p| p.containers.iter().filter_map(|(_, id, _)| pid_of(id)))
         .collect();
+    // By PID and start time: a reused PID or a zombie is not the container still running.
+    let processes: Vec<ProcessId> = pids.iter().filter_map(|p| ProcessId::of(*p)).collect();
     anyhow::ensure!(
         pids.len() >= 4,
         "expected the operator and 3 cache containers, found PIDs {pids:?} in {before:?}"
+    );
+    anyhow::ensure!(
+        processes.len() == pids.len(),
+        "a container of {pids:?} was not running before the fault"
     );
     let log = sandbox.dir.join("logs/node-agent.log");
     let log_offset = std::fs::metadata(&log)?.len();
@@ -106,7 +104,11 @@ async fn run(sandbox: &Sandbox, ns: &TestNamespace) -> anyhow::Result<()> {
     // While the agent is away: every container keeps running and the cache keeps answering.
     let mut gets = 0;
     while down.elapsed() < DOWN_FOR {
-        let dead: Vec<&i32> = pids.iter().filter(|p| !alive(**p)).collect();
+        let dead: Vec<i32> = processes
+            .iter()
+            .filter(|p| p.exited())
+            .map(|p| p.pid)
+            .collect();
         anyhow::ensure!(dead.is_empty(), "containers died with the agent: {dead:?}");
         let i = gets * 997 % KEYS;
         anyhow::ensure!(

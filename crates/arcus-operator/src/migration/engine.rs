@@ -1139,19 +1139,11 @@ impl Migration {
     /// writes). Key-value items only: a collection created in those milliseconds stays where
     /// it landed.
     pub async fn return_misrouted(&self, marks: &BTreeMap<String, u64>) -> Result<Progress> {
-        self.set_phase(Phase::Pass2);
         let nodes = self.after.nodes().to_vec();
-        let results = futures::future::join_all(
-            nodes
-                .iter()
-                .filter_map(|n| Some(self.misrouted_on(n, *marks.get(n)?, marks))),
-        )
-        .await;
-        for r in results {
-            r?;
-        }
-        self.set_phase(Phase::Done);
-        Ok(self.progress_now())
+        let sources = nodes
+            .iter()
+            .filter_map(|n| Some((n.as_str(), *marks.get(n)?)));
+        self.move_misrouted(sources, marks).await
     }
 
     /// Nodes that were briefly in the ring and are out of it again (a joining node between
@@ -1166,11 +1158,20 @@ impl Migration {
         strays_on: &[String],
         owner_marks: &BTreeMap<String, u64>,
     ) -> Result<Progress> {
+        let sources = strays_on.iter().map(|n| (n.as_str(), 0));
+        self.move_misrouted(sources, owner_marks).await
+    }
+
+    /// Moves the key-value items stored on each `(node, mark)` after its mark to their owners
+    /// on the ring AFTER, all nodes at once ([`Self::misrouted_on`]).
+    async fn move_misrouted<'n>(
+        &self,
+        sources: impl Iterator<Item = (&'n str, u64)>,
+        owner_marks: &BTreeMap<String, u64>,
+    ) -> Result<Progress> {
         self.set_phase(Phase::Pass2);
         let results = futures::future::join_all(
-            strays_on
-                .iter()
-                .map(|n| self.misrouted_on(n, 0, owner_marks)),
+            sources.map(|(node, mark)| self.misrouted_on(node, mark, owner_marks)),
         )
         .await;
         for r in results {

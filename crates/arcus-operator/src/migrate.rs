@@ -32,7 +32,7 @@ use crate::leader::{Fenced, LeaderGate};
 use crate::migration::{
     Checkpoint, Migration, MigrationError, MigrationOptions, Phase, Progress, ScaleIn, ScaleOut,
 };
-use crate::operation::{Action, DrainPurpose, Operation, Outcome, Step};
+use crate::operation::{self, Action, DrainPurpose, Operation, Outcome, Step};
 use crate::zk::{Registry, ZkError};
 use crate::zk_plan::CacheZnode;
 use arcus_client::Ring;
@@ -54,6 +54,9 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(20);
 /// registers within a fraction of a second of starting; a watch would not be faster, and the
 /// session already holds a recursive watch above this path).
 const REGISTRATION_POLL: Duration = Duration::from_millis(1);
+/// How often `cache_list` is read during a fill for a node of the join that registered
+/// meanwhile (it is taken out at once, instead of sitting in the ring until the fill ends).
+const SWEEP_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -199,11 +202,20 @@ pub trait Mover: Send + Sync {
         checkpoint: &Checkpoint,
         label: &Label,
     ) -> impl Future<Output = Result<Progress, MigrateError>> + Send;
-    /// Moves what clients wrote on `joining` while it was briefly in the ring to the owners.
+    /// The CAS watermarks of `owners`, taken right before nodes are taken out of the ring
+    /// (for their give-back: what an owner stores after its mark is newer than anything
+    /// clients wrote on the nodes).
+    fn owner_marks(
+        &self,
+        owners: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, u64>, MigrateError>> + Send;
+    /// Moves what clients wrote on `joining` while it was briefly in the ring to the owners
+    /// on `before`, the owners' copies stored after `marks` winning (None: taken now).
     fn give_back(
         &self,
         before: &[String],
         joining: &[String],
+        marks: Option<&BTreeMap<String, u64>>,
         label: &Label,
     ) -> impl Future<Output = Result<u64, MigrateError>> + Send;
     /// Pass 1 into `joining`, held out of the ring. `keep_own`: what the nodes hold already is
@@ -322,7 +334,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             }
             Action::TakeOut { znodes } => {
                 let then = step.successor(&Outcome::Done);
-                self.registry.leave_ring(znodes, then.as_ref()).await?;
+                self.hold_out(znodes, then, &label).await?;
                 tracing::info!(held = ?znodes, "node taken out of the ring until it is filled");
                 ran.persisted = true;
                 return Ok(ran);
@@ -331,9 +343,20 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 // A long action: first rewrite the record as it stands, so that whatever a
                 // paused ex-leader still sends for this operation fails on the claim version.
                 self.registry.persist(step.operation.as_ref()).await?;
-                let (outcome, copied) = self.copy(step, &label).await?;
+                let sweep = Sweep::during(step).map(tokio::sync::Mutex::new);
+                let (outcome, copied) = match &sweep {
+                    Some(sweep) => self.copy_sweeping(step, &label, sweep).await?,
+                    None => self.copy(step, &label, None).await?,
+                };
                 ran.copied = copied;
-                outcome
+                let next = step.successor(&outcome);
+                let next = match sweep {
+                    Some(sweep) => sweep.into_inner().merged_into(next),
+                    None => next,
+                };
+                self.registry.persist(next.as_ref()).await?;
+                ran.persisted = true;
+                return Ok(ran);
             }
         };
         let next = step.successor(&outcome);
@@ -342,10 +365,129 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
         Ok(ran)
     }
 
+    /// [`Self::copy`], while nodes of the join that register meanwhile are taken out at once
+    /// (`sweep`; the copy's `zkensemble rejoin` waits for a sweep in progress and makes one
+    /// first: no node of the join sits in the ring while another is let in, where a key it
+    /// was written for could change owner under it).
+    async fn copy_sweeping(
+        &self,
+        step: &Step,
+        label: &Label,
+        sweep: &tokio::sync::Mutex<Sweep>,
+    ) -> Result<(Outcome, Option<Progress>), MigrateError> {
+        let copied = std::sync::atomic::AtomicBool::new(false);
+        let copy = async {
+            let r = self.copy(step, label, Some(sweep)).await;
+            copied.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        };
+        let watch = async {
+            while !copied.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = self.sweep(&mut *sweep.lock().await, label).await;
+                let pause = match r {
+                    Ok(()) => SWEEP_POLL,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "looking for nodes that registered during the fill");
+                        Duration::from_secs(1)
+                    }
+                };
+                tokio::time::sleep(pause).await;
+            }
+        };
+        let (r, ()) = tokio::join!(copy, watch);
+        r
+    }
+
+    /// Takes out the nodes of the join that registered since the last look.
+    async fn sweep(&self, s: &mut Sweep, label: &Label) -> Result<(), MigrateError> {
+        let ring = self.registry.ring().await?;
+        let new: Vec<CacheZnode> = ring
+            .into_iter()
+            .filter(|z| !s.known.iter().any(|k| k == z.addr()))
+            .collect();
+        let mut taken = vec![];
+        for z in new {
+            match self.admin.membership(z.addr()).await {
+                Some(m) if m.can_rejoin() => taken.push(z),
+                // Stock memcached cannot be held: its add-only copy comes after the fill.
+                Some(_) => s.known.push(z.addr().to_string()),
+                None => {}
+            }
+        }
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let then = s.record.clone().map(|o| operation::held_out(o, &taken));
+        let paid = self.hold_out(&taken, then, label).await?;
+        tracing::info!(held = ?taken, "new node taken out of the ring as it registered, during the fill");
+        s.known.extend(addrs(&taken));
+        s.taken.extend(taken.iter().cloned());
+        s.record = paid;
+        Ok(())
+    }
+
+    /// Takes `taken` out of the ring, `then` persisted with them owing their give-back, and
+    /// gives back at once what clients wrote on them. The marks of the rest of the ring come
+    /// first, before the take-out: what an owner stores after its mark comes from a client
+    /// that had seen the node join (newer than anything it wrote there) or left it; a mark
+    /// taken later would let a node's older write overwrite an owner's newer one. Returns the
+    /// record as persisted last: with the give-back done, or still owed when it failed (the
+    /// `GiveBack` step does it then).
+    async fn hold_out(
+        &self,
+        taken: &[CacheZnode],
+        then: Option<Operation>,
+        label: &Label,
+    ) -> Result<Option<Operation>, MigrateError> {
+        let owners: Vec<String> = self
+            .registry
+            .ring()
+            .await?
+            .iter()
+            .filter(|z| !taken.contains(z))
+            .map(|z| z.addr().to_string())
+            .collect();
+        let marks = match self.mover.owner_marks(&owners).await {
+            Ok(m) if !owners.is_empty() => Some(m),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "owners' watermarks before a take-out; the give-back comes later");
+                None
+            }
+        };
+        self.registry.leave_ring(taken, then.as_ref()).await?;
+        let Some(marks) = marks else {
+            return Ok(then);
+        };
+        match self
+            .mover
+            .give_back(&owners, &addrs(taken), Some(&marks), label)
+            .await
+        {
+            Ok(given) => {
+                if given > 0 {
+                    tracing::info!(
+                        ?taken,
+                        given,
+                        "writes made while the node was in the ring moved to their owners"
+                    );
+                }
+                let paid = then.map(|o| operation::given_back(o, taken));
+                self.registry.persist(paid.as_ref()).await?;
+                Ok(paid)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?taken, "giving back what clients wrote on the node; the next step retries");
+                Ok(then)
+            }
+        }
+    }
+
     async fn copy(
         &self,
         step: &Step,
         label: &Label,
+        sweep: Option<&tokio::sync::Mutex<Sweep>>,
     ) -> Result<(Outcome, Option<Progress>), MigrateError> {
         let mover = self.mover;
         Ok(match &step.action {
@@ -377,7 +519,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 (Outcome::Done, Some(p))
             }
             Action::GiveBack { before, held } => {
-                let given = mover.give_back(before, &addrs(held), label).await?;
+                let given = mover.give_back(before, &addrs(held), None, label).await?;
                 if given > 0 {
                     tracing::info!(
                         ?held,
@@ -394,7 +536,15 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                 // only it has: pass 2 must not take them for copies of deleted items.
                 let keep_own = matches!(step.operation, Some(Operation::Restart { .. }));
                 let cp = mover.fill(before, &joining, keep_own, label).await?;
-                match self.rejoin_all(held).await {
+                let rejoined = match sweep {
+                    Some(sweep) => {
+                        let mut s = sweep.lock().await;
+                        self.sweep(&mut s, label).await?;
+                        self.rejoin_all(held).await
+                    }
+                    None => self.rejoin_all(held).await,
+                };
+                match rejoined {
                     Err(MigrateError::Rejoin { node, source }) => {
                         return self.restart_instead(step, node, source).await;
                     }
@@ -501,7 +651,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                     return Ok(Ran::default());
                 }
                 let then = step.successor(&Outcome::TookOut(taken.clone()));
-                self.registry.leave_ring(&taken, then.as_ref()).await?;
+                self.hold_out(&taken, then, &Label::of(step)).await?;
                 tracing::info!(held = ?taken, "new node taken out of the ring until it is filled");
                 return Ok(Ran {
                     persisted: true,
@@ -511,6 +661,63 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             tokio::time::sleep(REGISTRATION_POLL).await;
         }
         Ok(Ran::default())
+    }
+}
+
+/// What a fill of a join watches for: nodes of the join that register while it runs.
+struct Sweep {
+    /// Addresses left alone: the ring the join fills from, the held nodes, stock nodes.
+    known: Vec<String>,
+    /// The record as last persisted (the step's, plus what the sweep took out).
+    record: Option<Operation>,
+    taken: Vec<CacheZnode>,
+}
+
+impl Sweep {
+    /// For a round of a join that more nodes are to register after (None otherwise).
+    fn during(step: &Step) -> Option<Sweep> {
+        let Action::FillHeldOut {
+            before,
+            last: false,
+            ..
+        } = &step.action
+        else {
+            return None;
+        };
+        let Some(op @ Operation::Join { stage, .. }) = &step.operation else {
+            return None;
+        };
+        let held = match stage {
+            crate::operation::JoinStage::HeldOut { fill } => addrs(&fill.held),
+            crate::operation::JoinStage::AwaitRegistration => vec![],
+        };
+        Some(Sweep {
+            known: before.iter().cloned().chain(held).collect(),
+            record: Some(op.clone()),
+            taken: vec![],
+        })
+    }
+
+    /// The step's successor with the nodes the sweep took out held too (and given back, or
+    /// still owing, as the sweep left them).
+    fn merged_into(self, next: Option<Operation>) -> Option<Operation> {
+        if self.taken.is_empty() {
+            return next;
+        }
+        let owing = match &self.record {
+            Some(Operation::Join {
+                stage: crate::operation::JoinStage::HeldOut { fill },
+                ..
+            }) => fill.owing(),
+            _ => vec![],
+        };
+        let paid: Vec<CacheZnode> = self
+            .taken
+            .iter()
+            .filter(|z| !owing.contains(z))
+            .cloned()
+            .collect();
+        next.map(|o| operation::given_back(operation::held_out(o, &self.taken), &paid))
     }
 }
 
@@ -668,15 +875,20 @@ impl Mover for CacheMover {
         .await
     }
 
+    async fn owner_marks(&self, owners: &[String]) -> Result<BTreeMap<String, u64>, MigrateError> {
+        self.marks(owners).await
+    }
+
     async fn give_back(
         &self,
         before: &[String],
         joining: &[String],
+        marks: Option<&BTreeMap<String, u64>>,
         _label: &Label,
     ) -> Result<u64, MigrateError> {
-        let (before, joining) = (owned(before), owned(joining));
+        let (before, joining, marks) = (owned(before), owned(joining), marks.cloned());
         self.run("giving back", move |_| async move {
-            Ok(give_back_strays(&before, &joining).await?)
+            Ok(give_back_strays(&before, &joining, marks).await?)
         })
         .await
     }
@@ -786,13 +998,20 @@ impl Mover for CacheMover {
 /// whatever ring that was: a key a node owned then may belong to another held node in the final
 /// ring, so all of it goes to its owner on `before` (the large-cluster benchmark lost such a
 /// write when only the keys the node owns in `before` + it were given back). The owners' marks
-/// come first: what they store after them comes from clients that have left the held nodes and
-/// is newer than anything there; then the wait for clients to leave them. Returns how many
-/// items moved.
-async fn give_back_strays(before: &[String], joining: &[String]) -> Result<u64, MigrationError> {
+/// come first, taken before the nodes left the ring where the executor could (`marks`): what
+/// the owners store after them comes from clients that have left the held nodes and is newer
+/// than anything there; then the wait for clients to leave them. Returns how many items moved.
+async fn give_back_strays(
+    before: &[String],
+    joining: &[String],
+    marks: Option<BTreeMap<String, u64>>,
+) -> Result<u64, MigrationError> {
     let ring = Ring::new(before.to_vec());
     let m = Migration::new(ring.clone(), ring, MigrationOptions::default())?;
-    let owner_marks = cas_marks(&m, before).await?;
+    let owner_marks = match marks {
+        Some(marks) => marks,
+        None => cas_marks(&m, before).await?,
+    };
     tokio::time::sleep(CLIENTS_FOLLOW).await;
     Ok(m.return_strays(joining, &owner_marks).await?.items_moved)
 }
@@ -802,11 +1021,14 @@ async fn cas_marks(
     m: &Migration,
     nodes: &[String],
 ) -> Result<BTreeMap<String, u64>, MigrationError> {
-    let mut marks = BTreeMap::new();
-    for n in nodes {
-        marks.insert(n.clone(), m.watermark(n).await?.cas);
-    }
-    Ok(marks)
+    // All at once: a take-out waits for them, and every millisecond a new node spends in
+    // the ring is one in which clients write there.
+    let marks = futures::future::try_join_all(nodes.iter().map(|n| m.watermark(n))).await?;
+    Ok(nodes
+        .iter()
+        .cloned()
+        .zip(marks.into_iter().map(|w| w.cas))
+        .collect())
 }
 
 /// Add-only copies into `joining`, up to `rounds` of them while a round still moves items.

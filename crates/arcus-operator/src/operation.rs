@@ -114,14 +114,53 @@ pub enum RestartStage {
 }
 
 /// Nodes held out of the ring until they are filled.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Fill {
     pub held: Vec<CacheZnode>,
     /// What clients wrote to the nodes while they were briefly in the ring has been moved to
-    /// the owners (or there was no such moment: a healed node). Until then pass 1 must not
-    /// take the nodes' items for stale leftovers.
+    /// the owners (or there was no such moment: a healed node), but for the nodes in `owed`.
+    /// Until then pass 1 must not take the nodes' items for stale leftovers.
     pub given_back: bool,
+    /// With `given_back`: the held nodes (addresses) that still owe their give-back (taken
+    /// out later than the others; each is given back once, as it is taken out: a second
+    /// give-back of a node pass 1 began to fill would take its copies for clients' writes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owed: Vec<String>,
+}
+
+impl Fill {
+    pub fn new(held: Vec<CacheZnode>, given_back: bool) -> Fill {
+        Fill {
+            held,
+            given_back,
+            owed: vec![],
+        }
+    }
+
+    /// The held nodes whose give-back is still to be done.
+    pub fn owing(&self) -> Vec<CacheZnode> {
+        self.held
+            .iter()
+            .filter(|z| !self.given_back || self.owed.iter().any(|a| a == z.addr()))
+            .cloned()
+            .collect()
+    }
+
+    /// `held`, of which `owing` still owe their give-back (in its shortest form: all of them
+    /// owing is `given_back: false`).
+    fn owing_only(held: Vec<CacheZnode>, owing: &[CacheZnode]) -> Fill {
+        let owing: Vec<&CacheZnode> = held.iter().filter(|z| owing.contains(z)).collect();
+        if !owing.is_empty() && owing.len() == held.len() {
+            return Fill::new(held, false);
+        }
+        let owed = owing.iter().map(|z| z.addr().to_string()).collect();
+        Fill {
+            held,
+            given_back: true,
+            owed,
+        }
+    }
 }
 
 /// The claim data stored in `/arcus/cache_list/<svc>`: who owns it and what is in flight.
@@ -397,11 +436,11 @@ impl Step {
             }
             (Action::TakeOutOnRegistration { .. }, Outcome::TookOut(held)) if held.is_empty() => op,
             (Action::TakeOutOnRegistration { .. }, Outcome::TookOut(held)) => {
-                op.map(|o| held_out(o, held.clone(), false))
+                op.map(|o| held_out(o, held))
             }
             (Action::TakeOutOnRegistration { .. }, _) => op,
-            (Action::TakeOut { znodes }, _) => op.map(|o| held_out(o, znodes.clone(), false)),
-            (Action::GiveBack { held, .. }, _) => op.map(|o| held_out(o, held.clone(), true)),
+            (Action::TakeOut { znodes }, _) => op.map(|o| held_out(o, znodes)),
+            (Action::GiveBack { held, .. }, _) => op.map(|o| given_back(o, held)),
             (
                 Action::FillHeldOut {
                     held, last: false, ..
@@ -518,18 +557,41 @@ fn drained_record(
     }
 }
 
-/// `op` with `taken` held out too (or, for `given_back`, given back), keeping the ring they
-/// are filled from. Nodes held already stay held: a join holds each node as it registers.
-fn held_out(op: Operation, taken: Vec<CacheZnode>, given_back: bool) -> Operation {
-    let merge = |fill: Option<Fill>| {
-        let mut held = fill.map(|f| f.held).unwrap_or_default();
+/// `op` with `taken` held out too, each owing its give-back, keeping the ring they are
+/// filled from. Nodes held already stay held: a join holds each node as it registers.
+pub fn held_out(op: Operation, taken: &[CacheZnode]) -> Operation {
+    with_fill(op, |fill| {
+        let (mut held, mut owing) = match fill {
+            Some(f) => (f.held.clone(), f.owing()),
+            None => (vec![], vec![]),
+        };
         for z in taken {
-            if !held.contains(&z) {
-                held.push(z);
+            if !held.contains(z) {
+                held.push(z.clone());
+            }
+            if !owing.contains(z) {
+                owing.push(z.clone());
             }
         }
-        Fill { held, given_back }
-    };
+        Fill::owing_only(held, &owing)
+    })
+}
+
+/// `op` with the give-back of the held nodes `paid` done.
+pub fn given_back(op: Operation, paid: &[CacheZnode]) -> Operation {
+    with_fill(op, |fill| {
+        let fill = fill.cloned().unwrap_or_default();
+        let owing: Vec<CacheZnode> = fill
+            .owing()
+            .into_iter()
+            .filter(|z| !paid.contains(z))
+            .collect();
+        Fill::owing_only(fill.held, &owing)
+    })
+}
+
+/// `op` held out, with its fill (None: none yet) changed by `change`.
+fn with_fill(op: Operation, change: impl FnOnce(Option<&Fill>) -> Fill) -> Operation {
     match op {
         Operation::Join {
             from_replicas,
@@ -538,7 +600,7 @@ fn held_out(op: Operation, taken: Vec<CacheZnode>, given_back: bool) -> Operatio
             early,
             stage,
         } => {
-            let fill = match stage {
+            let fill = match &stage {
                 JoinStage::HeldOut { fill } => Some(fill),
                 JoinStage::AwaitRegistration => None,
             };
@@ -547,7 +609,7 @@ fn held_out(op: Operation, taken: Vec<CacheZnode>, given_back: bool) -> Operatio
                 to_replicas,
                 before,
                 early,
-                stage: JoinStage::HeldOut { fill: merge(fill) },
+                stage: JoinStage::HeldOut { fill: change(fill) },
             }
         }
         Operation::Restart {
@@ -568,7 +630,7 @@ fn held_out(op: Operation, taken: Vec<CacheZnode>, given_back: bool) -> Operatio
                 pod_uid,
                 stage: RestartStage::HeldOut {
                     before,
-                    fill: merge(fill),
+                    fill: change(fill.as_ref()),
                 },
             }
         }
@@ -590,15 +652,10 @@ fn let_in(op: Operation, filled: &[CacheZnode]) -> Operation {
             before.extend(filled.iter().map(|z| z.addr().to_string()));
             let stage = match stage {
                 JoinStage::HeldOut { fill } if fill.held.iter().any(|z| !filled.contains(z)) => {
+                    let owing = fill.owing();
+                    let rest = fill.held.into_iter().filter(|z| !filled.contains(z));
                     JoinStage::HeldOut {
-                        fill: Fill {
-                            held: fill
-                                .held
-                                .into_iter()
-                                .filter(|z| !filled.contains(z))
-                                .collect(),
-                            given_back: fill.given_back,
-                        },
+                        fill: Fill::owing_only(rest.collect(), &owing),
                     }
                 }
                 _ => JoinStage::AwaitRegistration,
@@ -631,10 +688,7 @@ fn narrowed(op: Operation, to: u32, held: &[CacheZnode]) -> Operation {
             early,
             stage: match stage {
                 JoinStage::HeldOut { fill } if !held.is_empty() => JoinStage::HeldOut {
-                    fill: Fill {
-                        held: held.to_vec(),
-                        given_back: fill.given_back,
-                    },
+                    fill: Fill::owing_only(held.to_vec(), &fill.owing()),
                 },
                 _ => JoinStage::AwaitRegistration,
             },
@@ -671,13 +725,11 @@ impl JoinView<'_> {
 /// join goes on for the rest; otherwise it ends, and the scale-in that follows drains the
 /// registered ones (the others are filled by the heal of nodes out of the ring).
 fn shrunk_join(world: &World, join: &JoinView) -> Action {
-    if let Some(fill) = join
-        .fill
-        .filter(|f| !f.given_back && !join.before.is_empty())
-    {
+    let owing = join.fill.map(Fill::owing).unwrap_or_default();
+    if !owing.is_empty() && !join.before.is_empty() {
         return Action::GiveBack {
             before: join.before.to_vec(),
-            held: fill.held.clone(),
+            held: owing,
         };
     }
     let dropped: Vec<&PodState> = (world.desired..join.to)
@@ -743,9 +795,9 @@ fn join_step(world: &World, join: &JoinView) -> Action {
         return action;
     }
     match join.fill {
-        Some(fill) if !held.is_empty() && !fill.given_back => Action::GiveBack {
+        Some(fill) if !fill.owing().is_empty() => Action::GiveBack {
             before: join.before.to_vec(),
-            held: held.to_vec(),
+            held: fill.owing(),
         },
         // One held node per round: nodes let in one after another would each be in the ring
         // alone for a moment, and a client's write to one of them of a key the next one owns
@@ -989,10 +1041,7 @@ fn heal_record(world: &World, ordinal: u32) -> Option<Operation> {
         pod_uid: p.uid.clone(),
         stage: RestartStage::HeldOut {
             before: world.ring_addrs(),
-            fill: Fill {
-                held: vec![CacheZnode::new(p.addr.as_deref()?, &p.host)],
-                given_back: true,
-            },
+            fill: Fill::new(vec![CacheZnode::new(p.addr.as_deref()?, &p.host)], true),
         },
     })
 }
@@ -1128,10 +1177,11 @@ fn held(world: &World, before: &[String], fill: &Fill) -> Action {
         // goes back to the owners first.
         return Action::TakeOut { znodes: back };
     }
-    if !fill.given_back {
+    let owing = fill.owing();
+    if !owing.is_empty() {
         return Action::GiveBack {
             before: before.to_vec(),
-            held: fill.held.clone(),
+            held: owing,
         };
     }
     Action::FillHeldOut {
@@ -1252,10 +1302,7 @@ impl LegacyPending {
                     // the old operator never gave back on a resumed fill either.
                     RestartStage::HeldOut {
                         before,
-                        fill: Fill {
-                            held,
-                            given_back: true,
-                        },
+                        fill: Fill::new(held, true),
                     }
                 },
             },
@@ -1275,10 +1322,7 @@ impl LegacyPending {
                     JoinStage::AwaitRegistration
                 } else {
                     JoinStage::HeldOut {
-                        fill: Fill {
-                            held,
-                            given_back: true,
-                        },
+                        fill: Fill::new(held, true),
                     }
                 },
             },
@@ -1591,10 +1635,7 @@ mod tests {
                 before: addrs(0..3),
                 early: vec![],
                 stage: JoinStage::HeldOut {
-                    fill: Fill {
-                        held: ring(3..4),
-                        given_back: false
-                    }
+                    fill: Fill::new(ring(3..4), false)
                 }
             }
         );
@@ -1663,11 +1704,68 @@ mod tests {
     }
 
     #[test]
-    fn restarted_at_held_out_gives_back_once_then_fills() {
-        let fill = |given_back| Fill {
-            held: ring(3..4),
-            given_back,
+    fn a_node_taken_out_later_owes_its_own_give_back_only() {
+        // Node 3 held and given back (pass 1 may have begun to fill it); node 4 registers.
+        let op = join_of(3, 5, addrs(0..3), holding(ring(3..4), true));
+        let (r, p) = (ring([0, 1, 2, 4]), pods(5));
+        let step = next_step(Some(&op), &world(5, 5, &r, &p));
+        assert_eq!(step.action, Action::TakeOut { znodes: ring(4..5) });
+        let owing = step.successor(&Outcome::Done).unwrap();
+        let JoinStage::HeldOut { fill } = &join_stage(&owing) else {
+            panic!("{owing:?}")
         };
+        assert_eq!((fill.given_back, fill.owed.clone()), (true, addrs(4..5)));
+        // A crash before the give-back: it is done for node 4 alone, never again for node 3.
+        let r = ring(0..3);
+        let step = next_step(Some(&owing), &world(5, 5, &r, &p));
+        assert_eq!(
+            step.action,
+            Action::GiveBack {
+                before: addrs(0..3),
+                held: ring(4..5)
+            }
+        );
+        let paid = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(paid, join_of(3, 5, addrs(0..3), holding(ring(3..5), true)));
+        assert_eq!(given_back(owing, &ring(4..5)), paid);
+        // Fill node 3; node 4 still owes nothing after its round.
+        let step = next_step(Some(&paid), &world(5, 5, &r, &p));
+        assert!(
+            matches!(&step.action, Action::FillHeldOut { held, last: false, .. } if *held == ring(3..4)),
+            "{:?}",
+            step.action
+        );
+        let next = step.successor(&Outcome::Done).unwrap();
+        assert_eq!(next, join_of(3, 5, addrs(0..4), holding(ring(4..5), true)));
+        // All held owing is the short form, which the previous version wrote too.
+        let fresh = held_out(
+            join_of(3, 5, addrs(0..3), JoinStage::AwaitRegistration),
+            &ring(3..5),
+        );
+        assert_eq!(
+            fresh,
+            join_of(3, 5, addrs(0..3), holding(ring(3..5), false))
+        );
+    }
+
+    #[test]
+    fn a_fill_without_owed_nodes_is_stored_as_before() {
+        let old = serde_json::json!({"held": [], "givenBack": true});
+        let fill: Fill = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(fill, Fill::new(vec![], true));
+        assert_eq!(serde_json::to_value(&fill).unwrap(), old);
+    }
+
+    fn join_stage(op: &Operation) -> JoinStage {
+        match op {
+            Operation::Join { stage, .. } => stage.clone(),
+            other => panic!("not a join: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn restarted_at_held_out_gives_back_once_then_fills() {
+        let fill = |given_back| Fill::new(ring(3..4), given_back);
         let op = |given_back| Operation::Join {
             from_replicas: None,
             to_replicas: 4,
@@ -1717,7 +1815,7 @@ mod tests {
 
     fn holding(held: Vec<CacheZnode>, given_back: bool) -> JoinStage {
         JoinStage::HeldOut {
-            fill: Fill { held, given_back },
+            fill: Fill::new(held, given_back),
         }
     }
 
@@ -2033,10 +2131,7 @@ mod tests {
             next,
             restart_op(RestartStage::HeldOut {
                 before: addrs(0..2),
-                fill: Fill {
-                    held: ring(2..3),
-                    given_back: false
-                }
+                fill: Fill::new(ring(2..3), false)
             })
         );
     }
@@ -2045,10 +2140,7 @@ mod tests {
     fn restarted_at_restart_held_out_fills_then_lets_in() {
         let op = restart_op(RestartStage::HeldOut {
             before: addrs(0..2),
-            fill: Fill {
-                held: ring(2..3),
-                given_back: true,
-            },
+            fill: Fill::new(ring(2..3), true),
         });
         let (r, p) = (ring(0..2), pods(3));
         let step = next_step(Some(&op), &world(3, 3, &r, &p));

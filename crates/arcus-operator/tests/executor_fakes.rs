@@ -88,6 +88,14 @@ struct Model {
     stock: bool,
     /// Pods created by `with_nodes` (the nodes before the scale-out).
     initial_uids: u32,
+    /// This ordinal's node registers only in the middle of a fill (pass 1 of another node),
+    /// not between passes.
+    registers_during_fill: Option<u32>,
+    /// Nodes of the scale-out let in by `zkensemble rejoin`.
+    let_in: Vec<String>,
+    /// The client version at which the current fill's pass 1 began: what clients write
+    /// later is pass 2's to carry over, after the rejoin (not checked on entering the ring).
+    fill_began: Option<u64>,
 }
 
 type Shared = Arc<Mutex<Model>>;
@@ -158,6 +166,7 @@ impl Model {
         let stale = (0..KEYS)
             .filter(|k| ring.node_for_key(&key(*k)) == Some(addr))
             .filter(|k| node.contents.get(k).is_some_and(|v| *v < self.truth[k]))
+            .filter(|k| self.fill_began.is_none_or(|began| self.truth[k] <= began))
             .count();
         if stale > 0 {
             self.violations.push(format!(
@@ -169,10 +178,11 @@ impl Model {
 
     /// Time passes: started pods register themselves (empty after a restart).
     fn tick(&mut self) {
+        let late = self.registers_during_fill;
         let starting: Vec<String> = self
             .nodes
             .values()
-            .filter(|n| n.membership == Membership::Starting)
+            .filter(|n| n.membership == Membership::Starting && Some(n.ordinal) != late)
             .map(Node::addr)
             .collect();
         for a in starting {
@@ -326,7 +336,23 @@ impl NodeAdmin for Fake {
                 source: arcus_client::Error::InvalidArgument("failed to rejoin ensemble".into()),
             });
         }
+        // A new node in the ring, not let in by us, while another is let in: a key clients
+        // wrote to it can change owner under it (the give-back then overwrites a newer write).
+        let initial = m.initial_uids;
+        let visible: Vec<String> = m
+            .nodes
+            .values()
+            .filter(|n| n.membership == Membership::Registered && n.uid > initial)
+            .map(Node::addr)
+            .filter(|a| a != addr && !m.let_in.contains(a))
+            .collect();
+        if !visible.is_empty() && !m.stock {
+            m.violations
+                .push(format!("{visible:?} in the ring while {addr} was let in"));
+        }
+        m.let_in.push(addr.to_string());
         m.enter_ring(addr, "zkensemble rejoin");
+        m.fill_began = None;
         if std::mem::take(&mut m.crash_after_rejoin) {
             m.crashed = true;
         }
@@ -399,10 +425,16 @@ impl Mover for Fake {
         self.drain(before, leaving, label).await.map(|(_, p)| p)
     }
 
+    async fn owner_marks(&self, owners: &[String]) -> Result<BTreeMap<String, u64>, MigrateError> {
+        let m = self.alive()?;
+        Ok(owners.iter().map(|n| (n.clone(), m.version)).collect())
+    }
+
     async fn give_back(
         &self,
         before: &[String],
         joining: &[String],
+        _marks: Option<&BTreeMap<String, u64>>,
         _label: &Label,
     ) -> Result<u64, MigrateError> {
         let mut m = self.alive()?;
@@ -430,7 +462,15 @@ impl Mover for Fake {
             }
         }
         let after: Vec<String> = before.iter().chain(joining).cloned().collect();
+        m.fill_began = Some(m.version);
         m.migrate(before, &after, joining, false);
+        // The late node registers now; clients see it at once.
+        let late = m.registers_during_fill.and_then(|o| m.nodes.get(&o));
+        if let Some(n) = late.filter(|n| n.membership == Membership::Starting) {
+            let addr = n.addr();
+            m.enter_ring(&addr, "registration");
+            m.clients_write_all();
+        }
         Ok(Checkpoint::default())
     }
 
@@ -712,6 +752,16 @@ async fn a_join_under_ordered_start_resumes_after_every_persisted_write() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_node_registering_during_another_nodes_fill_is_taken_out_before_it_is_let_in() {
+    every_crash_point("scale-out 3→5, node 4 registering mid-fill", &|| {
+        let mut m = Model::with_nodes(3);
+        m.registers_during_fill = Some(4);
+        (m, 5)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_join_of_stock_nodes_resumes_after_every_persisted_write() {
     every_crash_point("scale-out 3→6 of stock nodes", &|| {
         let mut m = Model::with_nodes(3);
@@ -763,10 +813,7 @@ fn join_cut_to(desired: u32) -> (Model, u32) {
         before,
         early: vec![],
         stage: operation::JoinStage::HeldOut {
-            fill: operation::Fill {
-                held,
-                given_back: false,
-            },
+            fill: operation::Fill::new(held, false),
         },
     });
     (m, desired)

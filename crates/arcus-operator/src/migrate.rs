@@ -6,7 +6,8 @@
 //!   over what changed meanwhile;
 //! - nodes joining, up to `operation::JOIN_BATCH` in one recorded join: a node that answers
 //!   `zkensemble` (ARCUS) is taken out of `cache_list` the moment it registers, what clients
-//!   wrote there in those milliseconds goes back to the owners (`GiveBack`), then one held node
+//!   wrote there in those milliseconds goes back to the owners at once (`GiveBack` if a crash came
+//!   between), even during another node's fill (its sweep), then one held node
 //!   at a time: pass 1 fills it, `zkensemble rejoin` lets it in, pass 2 carries over what
 //!   changed meanwhile (`FillHeldOut`); other servers get an add-only copy once they registered
 //!   (a key deleted on the new node before its copy arrived can come back);

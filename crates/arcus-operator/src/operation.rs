@@ -9,21 +9,23 @@
 //!
 //! ```text
 //! ScaleIn:  (idle) ─Drain─► Pass1Done ─ChangeRingAndPass2─► (idle)
-//! Join:     (idle) ─StartJoin─► AwaitRegistration ─TakeOut*─► HeldOut{givenBack:false}
+//! Join:     (idle) ─StartJoin─► AwaitRegistration ─TakeOut*─► HeldOut{owing} ─► HeldOut{givenBack}
 //!             AwaitRegistration ─FillEarly─► AwaitRegistration    (stock nodes, before they register)
 //!             AwaitRegistration ─CopyAddOnly─► (idle)             (registered, cannot be held out)
-//!             HeldOut ─TakeOut*─► HeldOut{false}                  (another node of the join registered)
-//!             HeldOut{false} ─GiveBack─► HeldOut{true} ─FillHeldOut─► (idle)
-//!             HeldOut{true} ─FillHeldOut─► HeldOut | AwaitRegistration (one node per round; more to come)
+//!             HeldOut ─TakeOut*─► HeldOut{it owing} ─► HeldOut    (another node of the join registered)
+//!             HeldOut{owing} ─GiveBack─► HeldOut{givenBack}       (a crash or failure between the two writes)
+//!             HeldOut ─FillHeldOut─► (idle) | HeldOut | AwaitRegistration (one node per round; more to come;
+//!                                    a node registering meanwhile is taken out during it)
 //!             any ─Narrow─► the same stage, fewer nodes           (the spec shrank, none of the dropped registered)
 //! Restart:  (idle) ─Drain─► Draining ─ChangeRingAndPass2─► Drained ─DeletePod─► AwaitReturn
-//!             AwaitReturn ─TakeOut*─► HeldOut{false} ─GiveBack─► HeldOut{true} ─FillHeldOut─► (idle)
+//!             AwaitReturn ─TakeOut*─► HeldOut{owing} ─► HeldOut{givenBack} ─FillHeldOut─► (idle)
 //! Heal:     (idle) ─StartHeal─► Restart HeldOut{givenBack:true} ─FillHeldOut─► (idle)
 //! ```
 //! The invariant on every path back into the ring: a node that was out of `cache_list` while
 //! clients wrote elsewhere is let in (`zkensemble rejoin`) only by `FillHeldOut`, after pass 1
 //! copied the current owners' items into it; a restart empties it first. No path rejoins a
-//! node directly.
+//! node directly. A take-out writes the record twice: the node held, owing its give-back
+//! ([`Fill::owing`]), then, once what clients wrote on it went to the owners, given back.
 
 use crate::migration::Checkpoint;
 use crate::zk_plan::CacheZnode;

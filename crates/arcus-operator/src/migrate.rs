@@ -287,6 +287,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
     pub async fn run(&self, step: &Step) -> Result<Ran, MigrateError> {
         let label = Label::of(step);
         let mut ran = Ran::default();
+        let mut swept = None;
         let outcome = match &step.action {
             Action::Idle | Action::Wait(_) => return Ok(ran),
             Action::RestartPod { pod } => {
@@ -335,7 +336,8 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             }
             Action::TakeOut { znodes } => {
                 let then = step.successor(&Outcome::Done);
-                self.hold_out(znodes, then, &label).await?;
+                let ring = self.registry.ring().await?;
+                self.hold_out(znodes, &ring, then, &label).await?;
                 tracing::info!(held = ?znodes, "node taken out of the ring until it is filled");
                 ran.persisted = true;
                 return Ok(ran);
@@ -350,17 +352,15 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                     None => self.copy(step, &label, None).await?,
                 };
                 ran.copied = copied;
-                let next = step.successor(&outcome);
-                let next = match sweep {
-                    Some(sweep) => sweep.into_inner().merged_into(next),
-                    None => next,
-                };
-                self.registry.persist(next.as_ref()).await?;
-                ran.persisted = true;
-                return Ok(ran);
+                // The successor of the record as the sweep left it (what it took out held).
+                swept = sweep.map(|s| Step {
+                    action: step.action.clone(),
+                    operation: s.into_inner().record,
+                });
+                outcome
             }
         };
-        let next = step.successor(&outcome);
+        let next = swept.as_ref().unwrap_or(step).successor(&outcome);
         self.registry.persist(next.as_ref()).await?;
         ran.persisted = true;
         Ok(ran)
@@ -403,8 +403,9 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
     async fn sweep(&self, s: &mut Sweep, label: &Label) -> Result<(), MigrateError> {
         let ring = self.registry.ring().await?;
         let new: Vec<CacheZnode> = ring
-            .into_iter()
+            .iter()
             .filter(|z| !s.known.iter().any(|k| k == z.addr()))
+            .cloned()
             .collect();
         let mut taken = vec![];
         for z in new {
@@ -419,16 +420,15 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
             return Ok(());
         }
         let then = s.record.clone().map(|o| operation::held_out(o, &taken));
-        let paid = self.hold_out(&taken, then, label).await?;
+        s.record = self.hold_out(&taken, &ring, then, label).await?;
         tracing::info!(held = ?taken, "new node taken out of the ring as it registered, during the fill");
         s.known.extend(addrs(&taken));
-        s.taken.extend(taken.iter().cloned());
-        s.record = paid;
         Ok(())
     }
 
-    /// Takes `taken` out of the ring, `then` persisted with them owing their give-back, and
-    /// gives back at once what clients wrote on them. The marks of the rest of the ring come
+    /// Takes `taken` out of `ring` (as just read), `then` persisted with them owing their
+    /// give-back, and gives back at once what clients wrote on them. The marks of the rest of
+    /// the ring come
     /// first, before the take-out: what an owner stores after its mark comes from a client
     /// that had seen the node join (newer than anything it wrote there) or left it; a mark
     /// taken later would let a node's older write overwrite an owner's newer one. Returns the
@@ -437,24 +437,25 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
     async fn hold_out(
         &self,
         taken: &[CacheZnode],
+        ring: &[CacheZnode],
         then: Option<Operation>,
         label: &Label,
     ) -> Result<Option<Operation>, MigrateError> {
-        let owners: Vec<String> = self
-            .registry
-            .ring()
-            .await?
+        let owners: Vec<String> = ring
             .iter()
             .filter(|z| !taken.contains(z))
             .map(|z| z.addr().to_string())
             .collect();
-        let marks = match self.mover.owner_marks(&owners).await {
-            Ok(m) if !owners.is_empty() => Some(m),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "owners' watermarks before a take-out; the give-back comes later");
-                None
-            }
+        let marks = if owners.is_empty() {
+            None
+        } else {
+            self.mover
+                .owner_marks(&owners)
+                .await
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "owners' watermarks before a take-out; the give-back comes later");
+                })
+                .ok()
         };
         self.registry.leave_ring(taken, then.as_ref()).await?;
         let Some(marks) = marks else {
@@ -637,8 +638,9 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
         while tokio::time::Instant::now() < deadline {
             let ring = self.registry.ring().await?;
             let registered: Vec<CacheZnode> = ring
-                .into_iter()
+                .iter()
                 .filter(|z| hosts.iter().any(|h| h == z.host()))
+                .cloned()
                 .collect();
             if !registered.is_empty() {
                 let mut taken = vec![];
@@ -652,7 +654,7 @@ impl<R: Registry, A: NodeAdmin, M: Mover, P: Pods> Executor<'_, R, A, M, P> {
                     return Ok(Ran::default());
                 }
                 let then = step.successor(&Outcome::TookOut(taken.clone()));
-                self.hold_out(&taken, then, &Label::of(step)).await?;
+                self.hold_out(&taken, &ring, then, &Label::of(step)).await?;
                 tracing::info!(held = ?taken, "new node taken out of the ring until it is filled");
                 return Ok(Ran {
                     persisted: true,
@@ -671,7 +673,6 @@ struct Sweep {
     known: Vec<String>,
     /// The record as last persisted (the step's, plus what the sweep took out).
     record: Option<Operation>,
-    taken: Vec<CacheZnode>,
 }
 
 impl Sweep {
@@ -695,30 +696,7 @@ impl Sweep {
         Some(Sweep {
             known: before.iter().cloned().chain(held).collect(),
             record: Some(op.clone()),
-            taken: vec![],
         })
-    }
-
-    /// The step's successor with the nodes the sweep took out held too (and given back, or
-    /// still owing, as the sweep left them).
-    fn merged_into(self, next: Option<Operation>) -> Option<Operation> {
-        if self.taken.is_empty() {
-            return next;
-        }
-        let owing = match &self.record {
-            Some(Operation::Join {
-                stage: crate::operation::JoinStage::HeldOut { fill },
-                ..
-            }) => fill.owing(),
-            _ => vec![],
-        };
-        let paid: Vec<CacheZnode> = self
-            .taken
-            .iter()
-            .filter(|z| !owing.contains(z))
-            .cloned()
-            .collect();
-        next.map(|o| operation::given_back(operation::held_out(o, &self.taken), &paid))
     }
 }
 

@@ -357,49 +357,60 @@ impl ZkRegistry {
 
     /// Reads what a plan and the state machine need: the base tree, the claim (and the
     /// operation recorded in it), the ring, the clients, the mappings.
+    ///
+    /// All requests go out at once: ZooKeeper answers one session's requests in the order they
+    /// were sent, so this reads what the same requests one after another would, in one round
+    /// trip instead of a dozen (a pass's latency is mostly these round trips).
     pub async fn observe(
         &self,
         req: &ObserveRequest<'_>,
     ) -> Result<(ZkObserved, Option<Operation>), ZkError> {
+        let claim_path = self.claim_path();
+        let client_path = format!("{CLIENT_LIST}/{}", self.service_code);
+        let stats = futures::future::join_all(BASE_TREE.iter().map(|p| self.client.check_stat(p)));
+        let claim = self.client.get_data(&claim_path);
+        // Read whoever holds the claim; used only when it is ours.
+        let acl = self.client.get_acl(&claim_path);
+        let ring = children(&self.client, &claim_path);
+        let clients = children(&self.client, &client_path);
+        let mappings = self.read_mappings(req);
+        let (stats, claim, acl, ring, clients, mappings) =
+            tokio::join!(stats, claim, acl, ring, clients, mappings);
+
         let mut observed = ZkObserved::default();
-        for path in BASE_TREE {
-            let stat = self.client.check_stat(path).await;
+        for (path, stat) in BASE_TREE.iter().zip(stats) {
             if stat.map_err(self.op_err("stat", path))?.is_none() {
                 observed.missing_base.push(path.to_string());
             }
         }
-        let (claim, operation) = self.read_claim(req.our_uid).await?;
-        let claim_path = self.claim_path();
+        let (claim, operation) = self.classify_claim(claim, req.our_uid)?;
         if claim == Claim::Ours {
-            let (acl, _) = self
-                .client
-                .get_acl(&claim_path)
-                .await
-                .map_err(self.op_err("read the ACL of", &claim_path))?;
+            let (acl, _) = acl.map_err(self.op_err("read the ACL of", &claim_path))?;
             observed.owned_acls_stale = !same_acls(&acl, &self.acls.registrable());
         }
         observed.claim = Some(claim);
         if observed.claim != Some(Claim::Absent) {
-            let children = children(&self.client, &claim_path).await;
-            observed.cache_list_children = children
+            observed.cache_list_children = ring
                 .map_err(self.op_err("list", &claim_path))?
                 .unwrap_or_default();
         }
-        let client_path = format!("{CLIENT_LIST}/{}", self.service_code);
-        let clients = children(&self.client, &client_path).await;
         if let Some(c) = clients.map_err(self.op_err("list", &client_path))? {
             observed.client_list_exists = true;
             observed.client_list_children = c;
         }
-        observed.mappings = self.read_mappings(req).await?;
+        observed.mappings = mappings?;
         Ok((observed, operation))
     }
 
-    /// Who holds the claim and, when it is ours, the operation it records; remembers the
-    /// data version every later write is conditional on.
-    async fn read_claim(&self, our_uid: &str) -> Result<(Claim, Option<Operation>), ZkError> {
+    /// Who holds the claim (as read) and, when it is ours, the operation it records;
+    /// remembers the data version every later write is conditional on.
+    fn classify_claim(
+        &self,
+        read: Result<(Vec<u8>, zk::Stat), zk::Error>,
+        our_uid: &str,
+    ) -> Result<(Claim, Option<Operation>), ZkError> {
         let path = self.claim_path();
-        let (data, stat) = match self.client.get_data(&path).await {
+        let (data, stat) = match read {
             Ok(found) => found,
             Err(zk::Error::NoNode) => {
                 *self.state.lock().expect("claim state") = ClaimState::default();
@@ -424,26 +435,47 @@ impl ZkRegistry {
         Ok((Claim::Ours, operation))
     }
 
+    /// Mappings 0..=read_upto are read at once; past that, one by one until the first absent.
     async fn read_mappings(
         &self,
         req: &ObserveRequest<'_>,
     ) -> Result<std::collections::BTreeMap<u32, MappingState>, ZkError> {
+        let path_of = |ordinal: u32| format!("{MAPPING_ROOT}/{}", (req.mapping_key)(ordinal));
+        let first: Vec<String> = (0..=req.read_upto).map(path_of).collect();
+        let found = futures::future::join_all(first.iter().map(|p| children(&self.client, p)));
         let mut mappings = std::collections::BTreeMap::new();
-        for ordinal in 0.. {
-            let path = format!("{MAPPING_ROOT}/{}", (req.mapping_key)(ordinal));
+        let mut last_found = false;
+        for (ordinal, (path, found)) in (0..).zip(first.iter().zip(found.await)) {
+            last_found = self.mapping_state(path, found, ordinal, &mut mappings)?;
+        }
+        let mut ordinal = req.read_upto + 1;
+        while last_found {
+            let path = path_of(ordinal);
             let found = children(&self.client, &path).await;
-            let state = match found.map_err(self.op_err("list", &path))? {
-                None if ordinal >= req.read_upto => break,
-                None => continue,
-                Some(c) if c.is_empty() => MappingState::Empty,
-                Some(c) if c.len() == 1 && c[0].split('^').next() == Some(&self.service_code) => {
-                    MappingState::Ours
-                }
-                Some(c) => MappingState::Other(c),
-            };
-            mappings.insert(ordinal, state);
+            last_found = self.mapping_state(&path, found, ordinal, &mut mappings)?;
+            ordinal += 1;
         }
         Ok(mappings)
+    }
+
+    /// Records the mapping of `ordinal` as read; whether it exists.
+    fn mapping_state(
+        &self,
+        path: &str,
+        found: Result<Option<Vec<String>>, zk::Error>,
+        ordinal: u32,
+        mappings: &mut std::collections::BTreeMap<u32, MappingState>,
+    ) -> Result<bool, ZkError> {
+        let state = match found.map_err(self.op_err("list", path))? {
+            None => return Ok(false),
+            Some(c) if c.is_empty() => MappingState::Empty,
+            Some(c) if c.len() == 1 && c[0].split('^').next() == Some(&self.service_code) => {
+                MappingState::Ours
+            }
+            Some(c) => MappingState::Other(c),
+        };
+        mappings.insert(ordinal, state);
+        Ok(true)
     }
 
     /// The claim data with `operation` recorded and the epoch raised.

@@ -678,6 +678,29 @@ async fn a_steady_state_writes_nothing() {
         before,
         "a steady state wrote to ZooKeeper"
     );
+
+    // One replica more: ZooKeeper gets the new mapping (and the recorded join); the API only
+    // the StatefulSet's new size and the status. The Service and PDB are not re-sent.
+    let mut scaled = settled.clone();
+    scaled["spec"]["replicas"] = json!(4);
+    let grow = caches_of(&case.ns, &live_sts, &pods, &svc, &pdb);
+    let stored_cr = scaled.clone();
+    let script = vec![
+        Step::apply(case.sts_path(), FIELD_MANAGER)
+            .check(|b| {
+                expect(b["spec"]["replicas"] == 4, || {
+                    format!("spec.replicas is {}", b["spec"]["replicas"])
+                })
+            })
+            .reply_with(|b| (200, stored(b))),
+        Step::apply(case.status_path(), FIELD_MANAGER)
+            .reply_with(move |b| (200, with_status(&stored_cr, b))),
+    ];
+    let (result, t) = pass_with(&scaled, script, None, grow).await;
+    result.unwrap_or_else(|e| panic!("scale-out reconcile failed: {e}"));
+    assert_eq!(t.writes().len(), 2, "{:#?}", t.lines());
+    let mapping = case.mapping(3);
+    assert!(exists(&zkc, &mapping).await, "{mapping} was not created");
     drop(nodes);
     drop(zkc);
 

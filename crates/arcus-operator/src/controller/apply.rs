@@ -233,31 +233,34 @@ async fn apply_objects(
     let live_hash = live_sts.and_then(|s| s.annotations().get(APPLIED_HASH).cloned());
     let svc_api = Api::<Service>::namespaced(client.clone(), &ns);
     let pdb_api = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
-    if live_replicas == wanted_replicas && live_hash.as_deref() == Some(objects.hash.as_str()) {
-        // The StatefulSet's hash covers the set; the Service and PDB it does not live on may
-        // have been deleted by hand since (two metadata reads, no write).
+    // The StatefulSet's hash covers the set but its size; the Service and PDB it does not live
+    // on may have been deleted by hand since (from the stores, or two metadata reads).
+    let companions_in_place = live_hash.as_deref() == Some(objects.hash.as_str()) && {
         let svc_name = objects.service.name_any();
         let pdb_name = objects.pdb.name_any();
         match ctx.caches.service_and_pdb_exist(&ns, &svc_name, &pdb_name) {
-            Some(true) => return Ok(()),
-            Some(false) => {}
-            None => {
-                if service_and_pdb_exist(&svc_api, &svc_name, &pdb_api, &pdb_name).await? {
-                    return Ok(());
-                }
-            }
+            Some(there) => there,
+            None => service_and_pdb_exist(&svc_api, &svc_name, &pdb_api, &pdb_name).await?,
         }
+    };
+    if companions_in_place && live_replicas == wanted_replicas {
+        return Ok(());
     }
-    server_side_apply(ctx, &svc_api, &objects.service, "Service").await?;
-    server_side_apply(ctx, &pdb_api, &objects.pdb, "PodDisruptionBudget").await?;
-    if ctx.capabilities.service_monitor {
-        let sm_api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
-        match &objects.service_monitor {
-            Some(sm) => {
-                server_side_apply(ctx, &sm_api, sm, "ServiceMonitor").await?;
+    if !companions_in_place {
+        // Independent of each other; both before the StatefulSet that needs them.
+        tokio::try_join!(
+            server_side_apply(ctx, &svc_api, &objects.service, "Service"),
+            server_side_apply(ctx, &pdb_api, &objects.pdb, "PodDisruptionBudget"),
+        )?;
+        if ctx.capabilities.service_monitor {
+            let sm_api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &ns, &build::service_monitor_api_resource());
+            match &objects.service_monitor {
+                Some(sm) => {
+                    server_side_apply(ctx, &sm_api, sm, "ServiceMonitor").await?;
+                }
+                None => delete_service_monitor(ctx, &sm_api, &valid.statefulset_name()).await?,
             }
-            None => delete_service_monitor(ctx, &sm_api, &valid.statefulset_name()).await?,
         }
     }
     let mut sts = objects.statefulset.clone();

@@ -30,7 +30,8 @@ pub struct Objects {
     pub pdb: PodDisruptionBudget,
     /// Wanted (`metricsExporter` with the Prometheus Operator installed), or to be deleted.
     pub service_monitor: Option<DynamicObject>,
-    /// A hash of the whole set: when the live StatefulSet carries it, nothing is re-sent.
+    /// A hash of the whole set but the StatefulSet's size: when the live StatefulSet carries
+    /// it, only a new size is sent (the Service and the PDB are not re-sent for a scale).
     pub hash: String,
 }
 
@@ -388,7 +389,12 @@ fn objects(valid: &ValidSpec, replicas: u32) -> Objects {
     let service = build::headless_service(valid);
     let pdb = build::pdb(valid);
     let service_monitor = build::service_monitor(valid);
-    let hash = build::content_hash(&(&statefulset, &service, &pdb, &service_monitor));
+    let mut unsized_statefulset = statefulset.clone();
+    if let Some(spec) = unsized_statefulset.spec.as_mut() {
+        spec.replicas = None;
+    }
+    let set = (&unsized_statefulset, &service, &pdb, &service_monitor);
+    let hash = build::content_hash(&set);
     Objects {
         statefulset,
         service,

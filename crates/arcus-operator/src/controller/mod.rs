@@ -179,6 +179,7 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         return Ok(Action::await_change());
     };
     let ensemble = ZkPool::ensemble(&cr.spec.zookeeper_servers);
+    let mut stages = StageTimes::start();
     let world = match observe::observe(cr, &valid, ctx).await {
         Err(Error::ZooKeeper(e)) if unreachable(&e) => {
             report_zookeeper_down(cr, ctx, &ensemble).await;
@@ -202,14 +203,50 @@ async fn reconcile_inner(cr: &ArcusMemcached, ctx: &Context) -> Result<Action, E
         .lock()
         .expect("zk outage lock")
         .remove(&ensemble);
+    stages.lap("observe");
     let now = k8s_openapi::jiff::Timestamp::now();
     let decision = decide::decide(cr, &valid, &world, now);
+    stages.lap("decide");
     let applied = apply::apply(cr, &valid, &world, &decision, ctx).await?;
+    stages.lap("apply");
     if applied.finalizer_removed {
         return Ok(Action::await_change());
     }
     let wrote_status = apply::update_status(cr, ctx, &world, &decision).await?;
+    stages.lap("status");
+    tracing::debug!(cr = %name_of(cr), stages = %stages, "pass done");
     Ok(decision.requeue(&applied, wrote_status, ctx.resync))
+}
+
+/// How long each stage of a pass took (logged at debug, to tell where a slow pass spends it).
+struct StageTimes {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl StageTimes {
+    fn start() -> StageTimes {
+        StageTimes {
+            last: Instant::now(),
+            laps: Vec::with_capacity(4),
+        }
+    }
+
+    fn lap(&mut self, stage: &'static str) {
+        let now = Instant::now();
+        self.laps.push((stage, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for StageTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (stage, took)) in self.laps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{stage}={:.1}ms", took.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Errors that mean the ensemble cannot be reached (as opposed to a refused request).

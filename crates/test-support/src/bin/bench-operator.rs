@@ -108,7 +108,11 @@ async fn main() -> anyhow::Result<()> {
     ])
     .env("KUBECONFIG", &sandbox.kubeconfig)
     .env("WATCH_NAMESPACE", &ns.name)
-    .env("RUST_LOG", "warn");
+    // BENCH_OPERATOR_LOG=arcus_operator::controller=debug logs each pass's stage times.
+    .env(
+        "RUST_LOG",
+        std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     let log = std::env::temp_dir().join(format!("bench-operator-{}.log", ns.name));
     let mut op = ChildGuard::spawn("arcus-operator", cmd, &log)?;
     let pid = op.pid();
